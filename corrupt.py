@@ -1,0 +1,120 @@
+"""Condition corruption of Chen et al. (NeurIPS 2024), Sec. 3: flip a fraction eta of the class labels.
+
+    python corrupt.py --data data/cifar10/train --eta 0.05 [--kind symmetric|asymmetric] [--classes 0,1,2]
+                      [--seed 0] [--out corruption.npz]
+
+symmetric:  exactly round(eta * N) samples, each relabelled with a class drawn from the class prior restricted
+            to the other classes.
+asymmetric: only samples whose label lies in --classes are candidates (round(eta * their count) of them), each
+            relabelled within --classes, again by the restricted prior (the paper flips within the IN-1K classes
+            that overlap CIFAR-100).
+The result is fixed by (labels, eta, kind, classes, seed). train.py's `resample` mode draws it anew every epoch
+with seed (seed, epoch), the paper's App. E.4 "random data corruption".
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+
+def check_eta(eta):
+    if not 0.0 <= eta < 1.0:
+        raise ValueError(f"eta must be in [0, 1), got {eta}")
+
+
+def parse_classes(spec, class_names):
+    """'0,5,7' or 'cat,dog' -> sorted array of class indices (at least two)."""
+    out = set()
+    for tok in (t.strip() for t in str(spec).split(",") if t.strip()):
+        if tok.lstrip("-").isdigit():
+            k = int(tok)
+            if not 0 <= k < len(class_names):
+                raise ValueError(f"unknown class {k}: class indices run from 0 to {len(class_names) - 1}")
+        elif tok in class_names:
+            k = class_names.index(tok)
+        else:
+            raise ValueError(f"unknown class {tok!r}: not among the dataset's class_names in meta.json")
+        out.add(k)
+    if len(out) < 2:
+        raise ValueError("an asymmetric corruption needs a subset of at least two classes")
+    return np.array(sorted(out), dtype=np.int64)
+
+
+def flip_labels(labels, eta, num_classes, rng, classes=None):
+    """Return (new_labels, mask). classes=None: symmetric over all classes; else flips stay inside `classes`."""
+    check_eta(eta)
+    labels = np.asarray(labels, dtype=np.int64)
+    allowed = np.arange(num_classes) if classes is None else np.asarray(classes, dtype=np.int64)
+    if len(allowed) < 2:
+        raise ValueError("label flipping needs at least two classes")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}), found {labels.min()}..{labels.max()}")
+    candidates = np.flatnonzero(np.isin(labels, allowed))
+    n_flip = int(round(eta * len(candidates)))
+    chosen = rng.choice(candidates, size=n_flip, replace=False) if n_flip else np.zeros(0, dtype=np.int64)
+    prior = np.bincount(labels[candidates], minlength=num_classes).astype(np.float64)[allowed]
+    new = labels.copy()
+    for j, c in enumerate(allowed):  # one draw per source class: the prior with the true class removed
+        idx = chosen[labels[chosen] == c]
+        if not len(idx):
+            continue
+        p = prior.copy()
+        p[j] = 0.0
+        if p.sum() == 0:
+            raise ValueError(f"class {c} has no other class with samples to flip to")
+        new[idx] = allowed[rng.choice(len(allowed), size=len(idx), p=p / p.sum())]
+    mask = np.zeros(len(labels), dtype=bool)
+    mask[chosen] = True
+    return new, mask
+
+
+def corrupt_labels(labels, eta, num_classes, seed, classes=None, epoch=None):
+    """Deterministic corruption for (seed[, epoch]); epoch is given only in resample mode."""
+    key = [seed] if epoch is None else [seed, epoch]
+    return flip_labels(labels, eta, num_classes, np.random.default_rng(key), classes)
+
+
+def summary(clean, noisy, mask, num_classes):
+    conf = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(conf, (clean[mask], noisy[mask]), 1)
+    lines = [f"corrupted {int(mask.sum())} of {len(clean)} labels ({mask.mean() * 100 if len(clean) else 0:.3f}%)"]
+    for c in np.flatnonzero(conf.sum(1) + conf.sum(0)):
+        lines.append(f"  class {c}: {conf[c].sum()} flipped away, {conf[:, c].sum()} flipped in")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="dataset split folder (labels.npy, meta.json)")
+    p.add_argument("--eta", type=float, required=True, help="corruption ratio in [0, 1)")
+    p.add_argument("--kind", default="symmetric", choices=["symmetric", "asymmetric"])
+    p.add_argument("--classes", help="asymmetric: comma-separated class indices or names")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="corruption.npz")
+    a = p.parse_args(argv)
+    check_eta(a.eta)
+    for f in ("labels.npy", "meta.json"):
+        if not os.path.isfile(os.path.join(a.data, f)):
+            raise FileNotFoundError(f"{a.data}/{f} missing: build the dataset with prepare_data.py first")
+    meta = json.load(open(os.path.join(a.data, "meta.json")))
+    labels = np.load(os.path.join(a.data, "labels.npy"))
+    classes = None
+    if a.kind == "asymmetric":
+        if not a.classes:
+            raise ValueError("--kind asymmetric needs --classes")
+        classes = parse_classes(a.classes, meta["class_names"])
+    noisy, mask = corrupt_labels(labels, a.eta, meta["num_classes"], a.seed, classes)
+    tmp = a.out + ".tmp.npz"
+    np.savez(tmp, labels=noisy, mask=mask, clean_labels=labels, seed=a.seed, eta=a.eta)
+    os.replace(tmp, a.out)
+    print(summary(labels, noisy, mask, meta["num_classes"]))
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, OSError) as e:
+        sys.exit(f"corrupt.py: error: {e}")

@@ -1,0 +1,383 @@
+"""The denoiser (UNet + condition embedder), the Gaussian diffusion, and the checkpoint format.
+
+UNet in the DDPM (Ho et al. 2020) / ADM (Dhariwal & Nichol 2021) style. The condition enters in two ways, so text
+tokens or control metadata can be added without touching the UNet:
+  c_vec    [B, emb_dim]      added to the time embedding; drives each ResBlock's (scale-shift) norm;
+  c_tokens [B, L, ctx_dim]   attended to by cross-attention at the attention resolutions (if ctx_dim is set).
+"""
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+PRESETS = {
+    # CPU tests and the quick start.
+    "tiny": dict(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, attn_res=(8,), dropout=0.0, head_ch=64, scale_shift=True),
+    # DDPM's CIFAR-10 UNet (35.7M parameters): additive time embedding as in Ho et al., one attention head.
+    "cifar": dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=(16,), dropout=0.1, head_ch=256,
+                  scale_shift=False),
+    # ADM's ImageNet 64x64 UNet (Dhariwal & Nichol, Table 14), with conv resampling.
+    "in64": dict(ch=192, ch_mult=(1, 2, 3, 4), num_res_blocks=3, attn_res=(32, 16, 8), dropout=0.1, head_ch=64,
+                 scale_shift=True),
+}
+
+
+def timestep_embedding(t, dim, max_period=10000.0):
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+def zero_init(m):
+    nn.init.zeros_(m.weight)
+    nn.init.zeros_(m.bias)
+    return m
+
+
+def norm(ch):
+    return nn.GroupNorm(math.gcd(32, ch), ch)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin, cout, emb_dim, dropout, scale_shift):
+        super().__init__()
+        self.scale_shift = scale_shift
+        self.norm1, self.conv1 = norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, 2 * cout if scale_shift else cout)
+        self.norm2, self.drop = norm(cout), nn.Dropout(dropout)
+        self.conv2 = zero_init(nn.Conv2d(cout, cout, 3, padding=1))  # each block starts as the identity
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x, emb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        e = self.emb(F.silu(emb))[:, :, None, None].to(h.dtype)
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + e)
+        return self.skip(x) + self.conv2(self.drop(F.silu(h)))
+
+
+class Attention(nn.Module):
+    """Self-attention over the pixels, then (if ctx_dim) cross-attention from the pixels to the condition tokens."""
+
+    def __init__(self, ch, head_ch, ctx_dim=None):
+        super().__init__()
+        self.heads = max(1, ch // head_ch)
+        self.norm, self.qkv, self.proj = norm(ch), nn.Conv2d(ch, 3 * ch, 1), zero_init(nn.Conv2d(ch, ch, 1))
+        if ctx_dim:
+            self.norm_x, self.q_x = norm(ch), nn.Conv2d(ch, ch, 1)
+            self.kv_x, self.proj_x = nn.Linear(ctx_dim, 2 * ch), zero_init(nn.Conv2d(ch, ch, 1))
+
+    def _attend(self, q, k, v, hw):
+        o = F.scaled_dot_product_attention(q, k, v)  # flash / memory-efficient kernels where available
+        return rearrange(o, "b h (y x) d -> b (h d) y x", y=hw[0])
+
+    def forward(self, x, tokens=None):
+        hw = x.shape[2:]
+        q, k, v = rearrange(self.qkv(self.norm(x)), "b (n h d) y x -> n b h (y x) d", n=3, h=self.heads)
+        x = x + self.proj(self._attend(q, k, v, hw))
+        if tokens is not None and hasattr(self, "kv_x"):
+            q = rearrange(self.q_x(self.norm_x(x)), "b (h d) y x -> b h (y x) d", h=self.heads)
+            k, v = rearrange(self.kv_x(tokens).to(q.dtype), "b l (n h d) -> n b h l d", n=2, h=self.heads)
+            x = x + self.proj_x(self._attend(q, k, v, hw))
+        return x
+
+
+class Level(nn.Module):
+    """One ResBlock, optionally followed by attention."""
+
+    def __init__(self, cin, cout, emb_dim, dropout, scale_shift, attn, head_ch, ctx_dim):
+        super().__init__()
+        self.res = ResBlock(cin, cout, emb_dim, dropout, scale_shift)
+        self.attn = Attention(cout, head_ch, ctx_dim) if attn else None
+
+    def forward(self, h, emb, tokens):
+        h = self.res(h, emb)
+        return self.attn(h, tokens) if self.attn is not None else h
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, h, emb=None, tokens=None):
+        return self.conv(h)
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, h, emb=None, tokens=None):
+        return self.conv(F.interpolate(h, scale_factor=2, mode="nearest"))
+
+
+class UNet(nn.Module):
+    def __init__(self, resolution=32, in_ch=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=(16,),
+                 dropout=0.1, head_ch=64, scale_shift=True, ctx_dim=None, out_ch=None):
+        super().__init__()
+        self.ch, self.emb_dim = ch, 4 * ch
+        if resolution % 2 ** (len(ch_mult) - 1):
+            raise ValueError(f"resolution {resolution} is not divisible by 2^{len(ch_mult) - 1} for this preset")
+        self.time_mlp = nn.Sequential(nn.Linear(ch, self.emb_dim), nn.SiLU(), nn.Linear(self.emb_dim, self.emb_dim))
+        self.conv_in = nn.Conv2d(in_ch, ch, 3, padding=1)
+        blk = dict(emb_dim=self.emb_dim, dropout=dropout, scale_shift=scale_shift, head_ch=head_ch, ctx_dim=ctx_dim)
+        self.down, skips, cur, res = nn.ModuleList(), [ch], ch, resolution
+        for i, m in enumerate(ch_mult):
+            for _ in range(num_res_blocks):
+                self.down.append(Level(cur, ch * m, attn=res in attn_res, **blk))
+                cur = ch * m
+                skips.append(cur)
+            if i < len(ch_mult) - 1:
+                self.down.append(Downsample(cur))
+                skips.append(cur)
+                res //= 2
+        self.mid = nn.ModuleList([Level(cur, cur, attn=True, **blk), Level(cur, cur, attn=False, **blk)])
+        self.up = nn.ModuleList()
+        for i, m in reversed(list(enumerate(ch_mult))):
+            for _ in range(num_res_blocks + 1):
+                self.up.append(Level(cur + skips.pop(), ch * m, attn=res in attn_res, **blk))
+                cur = ch * m
+            if i > 0:
+                self.up.append(Upsample(cur))
+                res *= 2
+        self.norm_out = norm(cur)
+        self.conv_out = zero_init(nn.Conv2d(cur, out_ch or in_ch, 3, padding=1))
+
+    def forward(self, x, t, c_vec=None, c_tokens=None):
+        emb = self.time_mlp(timestep_embedding(t, self.ch))
+        if c_vec is not None:
+            emb = emb + c_vec
+        h = self.conv_in(x)
+        hs = [h]
+        for m in self.down:
+            h = m(h, emb, c_tokens)
+            hs.append(h)
+        for m in self.mid:
+            h = m(h, emb, c_tokens)
+        for m in self.up:
+            h = m(h, emb, c_tokens) if isinstance(m, Upsample) else m(torch.cat([h, hs.pop()], 1), emb, c_tokens)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+# ----------------------------------------------------------------------------- conditions
+
+class ClassEmbedder(nn.Module):
+    """Class embedding c_theta(y); index num_classes is the null class used for classifier-free guidance."""
+
+    def __init__(self, num_classes, dim):
+        super().__init__()
+        self.num_classes = num_classes
+        self.embed = nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, y, delta=None):
+        c = self.embed(y)
+        return c if delta is None else c + delta.to(c.dtype)
+
+
+def cep_delta(kind, gamma, shape, generator=None, device=None):
+    """Condition Embedding Perturbation, Chen et al. Sec. 5, Eq. 8; delta is fresh per sample per step.
+
+    CEP-U: delta ~ U(-gamma/sqrt(d), gamma/sqrt(d)).  CEP-G: delta ~ N(0, (gamma/sqrt(d))^2); the paper writes
+    N(0, gamma/sqrt(d)) without saying std or variance, and we read gamma/sqrt(d) as the standard deviation.
+    """
+    scale = gamma / math.sqrt(shape[-1])
+    if kind == "uniform":
+        return (torch.rand(shape, generator=generator, device=device) * 2 - 1) * scale
+    if kind == "gaussian":
+        return torch.randn(shape, generator=generator, device=device) * scale
+    raise ValueError(f"unknown CEP kind {kind!r}: use none, uniform or gaussian")
+
+
+class Denoiser(nn.Module):
+    """x_t, t, class label y (num_classes = null) -> network output; cond_delta is CEP noise, training only."""
+
+    def __init__(self, num_classes, resolution=32, channels=3, preset="tiny", **overrides):
+        super().__init__()
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
+        cfg = {**PRESETS[preset], **overrides}
+        self.num_classes = num_classes
+        self.unet = UNet(resolution=resolution, in_ch=channels, **cfg)
+        self.label_embed = ClassEmbedder(num_classes, self.unet.emb_dim)
+
+    def forward(self, x, t, y, cond_delta=None):
+        return self.unet(x, t, c_vec=self.label_embed(y, cond_delta))
+
+
+# ----------------------------------------------------------------------------- diffusion
+
+def make_betas(schedule, T):
+    if schedule == "linear":  # Ho et al. 2020; Chen et al. Table 3
+        return np.linspace(1e-4, 0.02, T, dtype=np.float64)
+    if schedule == "cosine":  # Nichol & Dhariwal 2021, Eq. 17, s = 0.008, betas clipped at 0.999
+        f = lambda t: np.cos((t / T + 0.008) / 1.008 * np.pi / 2) ** 2
+        t = np.arange(T, dtype=np.float64)
+        return np.minimum(1 - f(t + 1) / f(t), 0.999)
+    raise ValueError(f"unknown schedule {schedule!r}: use linear or cosine")
+
+
+class Diffusion:
+    def __init__(self, schedule="linear", T=1000, prediction="eps"):
+        if prediction not in ("eps", "v"):
+            raise ValueError(f"unknown prediction {prediction!r}: use eps or v")
+        self.T, self.prediction = T, prediction
+        betas = make_betas(schedule, T)
+        ac = np.cumprod(1.0 - betas)
+        ac_prev = np.append(1.0, ac[:-1])
+        # float64 during set-up, float32 tensors after; indexed by integer t in [0, T)
+        self.betas = torch.tensor(betas, dtype=torch.float32)
+        self.alphas_cumprod = torch.tensor(ac, dtype=torch.float32)
+        self.alphas_cumprod_prev = torch.tensor(ac_prev, dtype=torch.float32)
+        self.posterior_variance = torch.tensor(betas * (1 - ac_prev) / (1 - ac), dtype=torch.float32)
+        self.posterior_mean_coef1 = torch.tensor(betas * np.sqrt(ac_prev) / (1 - ac), dtype=torch.float32)
+        self.posterior_mean_coef2 = torch.tensor((1 - ac_prev) * np.sqrt(1 - betas) / (1 - ac), dtype=torch.float32)
+
+    def _at(self, arr, t, x):
+        return arr.to(x.device)[t].float().view(-1, *([1] * (x.dim() - 1)))
+
+    def q_sample(self, x0, t, noise):
+        ac = self._at(self.alphas_cumprod, t, x0)
+        return ac.sqrt() * x0 + (1 - ac).sqrt() * noise
+
+    def target(self, x0, t, noise):
+        if self.prediction == "eps":
+            return noise
+        ac = self._at(self.alphas_cumprod, t, x0)
+        return ac.sqrt() * noise - (1 - ac).sqrt() * x0  # v of Salimans & Ho 2022
+
+    def loss(self, model, x0, y, t, noise, cond_delta=None):
+        """Per-sample mean squared error [B] (eps or v target)."""
+        out = model(self.q_sample(x0, t, noise), t, y, cond_delta)
+        return (out.float() - self.target(x0, t, noise)).pow(2).flatten(1).mean(1)
+
+    def eps_x0(self, out, x_t, t):
+        """Network output -> (eps, x0); x0 clipped to the data range [-1, 1]."""
+        ac = self._at(self.alphas_cumprod, t, x_t)
+        out = out.float()
+        if self.prediction == "eps":
+            eps, x0 = out, (x_t - (1 - ac).sqrt() * out) / ac.sqrt()
+        else:
+            eps, x0 = ac.sqrt() * out + (1 - ac).sqrt() * x_t, ac.sqrt() * x_t - (1 - ac).sqrt() * out
+        x0 = x0.clamp(-1, 1)
+        return (x_t - ac.sqrt() * x0) / (1 - ac).sqrt(), x0  # eps made consistent with the clipped x0
+
+    def ddim_timesteps(self, steps):
+        if not 1 <= steps <= self.T:
+            raise ValueError(f"sampling steps must be in [1, {self.T}], got {steps}")
+        # evenly spaced and ending at T-1, so that sampling starts from pure noise ("trailing", Lin et al. 2024)
+        return np.unique(np.round(np.linspace(0, self.T - 1, steps)).astype(np.int64))[::-1].copy()
+
+    @torch.no_grad()
+    def ddim_sample(self, model_fn, x, steps=50, eta=0.0, noise_fn=None):
+        """DDIM (Song et al. 2021, Eq. 12); eta=0 is deterministic. noise_fn(k) gives the noise of step k."""
+        ts = self.ddim_timesteps(steps)
+        for k, t in enumerate(ts):
+            tt = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
+            eps, x0 = self.eps_x0(model_fn(x, tt), x, tt)
+            ac = self.alphas_cumprod[t].item()
+            ac_prev = self.alphas_cumprod[ts[k + 1]].item() if k + 1 < len(ts) else 1.0
+            sigma = eta * math.sqrt((1 - ac_prev) / (1 - ac) * (1 - ac / ac_prev))
+            x = math.sqrt(ac_prev) * x0 + math.sqrt(max(1 - ac_prev - sigma ** 2, 0.0)) * eps
+            if sigma > 0:
+                x = x + sigma * noise_fn(k)
+        return x
+
+    @torch.no_grad()
+    def ddpm_sample(self, model_fn, x, noise_fn):
+        """Ancestral sampling (Ho et al. 2020, Alg. 2) with the posterior variance beta_tilde."""
+        for k, t in enumerate(range(self.T - 1, -1, -1)):
+            tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+            _, x0 = self.eps_x0(model_fn(x, tt), x, tt)
+            x = self._at(self.posterior_mean_coef1, tt, x) * x0 + self._at(self.posterior_mean_coef2, tt, x) * x
+            if t > 0:
+                x = x + self._at(self.posterior_variance, tt, x).sqrt() * noise_fn(k)
+        return x
+
+
+def guided(model, y, cfg_scale):
+    """Classifier-free guidance: out_u + s (out_c - out_u), conditional and null in one batched forward pass."""
+    if cfg_scale == 1.0:
+        return lambda x, t: model(x, t, y)
+    y_both = torch.cat([y, torch.full_like(y, model.num_classes)])
+
+    def fn(x, t):
+        out_c, out_u = model(torch.cat([x, x]), torch.cat([t, t]), y_both).float().chunk(2)
+        return out_u + cfg_scale * (out_c - out_u)
+    return fn
+
+
+def sample_noise(seed, indices, shape, step=None):
+    """Standard normal noise whose row j depends only on (seed, indices[j], step): a sample's noise is the same
+    for any batch size and any number of GPUs (what lets two models be compared image by image)."""
+    out = torch.empty(len(indices), *shape)
+    for j, i in enumerate(indices):
+        key = [seed, int(i)] + ([] if step is None else [step + 1])
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0] >> 1))
+        out[j] = torch.randn(shape, generator=g)
+    return out
+
+
+def to_uint8(x):
+    """[-1, 1] float [B, C, H, W] -> uint8 [B, H, W, C] numpy."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(path, images, nrow):
+    """uint8 [N, H, W, C] -> one PNG with nrow rows (written to a temp file, then renamed)."""
+    from PIL import Image
+    n, h, w, c = images.shape
+    ncol = math.ceil(n / nrow)
+    grid = np.zeros((nrow * h, ncol * w, c), dtype=np.uint8)
+    for k in range(n):
+        r, q = divmod(k, ncol)
+        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = images[k]
+    tmp = path + ".tmp.png"
+    Image.fromarray(grid.squeeze(-1) if c == 1 else grid).save(tmp)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+CKPT_FORMAT = "slightdiff-ckpt-v1"
+
+
+def build(config):
+    """(Denoiser, Diffusion) from a checkpoint's stored config."""
+    m, d = config["model"], config["diffusion"]
+    return Denoiser(**m), Diffusion(**d)
+
+
+def save_atomic(obj, path):
+    """torch.save to a temp file in the same folder, fsync, rename: a crash never leaves a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """Load a slightdiff checkpoint with weights_only=True; a missing, truncated or foreign file is a ValueError."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "ckpt.pt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} not found: give a run folder or its ckpt.pt")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read checkpoint {path} (truncated or not a torch file: "
+                         f"{type(e).__name__}); use an earlier checkpoint or retrain") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        raise ValueError(f"{path} is not a slightdiff checkpoint (format {CKPT_FORMAT})")
+    return ckpt

@@ -1,0 +1,285 @@
+"""Build a dataset folder: images.npy (uint8 [N, H, W, C], read with mmap), labels.npy (int64 [N]), meta.json.
+
+    python prepare_data.py --dataset shapes                      # synthetic, no download (quick start, tests)
+    python prepare_data.py --dataset cifar10 [--archive PATH]    # official tarball, md5-checked
+    python prepare_data.py --dataset imagefolder --src DIR --resolution 64 --split train   # ImageNet layout
+"""
+import argparse
+import hashlib
+import io
+import json
+import multiprocessing as mp
+import os
+import pickle
+import shutil
+import sys
+import tarfile
+import urllib.request
+
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+
+
+# ----------------------------------------------------------------------------- writing a split
+
+def write_split(out_dir, images, labels, meta):
+    """Write images.npy, labels.npy and meta.json into out_dir atomically (a temp folder renamed at the end)."""
+    tmp = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    if isinstance(images, str):  # already a .npy file on disk (imagefolder): move it in
+        os.replace(images, os.path.join(tmp, "images.npy"))
+    else:
+        np.save(os.path.join(tmp, "images.npy"), np.ascontiguousarray(images, dtype=np.uint8))
+    np.save(os.path.join(tmp, "labels.npy"), np.asarray(labels, dtype=np.int64))
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    print(f"wrote {out_dir}: {meta['count']} images {meta['resolution']}x{meta['resolution']}x{meta['channels']}, "
+          f"{meta['num_classes']} classes")
+
+
+def make_meta(class_names, resolution, count, source, checksum, skipped=()):
+    return dict(num_classes=len(class_names), class_names=list(class_names), resolution=resolution, channels=3,
+                count=int(count), source=source, source_checksum=checksum, skipped=list(skipped))
+
+
+# ----------------------------------------------------------------------------- shapes (synthetic)
+
+SHAPES = ["disk", "square", "triangle", "cross", "ring"]
+COLOURS = {"red": (220, 40, 40), "blue": (40, 90, 230)}
+SHAPES_CLASSES = [f"{c} {s}" for c in COLOURS for s in SHAPES]
+
+
+def draw_shape(rng, label, res=32, ss=4):
+    """One image of class `label` (colour x shape): random size, position, hue jitter and background, antialiased."""
+    colour, shape = SHAPES_CLASSES[label].split()
+    big = res * ss
+    bg = tuple(int(v) for v in rng.integers(0, 90, 3))
+    img = Image.new("RGB", (big, big), bg)
+    d = ImageDraw.Draw(img)
+    fg = tuple(int(np.clip(v + rng.integers(-25, 26), 0, 255)) for v in COLOURS[colour])
+    r = rng.uniform(0.22, 0.38) * big
+    cx, cy = rng.uniform(r + 2, big - r - 2, 2)
+    box = [cx - r, cy - r, cx + r, cy + r]
+    if shape == "disk":
+        d.ellipse(box, fill=fg)
+    elif shape == "square":
+        d.rectangle(box, fill=fg)
+    elif shape == "triangle":
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fg)
+    elif shape == "cross":
+        w = r / 3
+        d.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fg)
+        d.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fg)
+    else:  # ring
+        d.ellipse(box, outline=fg, width=max(1, int(r / 3)))
+    return np.asarray(img.resize((res, res), Image.BOX))
+
+
+def make_shapes(count, seed, res=32):
+    rng = np.random.default_rng(seed)
+    labels = np.arange(count, dtype=np.int64) % len(SHAPES_CLASSES)
+    rng.shuffle(labels)
+    images = np.stack([draw_shape(rng, int(y), res) for y in labels])
+    return images, labels
+
+
+def prepare_shapes(out, train_count, test_count):
+    for split, count, seed in [("train", train_count, 0), ("test", test_count, 1)]:
+        images, labels = make_shapes(count, seed)
+        checksum = "sha256:" + hashlib.sha256(images.tobytes()).hexdigest()
+        meta = make_meta(SHAPES_CLASSES, 32, count, f"shapes (synthetic, seed {seed})", checksum)
+        write_split(os.path.join(out, "shapes", split), images, labels, meta)
+
+
+# ----------------------------------------------------------------------------- CIFAR-10
+
+def md5sum(path):
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(url, dest, md5):
+    """Fetch url to dest over HTTPS (temp file, then rename) unless a file with the right md5 is already there."""
+    if os.path.exists(dest) and md5sum(dest) == md5:
+        return dest
+    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+    tmp = dest + ".part"
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+            total = int(r.headers.get("Content-Length", 0)) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(dest)) as bar:
+                for chunk in iter(lambda: r.read(1 << 20), b""):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise OSError(f"cannot download {url} ({e}); with no network, fetch it elsewhere and pass --archive PATH "
+                      f"(or put it at {dest})") from None
+    os.replace(tmp, dest)
+    return dest
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """The CIFAR batches are Python 2 pickles of a dict of lists, bytes and one numpy array; nothing else may load."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name} from a CIFAR batch")
+        if name == "_reconstruct":
+            return np.ndarray.__reduce__(np.zeros(1))[0]  # numpy's own reconstructor, whatever module it lives in
+        return getattr(np, name)
+
+
+def read_cifar_batch(data):
+    d = CifarUnpickler(io.BytesIO(data), encoding="bytes").load()
+    images = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return images, np.asarray(d[b"labels"], dtype=np.int64)
+
+
+def read_cifar10(archive):
+    """Return {'train': (images, labels), 'test': (...)} from the python-version tarball."""
+    parts = {}
+    with tarfile.open(archive, "r:gz") as tar:
+        for m in tar.getmembers():
+            base = os.path.basename(m.name)
+            if base.startswith("data_batch_") or base == "test_batch":
+                parts[base] = read_cifar_batch(tar.extractfile(m).read())
+    names = [f"data_batch_{i}" for i in range(1, 6)]
+    if any(n not in parts for n in names + ["test_batch"]):
+        raise ValueError(f"{archive} is not the CIFAR-10 python tarball (batches missing)")
+    cat = lambda ns: tuple(np.concatenate(x) for x in zip(*(parts[n] for n in ns)))
+    return {"train": cat(names), "test": cat(["test_batch"])}
+
+
+def prepare_cifar10(out, archive=None, expected_md5=CIFAR10_MD5):
+    if archive is None:
+        archive = download(CIFAR10_URL, os.path.join(out, "downloads", "cifar-10-python.tar.gz"), expected_md5)
+    if not os.path.isfile(archive):
+        raise FileNotFoundError(f"--archive {archive} does not exist")
+    got = md5sum(archive)
+    if got != expected_md5:  # checked before the archive is opened
+        raise ValueError(f"{archive} has md5 {got}, expected {expected_md5}: re-download cifar-10-python.tar.gz")
+    for split, (images, labels) in read_cifar10(archive).items():
+        meta = make_meta(CIFAR10_CLASSES, 32, len(labels), CIFAR10_URL, "md5:" + got)
+        write_split(os.path.join(out, "cifar10", split), images, labels, meta)
+
+
+# ----------------------------------------------------------------------------- image folder (ImageNet layout)
+
+def center_crop_arr(img, res):
+    """ADM's preprocessing: halve with a box filter while at least twice the target, bicubic resize, centre crop."""
+    while min(img.size) >= 2 * res:
+        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
+    scale = res / min(img.size)
+    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
+    arr = np.asarray(img)
+    y, x = (arr.shape[0] - res) // 2, (arr.shape[1] - res) // 2
+    return arr[y:y + res, x:x + res]
+
+
+def load_image(args):
+    path, res = args
+    try:
+        with Image.open(path) as img:
+            return center_crop_arr(img.convert("RGB"), res)
+    except Exception as e:  # any undecodable file is skipped and listed, never fatal
+        return f"{type(e).__name__}: {e}"
+
+
+def list_image_folder(src):
+    if not os.path.isdir(src):
+        raise FileNotFoundError(f"--src {src} is not a folder; give a folder with one sub-folder per class")
+    classes = sorted(d for d in os.listdir(src) if os.path.isdir(os.path.join(src, d)))
+    if not classes:
+        raise ValueError(f"--src {src} has no class sub-folders")
+    files = []
+    for y, c in enumerate(classes):
+        for root, _, names in sorted(os.walk(os.path.join(src, c))):
+            files += [(os.path.join(root, n), y) for n in sorted(names) if os.path.splitext(n)[1].lower() in IMAGE_EXTS]
+    if not files:
+        raise ValueError(f"--src {src} holds no images ({', '.join(sorted(IMAGE_EXTS))})")
+    return classes, files
+
+
+def prepare_imagefolder(src, out, name, split, res, workers):
+    classes, files = list_image_folder(src)
+    out_dir = os.path.join(out, name, split)
+    os.makedirs(os.path.dirname(out_dir) or ".", exist_ok=True)
+    tmp_path = out_dir.rstrip("/") + ".images.tmp.npy"
+    arr = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.uint8, shape=(len(files), res, res, 3))
+    labels, skipped, n = [], [], 0
+    with mp.get_context("spawn").Pool(workers) as pool:
+        results = pool.imap(load_image, [(p, res) for p, _ in files], chunksize=64)
+        for (path, y), r in tqdm(zip(files, results), total=len(files), desc=f"{name}/{split}", unit="img"):
+            if isinstance(r, str):
+                skipped.append(f"{path}: {r}")
+                continue
+            arr[n] = r
+            labels.append(y)
+            n += 1
+    arr.flush()
+    del arr
+    if skipped:  # shrink to the images that decoded, copying in chunks so nothing has to fit in memory
+        src_arr = np.load(tmp_path, mmap_mode="r")
+        final = tmp_path + ".2.npy"
+        dst = np.lib.format.open_memmap(final, mode="w+", dtype=np.uint8, shape=(n, res, res, 3))
+        for i in range(0, n, 8192):
+            dst[i:i + 8192] = src_arr[i:min(i + 8192, n)]
+        dst.flush()
+        del dst, src_arr
+        os.replace(final, tmp_path)
+        print(f"skipped {len(skipped)} unreadable files (listed in meta.json)", file=sys.stderr)
+    listing = hashlib.sha256("\n".join(f"{p}\t{y}" for p, y in files).encode()).hexdigest()
+    meta = make_meta(classes, res, n, os.path.abspath(src), "sha256-of-file-list:" + listing, skipped)
+    write_split(out_dir, tmp_path, labels, meta)
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", required=True, choices=["shapes", "cifar10", "imagefolder"])
+    p.add_argument("--out", default="data", help="root of the dataset folders")
+    p.add_argument("--archive", help="cifar10: a cifar-10-python.tar.gz already on disk")
+    p.add_argument("--src", help="imagefolder: folder with one sub-folder of images per class")
+    p.add_argument("--name", help="imagefolder: dataset name under --out (default: the folder's name)")
+    p.add_argument("--split", default="train", help="imagefolder: split name to write")
+    p.add_argument("--resolution", type=int, default=64, help="imagefolder: output size")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="imagefolder: decoding processes")
+    p.add_argument("--count", type=int, default=10000, help="shapes: training images (test gets a fifth)")
+    a = p.parse_args(argv)
+    if a.dataset == "shapes":
+        if a.count < 10:
+            raise ValueError("--count must be at least 10 (one image per class)")
+        prepare_shapes(a.out, a.count, max(10, a.count // 5))
+    elif a.dataset == "cifar10":
+        prepare_cifar10(a.out, a.archive)
+    else:
+        if not a.src:
+            raise ValueError("--dataset imagefolder needs --src DIR (one sub-folder per class)")
+        if not 8 <= a.resolution <= 1024:
+            raise ValueError("--resolution must be between 8 and 1024")
+        name = a.name or os.path.basename(os.path.normpath(a.src))
+        prepare_imagefolder(a.src, a.out, name, a.split, a.resolution, max(1, a.workers))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, OSError, tarfile.TarError, pickle.UnpicklingError) as e:
+        sys.exit(f"prepare_data.py: error: {e}")

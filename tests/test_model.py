@@ -1,0 +1,170 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import model
+from model import Denoiser, Diffusion
+
+
+@pytest.mark.parametrize("preset,res,classes", [("tiny", 32, 10), ("cifar", 32, 10), ("in64", 64, 1000)])
+def test_unet_output_shape_every_preset(preset, res, classes):
+    torch.manual_seed(0)
+    net = Denoiser(classes, res, 3, preset).eval()
+    x = torch.randn(2, 3, res, res)
+    with torch.no_grad():
+        out = net(x, torch.tensor([0, 999]), torch.tensor([1, classes]))  # a real class and the null class
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_parameter_counts():
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert count(Denoiser(10, 32, 3, "tiny")) < 1_000_000
+    cifar = Denoiser(10, 32, 3, "cifar")
+    assert count(cifar.unet) == 35_746_307  # the DDPM CIFAR-10 UNet, 35.7M
+    assert count(cifar.label_embed) == 11 * 512
+
+
+def test_cross_attention_reads_the_condition_tokens():
+    torch.manual_seed(0)
+    unet = model.UNet(32, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_res=(16,), ctx_dim=24, head_ch=32)
+    for m in unet.modules():  # zero-initialised projections would hide the tokens' effect
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.normal_(m.weight, std=0.05)
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([3, 400])
+    a = unet(x, t, c_tokens=torch.randn(2, 5, 24))
+    b = unet(x, t, c_tokens=torch.randn(2, 5, 24))
+    assert a.shape == x.shape and not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_schedule_identities(schedule):
+    d = Diffusion(schedule)
+    betas = model.make_betas(schedule, 1000)
+    ac = np.cumprod(1 - betas)
+    assert np.all(betas > 0) and np.all(betas <= 0.999) and np.all(np.diff(ac) < 0)
+    np.testing.assert_allclose(d.alphas_cumprod.numpy(), ac, rtol=1e-6)
+    ac_prev = np.r_[1.0, ac[:-1]]
+    np.testing.assert_allclose(d.posterior_variance.numpy(), betas * (1 - ac_prev) / (1 - ac), rtol=1e-5)
+    # the posterior mean coefficients reproduce x_{t-1}'s mean: coef1 + coef2*sqrt(alpha_t) scales x0 to sqrt(ac_prev)
+    lhs = d.posterior_mean_coef1.double().numpy() + d.posterior_mean_coef2.double().numpy() * np.sqrt(ac)
+    np.testing.assert_allclose(lhs, np.sqrt(ac_prev), rtol=1e-5)
+    if schedule == "linear":
+        assert betas[0] == pytest.approx(1e-4) and betas[-1] == pytest.approx(0.02)
+        assert ac[-1] == pytest.approx(4.04e-5, rel=0.01)  # DDPM: x_T is almost pure noise
+
+
+def test_q_sample_moments():
+    d = Diffusion()
+    x0 = torch.full((20000, 1), 0.5)
+    t = torch.full((20000,), 300)
+    xt = d.q_sample(x0, t, torch.randn_like(x0))
+    ac = d.alphas_cumprod[300].item()
+    assert xt.mean().item() == pytest.approx(math.sqrt(ac) * 0.5, abs=0.02)
+    assert xt.var().item() == pytest.approx(1 - ac, rel=0.05)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_eps_x0_invert_the_forward_process(prediction):
+    d = Diffusion(prediction=prediction)
+    x0 = torch.rand(4, 3, 8, 8) * 1.8 - 0.9
+    eps, t = torch.randn_like(x0), torch.tensor([0, 10, 500, 999])
+    xt = d.q_sample(x0, t, eps)
+    eps_hat, x0_hat = d.eps_x0(d.target(x0, t, eps), xt, t)
+    torch.testing.assert_close(x0_hat, x0, atol=2e-3, rtol=0)
+    torch.testing.assert_close(eps_hat[1:], eps[1:], atol=2e-3, rtol=0)
+
+
+def test_ddim_eta0_is_deterministic_and_uses_no_noise():
+    torch.manual_seed(0)
+    net = Denoiser(10, 32, 3, "tiny").eval()
+    d = Diffusion()
+    x = torch.randn(3, 3, 32, 32)
+    fn = model.guided(net, torch.tensor([0, 1, 2]), 1.0)
+
+    def no_noise(k):
+        raise AssertionError("DDIM at eta 0 drew noise")
+    a = d.ddim_sample(fn, x.clone(), steps=5, eta=0.0, noise_fn=no_noise)
+    b = d.ddim_sample(fn, x.clone(), steps=5, eta=0.0, noise_fn=no_noise)
+    assert torch.equal(a, b)
+    c = d.ddim_sample(fn, x.clone(), steps=5, eta=1.0, noise_fn=lambda k: torch.randn_like(x))
+    assert not torch.allclose(a, c)
+
+
+def test_ddim_timesteps():
+    d = Diffusion()
+    ts = d.ddim_timesteps(50)
+    assert len(ts) == 50 and ts[0] == 999 and ts[-1] == 0 and np.all(np.diff(ts) < 0)
+    assert d.ddim_timesteps(1000).tolist() == list(range(999, -1, -1))
+    with pytest.raises(ValueError, match="sampling steps"):
+        d.ddim_timesteps(0)
+
+
+def test_ddpm_sampler_runs_and_stays_in_range():
+    torch.manual_seed(0)
+    d = Diffusion()
+    d.T = 20  # a short chain over the first 20 steps of the schedule keeps the test fast
+    fn = lambda x, t: torch.zeros_like(x)  # eps = 0: x0 = x_t / sqrt(ac), clipped
+    x = d.ddpm_sample(fn, torch.randn(2, 3, 4, 4), noise_fn=lambda k: torch.randn(2, 3, 4, 4))
+    assert x.shape == (2, 3, 4, 4) and x.abs().max() <= 1.05
+
+
+def test_classifier_free_guidance_is_batched_and_exact():
+    torch.manual_seed(0)
+    net = Denoiser(10, 32, 3, "tiny").eval()
+    for p in net.unet.conv_out.parameters():  # make the output depend on the input
+        torch.nn.init.normal_(p, std=0.1)
+    x, t, y = torch.randn(2, 3, 32, 32), torch.tensor([5, 600]), torch.tensor([3, 4])
+    with torch.no_grad():
+        cond, uncond = net(x, t, y), net(x, t, torch.full_like(y, 10))
+        got = model.guided(net, y, 2.5)(x, t)
+        torch.testing.assert_close(got, uncond + 2.5 * (cond - uncond), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.guided(net, y, 1.0)(x, t), cond)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "gaussian"])
+def test_cep_noise_scale(kind):
+    g = torch.Generator().manual_seed(0)
+    d, gamma = 512, 2.0
+    delta = model.cep_delta(kind, gamma, (400, d), g)
+    bound = gamma / math.sqrt(d)
+    if kind == "uniform":
+        assert delta.abs().max() <= bound and delta.abs().max() > 0.99 * bound
+        assert delta.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.02)
+    else:
+        assert delta.std().item() == pytest.approx(bound, rel=0.02)  # gamma/sqrt(d) read as the std
+    assert abs(delta.mean().item()) < 0.01 * bound * 10
+    with pytest.raises(ValueError, match="unknown CEP"):
+        model.cep_delta("laplace", 1.0, (2, 4))
+
+
+def test_cep_changes_the_embedding_only_when_given():
+    emb = model.ClassEmbedder(10, 16)
+    y = torch.tensor([1, 2])
+    delta = torch.ones(2, 16)
+    torch.testing.assert_close(emb(y, delta), emb(y) + 1)
+
+
+def test_sample_noise_depends_only_on_seed_and_index():
+    a = model.sample_noise(0, [0, 1, 2, 3], (3, 4, 4))
+    b = torch.cat([model.sample_noise(0, [2, 3], (3, 4, 4)), model.sample_noise(0, [0, 1], (3, 4, 4))])
+    torch.testing.assert_close(a, b[[2, 3, 0, 1]], rtol=0, atol=0)
+    assert not torch.allclose(a, model.sample_noise(1, [0, 1, 2, 3], (3, 4, 4)))
+    assert not torch.allclose(a, model.sample_noise(0, [0, 1, 2, 3], (3, 4, 4), step=0))
+    assert a.std().item() == pytest.approx(1.0, rel=0.15)
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        model.load_checkpoint(str(tmp_path / "nope.pt"))
+    model.save_atomic({"format": model.CKPT_FORMAT, "w": torch.ones(1000)}, str(tmp_path / "good.pt"))
+    data = (tmp_path / "good.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or not a torch file"):
+        model.load_checkpoint(str(tmp_path / "cut.pt"))
+    torch.save({"state_dict": {}}, str(tmp_path / "foreign.pt"))
+    with pytest.raises(ValueError, match="not a slightdiff checkpoint"):
+        model.load_checkpoint(str(tmp_path / "foreign.pt"))
+    assert model.load_checkpoint(str(tmp_path / "good.pt"))["w"].sum() == 1000
+    assert [p.name for p in tmp_path.iterdir() if "tmp" in p.name] == []

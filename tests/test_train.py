@@ -1,0 +1,129 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import model
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_train(data, out, *extra):
+    base = ["--data", data, "--out", str(out), "--preset", "tiny", "--batch-size", "16", "--warmup", "2",
+            "--lr", "1e-3", "--log-every", "2", "--grid-steps", "2"]
+    train.main(base + [str(e) for e in extra])
+    return model.load_checkpoint(str(out))
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, f"{ROOT}/train.py", *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT)
+
+
+def states_equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_loss_falls_on_shapes_and_run_folder_is_complete(shapes, tmp_path, capsys):
+    out = tmp_path / "run"
+    ckpt = run_train(f"{shapes}/train", out, "--steps", "60", "--log-every", "10", "--ckpt-every", "30",
+                     "--lr", "2e-3", "--eta", "0.1", "--cep", "uniform")
+    log = [json.loads(l) for l in open(out / "log.jsonl")]
+    assert [r["step"] for r in log] == [10, 20, 30, 40, 50, 60]
+    assert log[-1]["loss"] < 0.5 * log[0]["loss"], log
+    assert all(len(r["loss_q"]) == 4 and r["img_per_s"] > 0 for r in log)
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "config.json", "corruption.npz", "grid-0000030.png",
+                                                     "grid-0000060.png", "log.jsonl"]
+    assert ckpt["step"] == 60 and ckpt["nimg"] == 960
+    assert not any("_orig_mod" in k or k.startswith("module.") for k in ckpt["model"])
+    cfg = ckpt["config"]
+    assert cfg["model"]["preset"] == "tiny" and cfg["train"]["eta"] == 0.1 and cfg["train"]["cep"] == "uniform"
+    net, _ = model.build(cfg)
+    net.load_state_dict(ckpt["ema"])
+    z = np.load(out / "corruption.npz")
+    assert z["mask"].sum() == 20 and int(z["seed"]) == 0
+    assert "compile=False bf16=False" in capsys.readouterr().out  # the CUDA-only paths are off on the CPU
+
+
+def test_resume_ends_with_identical_weights(shapes, tmp_path):
+    common = ["--dropout", "0.1", "--eta", "0.05", "--corruption-mode", "resample", "--cep", "gaussian",
+              "--ckpt-every", "4", "--batch-size", "48"]  # 200 images: batches cross epoch boundaries
+    full = run_train(f"{shapes}/train", tmp_path / "full", "--steps", "8", *common)
+    run_train(f"{shapes}/train", tmp_path / "cut", "--steps", "4", *common)
+    with open(tmp_path / "cut/log.jsonl", "a") as f:  # a line the killed run wrote after its last checkpoint
+        f.write(json.dumps({"step": 5, "loss": 1.0}) + "\n")
+    train.main(["--resume", str(tmp_path / "cut"), "--steps", "8"])
+    resumed = model.load_checkpoint(str(tmp_path / "cut"))
+    assert resumed["step"] == 8
+    assert states_equal(full["model"], resumed["model"]) and states_equal(full["ema"], resumed["ema"])
+    steps = [json.loads(l)["step"] for l in open(tmp_path / "cut/log.jsonl")]
+    assert steps == [2, 4, 6, 8]
+
+
+def test_two_process_ddp_matches_one_process(shapes, tmp_path):
+    args = ["--data", f"{shapes}/train", "--preset", "tiny", "--batch-size", "16", "--steps", "3", "--warmup", "1",
+            "--lr", "1e-3", "--ckpt-every", "3", "--grid-steps", "1", "--eta", "0.1", "--cep", "uniform"]
+    one = cli(*args, "--out", tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                          f"{ROOT}/train.py", *args, "--out", str(tmp_path / "two"), "--batch-gpu", "4"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert two.returncode == 0, two.stderr
+    a, b = model.load_checkpoint(str(tmp_path / "one")), model.load_checkpoint(str(tmp_path / "two"))
+    assert b["config"]["train"]["world_size"] == 2 and b["config"]["train"]["accum"] == 2
+    # Adam's moments are linear in the gradients (the weights are not: Adam normalises away a wrong scale)
+    sa, sb = a["opt"]["state"], b["opt"]["state"]
+    for k in ("exp_avg", "exp_avg_sq"):
+        scale = max(s[k].abs().max().item() for s in sa.values())
+        worst = max((sa[i][k] - sb[i][k]).abs().max().item() for i in sa)
+        assert worst <= 1e-3 * scale, (k, worst, scale)
+    assert not states_equal(a["model"], model.load_checkpoint(str(tmp_path / "one"))["ema"])
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--eta", "1.0"], r"eta must be in \[0, 1\)"),
+    (["--eta", "-0.5"], r"eta must be in \[0, 1\)"),
+    (["--batch-size", "10", "--batch-gpu", "4"], "must split into 1 ranks x --batch-gpu 4"),
+    (["--corruption", "asymmetric"], "needs --corrupt-classes"),
+    (["--corruption", "asymmetric", "--corrupt-classes", "1,99"], "unknown class 99"),
+    (["--label-dropout", "1.0"], r"--label-dropout must be in \[0, 1\)"),
+])
+def test_bad_flags_give_one_line_errors(shapes, tmp_path, flags, message):
+    r = cli("--data", f"{shapes}/train", "--out", tmp_path / "r", "--preset", "tiny", "--steps", "1", *flags)
+    assert r.returncode == 1 and r.stderr.startswith("train.py: error:") and r.stderr.count("\n") == 1, r.stderr
+    assert __import__("re").search(message, r.stderr), r.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_missing_data_and_bad_checkpoints(shapes, tmp_path):
+    r = cli("--data", tmp_path / "nothing", "--preset", "tiny")
+    assert r.returncode == 1 and "prepare_data.py" in r.stderr and r.stderr.count("\n") == 1
+    run_train(f"{shapes}/train", tmp_path / "run", "--steps", "2", "--ckpt-every", "2")
+    r = cli("--data", f"{shapes}/train", "--out", tmp_path / "run", "--preset", "tiny")
+    assert r.returncode == 1 and "already holds a run" in r.stderr
+    r = cli("--resume", tmp_path / "run", "--steps", "4", "--lr", "0.5")
+    assert r.returncode == 1 and "--lr differs from the checkpoint" in r.stderr
+    blob = (tmp_path / "run/ckpt.pt").read_bytes()
+    (tmp_path / "run/ckpt.pt").write_bytes(blob[: len(blob) // 3])
+    r = cli("--resume", tmp_path / "run", "--steps", "4")
+    assert r.returncode == 1 and "truncated" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    torch.save({"model": {}}, tmp_path / "foreign.pt")
+    r = cli("--resume", tmp_path / "foreign.pt")
+    assert r.returncode == 1 and "not a slightdiff checkpoint" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(shapes, tmp_path):
+    r = cli("--data", f"{shapes}/train", "--out", tmp_path / "run", "--preset", "tiny", "--batch-size", "8",
+            "--steps", "20", "--lr", "1e30", "--warmup", "0", "--log-every", "1", "--ckpt-every", "1",
+            "--grid-steps", "1")
+    last = r.stderr.strip().splitlines()[-1]  # the progress bar shares stderr
+    assert r.returncode == 1 and "Traceback" not in r.stderr and last.startswith("train.py: error: loss is"), last
+    ckpt = model.load_checkpoint(str(tmp_path / "run"))
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    failed_at = int(last.split(" at step ")[1].split(":")[0])
+    assert ckpt["step"] < failed_at

@@ -1,0 +1,452 @@
+"""Pre-train a class-conditional diffusion model on labels corrupted at ratio eta (Chen et al., NeurIPS 2024).
+
+One process (CPU or one GPU):   python train.py --data data/shapes/train --preset tiny --steps 2000
+Several GPUs (DDP):             torchrun --nproc_per_node=8 train.py --eta 0.05
+Continue a killed run:          python train.py --resume runs/NAME
+
+Everything random in a step (timesteps, noise, label dropout, CEP, flips, dropout masks) is drawn from
+generators seeded by (seed, step), for the global batch, before it is split over ranks: the run is the same
+for any number of GPUs at the same global batch, and the step number is the whole RNG state for --resume.
+"""
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import resource
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import corrupt
+from model import (CKPT_FORMAT, Denoiser, Diffusion, cep_delta, guided, load_checkpoint, sample_noise, save_atomic,
+                   save_grid, to_uint8)
+
+# Flags a resumed run may change; every other flag must match the checkpoint's stored config.
+RESUMABLE = {"steps", "log_every", "ckpt_every", "snapshot_every", "compile", "batch_gpu", "device", "grid_cfg",
+             "grid_steps"}
+# Dense bf16 tensor-core peaks (FLOP/s) for MFU, from the vendors' data sheets.
+PEAK_BF16 = {"H100 SXM": 989.4e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989.4e12, "H200": 989.4e12,
+             "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165.2e12}
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--data", default="data/cifar10/train", help="dataset split folder from prepare_data.py")
+    a("--out", help="run folder (default runs/<dataset>-<preset>-eta<eta>[-cep<kind>])")
+    a("--resume", help="run folder or ckpt.pt of a run to continue with its stored config")
+    a("--preset", default="cifar", choices=["tiny", "cifar", "in64"])
+    a("--dropout", type=float, help="override the preset's dropout")
+    a("--schedule", default="linear", choices=["linear", "cosine"], help="noise schedule (paper: linear)")
+    a("--prediction", default="eps", choices=["eps", "v"])
+    a("--eta", type=float, default=0.0, help="fraction of corrupted labels, in [0, 1)")
+    a("--corruption", default="symmetric", choices=["symmetric", "asymmetric"])
+    a("--corruption-mode", default="fixed", choices=["fixed", "resample"],
+      help="fixed once (paper) or drawn anew each epoch (paper App. E.4)")
+    a("--corrupt-classes", help="asymmetric: the class subset (indices or names, comma-separated)")
+    a("--cep", default="none", choices=["none", "uniform", "gaussian"], help="condition embedding perturbation")
+    a("--cep-gamma", type=float, default=1.0)
+    a("--label-dropout", type=float, default=0.1, help="probability of the null class (classifier-free guidance)")
+    a("--subset", type=int, help="train on a seeded subset of this many images (Zhang et al. 2024)")
+    a("--hflip", action=argparse.BooleanOptionalAction, default=True, help="random horizontal flips")
+    a("--batch-size", type=int, default=128, help="global batch over all ranks and accumulation steps")
+    a("--batch-gpu", type=int, help="per-rank micro-batch (default: batch-size / world size)")
+    a("--lr", type=float, default=2e-4)
+    a("--warmup", type=int, default=5000, help="linear lr warm-up steps")
+    a("--weight-decay", type=float, default=0.0)
+    a("--grad-clip", type=float, default=1.0)
+    a("--ema-halflife-kimg", type=float, default=500.0, help="EMA half-life in thousands of images")
+    a("--ema-rampup", type=float, default=0.05, help="half-life is at most this fraction of images seen (0: off)")
+    a("--steps", type=int, default=800_000)
+    a("--seed", type=int, default=0, help="training randomness")
+    a("--data-seed", type=int, default=0, help="corruption and subset")
+    a("--log-every", type=int, default=100)
+    a("--ckpt-every", type=int, default=5000, help="save ckpt.pt and a sample grid every N steps")
+    a("--snapshot-every", type=int, default=0, help="also keep ckpt-<step>.pt every N steps (0: never)")
+    a("--grid-cfg", type=float, default=1.0, help="guidance scale of the sample grid")
+    a("--grid-steps", type=int, default=50, help="DDIM steps of the sample grid")
+    a("--device", default="auto", help="auto, cpu or cuda")
+    a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on CUDA)")
+    a("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
+    a("--bench", type=int, default=0, help="time N steps after warm-up, print images/s, memory, MFU, and exit")
+    return p
+
+
+def parse_args(argv=None):
+    p = get_parser()
+    args = p.parse_args(argv)
+    p.set_defaults(**{k: None for k in vars(args)})
+    args.given = sorted(k for k, v in vars(p.parse_args(argv)).items() if v is not None)
+    return args
+
+
+def check_args(a):
+    corrupt.check_eta(a.eta)
+    for k in ("batch_size", "steps", "log_every", "ckpt_every"):
+        if getattr(a, k) < 1:
+            raise ValueError(f"--{k.replace('_', '-')} must be at least 1")
+    if not 0 <= a.label_dropout < 1:
+        raise ValueError("--label-dropout must be in [0, 1)")
+    if a.cep_gamma < 0 or a.lr <= 0 or a.warmup < 0 or a.ema_halflife_kimg < 0:
+        raise ValueError("--cep-gamma, --warmup and --ema-halflife-kimg must be >= 0 and --lr > 0")
+    if a.corruption == "asymmetric" and not a.corrupt_classes:
+        raise ValueError("--corruption asymmetric needs --corrupt-classes")
+
+
+def seed_of(*key):
+    return int(np.random.SeedSequence(list(key)).generate_state(1, np.uint64)[0] >> 1)
+
+
+# ----------------------------------------------------------------------------- data
+
+def load_dataset(path, subset, data_seed):
+    for f in ("images.npy", "labels.npy", "meta.json"):
+        if not os.path.isfile(os.path.join(path, f)):
+            raise FileNotFoundError(f"{path}/{f} missing: build the dataset with prepare_data.py "
+                                    f"(e.g. python prepare_data.py --dataset shapes)")
+    meta = json.load(open(os.path.join(path, "meta.json")))
+    images = np.load(os.path.join(path, "images.npy"), mmap_mode="r")
+    labels = np.load(os.path.join(path, "labels.npy"))
+    if images.dtype != np.uint8 or images.ndim != 4 or len(images) != len(labels) or labels.ndim != 1:
+        raise ValueError(f"{path}: images.npy must be uint8 [N, H, W, C] and labels.npy [N]")
+    index = np.arange(len(labels))
+    if subset:
+        if not 1 <= subset <= len(labels):
+            raise ValueError(f"--subset must be in [1, {len(labels)}]")
+        index = np.sort(np.random.default_rng([data_seed, 1]).choice(len(labels), subset, replace=False))
+        labels = labels[index]
+    return images, labels.astype(np.int64), index, meta
+
+
+class Batches:
+    """Global batch i = positions [i*B, (i+1)*B) of a stream of seeded per-epoch permutations (resumable by step)."""
+
+    def __init__(self, images, labels, index, device, seed, label_fn, in_memory):
+        self.n, self.seed, self.device, self.label_fn = len(labels), seed, device, label_fn
+        self.index = index
+        self.images = images
+        if in_memory:  # small sets (CIFAR) live on the device: no loader workers needed
+            self.images = torch.from_numpy(np.ascontiguousarray(images[index])).to(device)
+            self.index = None
+        self._epoch, self._perm, self._labels = None, None, None
+
+    def _epoch_data(self, e):
+        if e != self._epoch:
+            self._epoch, self._perm = e, np.random.default_rng([self.seed, 2, e]).permutation(self.n)
+            self._labels = torch.from_numpy(self.label_fn(e))
+        return self._perm, self._labels
+
+    def indices(self, step, batch):
+        """Positions in the (subset) dataset and their (possibly corrupted) labels for global batch `step`."""
+        idx, lab = [], []
+        pos = step * batch
+        while len(idx) < batch:
+            e, off = divmod(pos, self.n)
+            perm, labels = self._epoch_data(e)
+            take = perm[off:off + batch - len(idx)]
+            idx.extend(take)
+            lab.append(labels[take])
+            pos += len(take)
+        return np.array(idx), torch.cat(lab)
+
+    def images_at(self, idx):
+        """uint8 [b, H, W, C] -> float [-1, 1] [b, C, H, W] on the device."""
+        if self.index is None:
+            x = self.images[torch.from_numpy(idx).to(self.device)]
+        else:
+            rows = self.index[idx]
+            order = np.argsort(rows)  # sorted reads from the mmap, then back to batch order
+            x = np.empty((len(rows),) + self.images.shape[1:], np.uint8)
+            x[order] = self.images[rows[order]]
+            x = torch.from_numpy(x)
+            x = x.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else x
+        return x.permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def make_label_fn(args, labels, num_classes, class_names):
+    """epoch -> training labels; fixed corruption is computed once, resample mode per epoch (App. E.4)."""
+    classes = corrupt.parse_classes(args.corrupt_classes, class_names) if args.corruption == "asymmetric" else None
+    fixed, mask = corrupt.corrupt_labels(labels, args.eta, num_classes, args.data_seed, classes)
+    if args.corruption_mode == "fixed":
+        return (lambda e: fixed), fixed, mask
+    return (lambda e: corrupt.corrupt_labels(labels, args.eta, num_classes, args.data_seed, classes, epoch=e)[0]), \
+        fixed, mask
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def ema_beta(args, nimg, batch):
+    """Per-step EMA decay for a half-life in images, ramped up over the first images as in EDM."""
+    halflife = args.ema_halflife_kimg * 1000
+    if args.ema_rampup:
+        halflife = min(halflife, nimg * args.ema_rampup)
+    return 0.5 ** (batch / max(halflife, 1e-8))
+
+
+def peak_flops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+def train_flops_per_image(net, diffusion, shape, device):
+    """Forward+backward FLOPs of one image, counted by torch.utils.flop_counter on a batch of 2."""
+    from torch.utils.flop_counter import FlopCounterMode
+    x = torch.randn(2, *shape, device=device)
+    t, y = torch.tensor([10, 500], device=device), torch.zeros(2, dtype=torch.long, device=device)
+    with FlopCounterMode(display=False) as fc:
+        diffusion.loss(net, x, y, t, torch.randn_like(x)).mean().backward()
+    net.zero_grad(set_to_none=True)
+    return fc.get_total_flops() / 2
+
+
+def draw_grid(ema, diffusion, num_classes, res, ch, device, cfg_scale, steps, path, ncol=8):
+    """One row per class (at most 16 classes, evenly spaced), fixed noise, DDIM from the EMA weights."""
+    classes = np.unique(np.linspace(0, num_classes - 1, min(num_classes, 16)).round().astype(np.int64))
+    y = torch.from_numpy(np.repeat(classes, ncol)).to(device)
+    x = sample_noise(0, range(len(y)), (ch, res, res)).to(device)
+    with torch.no_grad():
+        x = diffusion.ddim_sample(guided(ema, y, cfg_scale), x, steps=steps)
+    save_grid(path, to_uint8(x), nrow=len(classes))
+
+
+def trim_log(path, step):
+    """Drop log lines past the checkpoint a resumed run restarts from."""
+    if os.path.exists(path):
+        keep = [l for l in open(path) if l.strip() and json.loads(l)["step"] <= step]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None):
+    args = parse_args(argv)
+    ddp = "RANK" in os.environ
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
+        rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    else:
+        rank, world, local_rank = 0, 1, 0
+    try:
+        run(args, rank, world, local_rank, ddp)
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+def resolve_resume(args):
+    ckpt = load_checkpoint(args.resume)
+    stored = ckpt["config"]["train"]
+    for k in args.given:
+        if k not in RESUMABLE | {"resume", "out"} and getattr(args, k) != stored.get(k):
+            raise ValueError(f"--{k.replace('_', '-')} differs from the checkpoint's stored value "
+                             f"{stored.get(k)!r}; a resumed run keeps its config (only {', '.join(sorted(RESUMABLE))} "
+                             f"may change)")
+    new = {k: getattr(args, k) for k in args.given if k in RESUMABLE}
+    resume, given = args.resume, args.given
+    for k, v in stored.items():
+        setattr(args, k, v)
+    for k, v in new.items():
+        setattr(args, k, v)
+    args.resume, args.given = resume, given
+    args.out = args.out if "out" in given else os.path.dirname(os.path.join(resume, "ckpt.pt")
+                                                                 if os.path.isdir(resume) else resume)
+    return ckpt
+
+
+def run(args, rank, world, local_rank, ddp):
+    master = rank == 0
+    ckpt = resolve_resume(args) if args.resume else None
+    check_args(args)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(f"cuda:{local_rank}" if args.device == "cuda" else args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    elif ddp:  # several CPU ranks on one machine share its cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    use_compile = args.compile if args.compile is not None else device.type == "cuda"
+    use_bf16 = (args.bf16 if args.bf16 is not None else True) and device.type == "cuda"
+
+    # global batch = world x batch_gpu x accumulation
+    batch_gpu = args.batch_gpu or args.batch_size // world
+    if args.batch_size % world or batch_gpu < 1 or (args.batch_size // world) % batch_gpu:
+        raise ValueError(f"--batch-size {args.batch_size} must split into {world} ranks x --batch-gpu {batch_gpu} "
+                         f"x a whole number of accumulation steps")
+    accum = args.batch_size // world // batch_gpu
+
+    images, clean_labels, index, meta = load_dataset(args.data, args.subset, args.data_seed)
+    num_classes, res, ch = meta["num_classes"], images.shape[1], images.shape[3]
+    label_fn, fixed_labels, mask = make_label_fn(args, clean_labels, num_classes, meta["class_names"])
+    in_memory = len(index) * int(np.prod(images.shape[1:])) < 8 << 30
+    data = Batches(images, clean_labels, index, device, args.seed, label_fn, in_memory)
+
+    model_cfg = dict(num_classes=num_classes, resolution=res, channels=ch, preset=args.preset)
+    if args.dropout is not None:
+        model_cfg["dropout"] = args.dropout
+    diff_cfg = dict(schedule=args.schedule, T=1000, prediction=args.prediction)
+    train_cfg = {k: v for k, v in vars(args).items() if k not in ("resume", "given")}
+    train_cfg.update(batch_gpu=batch_gpu, world_size=world, accum=accum)
+    config = dict(model=model_cfg, diffusion=diff_cfg, train=train_cfg,
+                  data=dict(path=os.path.abspath(args.data), **{k: meta[k] for k in ("num_classes", "class_names",
+                                                                                 "resolution", "count")}))
+    if args.out is None:
+        args.out = os.path.join("runs", f"{os.path.basename(os.path.dirname(os.path.abspath(args.data)))}-"
+                                        f"{args.preset}-eta{args.eta:g}" + ("" if args.cep == "none" else f"-cep{args.cep}"))
+    torch.manual_seed(args.seed)
+    net = Denoiser(**model_cfg).to(device)
+    diffusion = Diffusion(**diff_cfg)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                            fused=device.type == "cuda")
+    step = 0
+    if ckpt is not None:
+        net.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])
+        step = ckpt["step"]
+    elif master and not args.bench and os.path.exists(os.path.join(args.out, "ckpt.pt")):
+        raise ValueError(f"{args.out} already holds a run: continue it with --resume {args.out} or pick another --out")
+
+    flops_img = train_flops_per_image(net, diffusion, (ch, res, res), device) if args.bench else None
+    wrapped = DDP(net, device_ids=[local_rank] if device.type == "cuda" else None, gradient_as_bucket_view=True) \
+        if ddp else net
+    fwd = torch.compile(wrapped) if use_compile else wrapped  # checkpoints are saved from `net`: no _orig_mod. keys
+    if master:
+        n_params = sum(p.numel() for p in net.parameters())
+        print(f"{n_params / 1e6:.2f}M parameters | {len(index)} images, {num_classes} classes | eta {args.eta} "
+              f"({int(mask.sum())} labels corrupted, {args.corruption}/{args.corruption_mode}) | cep {args.cep} | "
+              f"batch {args.batch_size} = {world} x {batch_gpu} x {accum} | {device} compile={use_compile} "
+              f"bf16={use_bf16} | {args.out}")
+        if not args.bench:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "config.json"), "w") as f:
+                json.dump(config, f, indent=1)
+            tmp = os.path.join(args.out, "corruption.tmp.npz")
+            np.savez(tmp, labels=fixed_labels, mask=mask, clean_labels=clean_labels, index=index, seed=args.data_seed,
+                     eta=args.eta, kind=args.corruption, mode=args.corruption_mode)
+            os.replace(tmp, os.path.join(args.out, "corruption.npz"))
+            trim_log(os.path.join(args.out, "log.jsonl"), step)
+
+    def save(step):
+        if not all(torch.isfinite(p).all() for p in params):
+            raise FloatingPointError(f"non-finite weights at step {step}: stopped; {args.out}/ckpt.pt keeps the last "
+                                     f"good state (try a lower --lr, then --resume)")
+        state = dict(format=CKPT_FORMAT, model=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
+                     step=step, nimg=step * args.batch_size, config=config)
+        save_atomic(state, os.path.join(args.out, "ckpt.pt"))
+        if args.snapshot_every and step % args.snapshot_every == 0:
+            save_atomic(state, os.path.join(args.out, f"ckpt-{step:07d}.pt"))
+        draw_grid(ema, diffusion, num_classes, res, ch, device, args.grid_cfg, args.grid_steps,
+                  os.path.join(args.out, f"grid-{step:07d}.png"))
+
+    gen = torch.Generator(device=device)
+    T, B = diffusion.T, args.batch_size
+    loss_sum = torch.zeros(4, device=device, dtype=torch.float64)  # per timestep quartile
+    loss_cnt = torch.zeros(4, device=device, dtype=torch.float64)
+    params, ema_params = list(net.parameters()), list(ema.parameters())
+    end = step + args.bench + 10 if args.bench else args.steps
+    bar = tqdm(total=end, initial=step, disable=not master, dynamic_ncols=True, unit="step")
+    t_log, n_log, bench_t0 = time.perf_counter(), 0, None
+    net.train()
+    while step < end:
+        if args.bench and step == end - args.bench:  # warm-up over: start the clock
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            bench_t0 = time.perf_counter()
+        idx, y = data.indices(step, B)
+        gen.manual_seed(seed_of(args.seed, step))
+        t = torch.randint(0, T, (B,), generator=gen, device=device)
+        noise = torch.randn(B, ch, res, res, generator=gen, device=device)
+        y = y.to(device)
+        y = torch.where(torch.rand(B, generator=gen, device=device) < args.label_dropout, num_classes, y)
+        flip = torch.rand(B, generator=gen, device=device) < 0.5
+        delta = None if args.cep == "none" else cep_delta(args.cep, args.cep_gamma, (B, net.unet.emb_dim), gen, device)
+        torch.manual_seed(seed_of(args.seed, step, rank, 3))  # dropout masks
+        lr = args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        for m in range(accum):
+            sl = slice(rank * B // world + m * batch_gpu, rank * B // world + (m + 1) * batch_gpu)
+            x0 = data.images_at(idx[sl])
+            if args.hflip:
+                x0 = torch.where(flip[sl, None, None, None], x0.flip(3), x0)
+            sync = contextlib.nullcontext() if not ddp or m == accum - 1 else wrapped.no_sync()
+            with sync, torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
+                losses = diffusion.loss(fwd, x0, y[sl], t[sl], noise[sl], None if delta is None else delta[sl])
+                (losses.mean() / accum).backward()
+            q = t[sl] * 4 // T
+            loss_sum.index_add_(0, q, losses.detach().double())
+            loss_cnt.index_add_(0, q, torch.ones_like(q, dtype=torch.float64))
+        if args.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, params, 1 - ema_beta(args, step * B, B))
+        bar.update(1)
+        n_log += B
+
+        if args.bench:
+            continue
+        last = step == end
+        if step % args.log_every == 0 or step % args.ckpt_every == 0 or last:  # the only host syncs of the loop
+            if ddp:
+                dist.all_reduce(loss_sum)
+                dist.all_reduce(loss_cnt)
+            s, c = loss_sum.tolist(), loss_cnt.tolist()
+            loss = sum(s) / max(sum(c), 1)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss} at step {step}: stopped; {args.out}/ckpt.pt keeps the last "
+                                         f"good state (try a lower --lr or --bf16 off, then --resume)")
+            dt = time.perf_counter() - t_log
+            rec = dict(step=step, loss=loss, loss_q=[a / b if b else None for a, b in zip(s, c)], lr=lr,
+                       img_per_s=n_log / dt, nimg=step * B)
+            if master:
+                with open(os.path.join(args.out, "log.jsonl"), "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rec['img_per_s']:.0f}")
+            loss_sum.zero_()
+            loss_cnt.zero_()
+            t_log, n_log = time.perf_counter(), 0
+        if step % args.ckpt_every == 0 or last:
+            if master:
+                save(step)
+            if ddp:
+                dist.barrier()
+    bar.close()
+
+    if args.bench and master:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            mem = torch.cuda.max_memory_allocated() / 2 ** 30
+        else:
+            mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+        dt = (time.perf_counter() - bench_t0) / args.bench
+        ips = args.batch_size / dt
+        peak = peak_flops(device)
+        mfu = f"{flops_img * ips / (peak * world):.1%} of bf16 dense peak" if peak else "n/a (peak unknown)"
+        print(f"bench {args.preset} batch {args.batch_size} on {world}x "
+              f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}: {ips:.1f} images/s, "
+              f"{dt * 1000:.1f} ms/step, peak memory {mem:.2f} GiB, {flops_img / 1e9:.2f} GFLOP/image (fwd+bwd), "
+              f"MFU {mfu}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, OSError, FloatingPointError) as e:
+        sys.exit(f"train.py: error: {e}")
