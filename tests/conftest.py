@@ -15,3 +15,31 @@ def shapes(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     prepare_data.prepare_shapes(str(root), 200, 50)
     return os.path.join(str(root), "shapes")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(shapes, tmp_path_factory):
+    """A tiny model trained for 4 steps: enough for sampling tests."""
+    import train
+    out = str(tmp_path_factory.mktemp("runs") / "tiny")
+    train.main(["--data", f"{shapes}/train", "--out", out, "--preset", "tiny", "--batch-size", "8", "--steps", "4",
+                "--warmup", "1", "--lr", "1e-3", "--ckpt-every", "4", "--grid-steps", "1"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory):
+    """A randomly initialised FID Inception saved like the published weight file (no test needs the real one)."""
+    import torch
+    import evaluate
+    torch.manual_seed(0)
+    net = evaluate.FIDInception()
+    for m in net.modules():  # He init keeps the signal alive through 94 layers; BatchNorm statistics non-trivial
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.05, 0.05)
+            m.running_var.uniform_(0.8, 1.2)
+    path = str(tmp_path_factory.mktemp("weights") / "random_inception.pth")
+    torch.save(net.state_dict(), path)
+    return path

@@ -1,0 +1,635 @@
+"""Evaluate samples: FID, sFID, Inception Score, precision/recall; reproducibility, memorization; the eta report.
+
+    python evaluate.py --samples runs/NAME/samples.npz --ref data/cifar10/train [--inception-weights PATH]
+    python evaluate.py repro A.npz B.npz [--features sscd.torchscript.pt --feat-size 320 --feat-norm imagenet]
+    python evaluate.py memorization --samples S.npz --ref data/cifar10/train
+    python evaluate.py report runs/* [--out report]
+
+The Inception network is the FID variant of Inception-v3 (TensorFlow's inception-2015-12-05 as ported by
+pytorch-fid), written out here so that its published weights load with strict=True. One pass gives the pool
+features (FID, precision/recall), the logits without bias (IS) and the Mixed_6d spatial features (sFID), as in
+the ADM evaluation suite.
+"""
+import argparse
+import contextlib
+import glob
+import hashlib
+import json
+import os
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
+WEIGHTS_NAME = os.path.basename(WEIGHTS_URL)
+WEIGHTS_SHA_PREFIX = "6726825d"
+MIN_FID_SAMPLES = 2048
+
+
+# ----------------------------------------------------------------------------- Inception-v3, FID variant
+
+class BasicConv(nn.Module):
+    def __init__(self, cin, cout, kernel_size, **kw):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel_size, bias=False, **kw)
+        self.bn = nn.BatchNorm2d(cout, eps=1e-3)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+def avg_pool(x):  # TensorFlow's average pool leaves the zero padding out of the mean
+    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+
+
+class InceptionA(nn.Module):
+    def __init__(self, cin, pool_features):
+        super().__init__()
+        self.branch1x1 = BasicConv(cin, 64, 1)
+        self.branch5x5_1, self.branch5x5_2 = BasicConv(cin, 48, 1), BasicConv(48, 64, 5, padding=2)
+        self.branch3x3dbl_1 = BasicConv(cin, 64, 1)
+        self.branch3x3dbl_2 = BasicConv(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = BasicConv(96, 96, 3, padding=1)
+        self.branch_pool = BasicConv(cin, pool_features, 1)
+
+    def forward(self, x):
+        return torch.cat([self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
+                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          self.branch_pool(avg_pool(x))], 1)
+
+
+class InceptionB(nn.Module):
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3 = BasicConv(cin, 384, 3, stride=2)
+        self.branch3x3dbl_1 = BasicConv(cin, 64, 1)
+        self.branch3x3dbl_2 = BasicConv(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = BasicConv(96, 96, 3, stride=2)
+
+    def forward(self, x):
+        return torch.cat([self.branch3x3(x), self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class InceptionC(nn.Module):
+    def __init__(self, cin, c7):
+        super().__init__()
+        self.branch1x1 = BasicConv(cin, 192, 1)
+        self.branch7x7_1 = BasicConv(cin, c7, 1)
+        self.branch7x7_2 = BasicConv(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7_3 = BasicConv(c7, 192, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = BasicConv(cin, c7, 1)
+        self.branch7x7dbl_2 = BasicConv(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = BasicConv(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = BasicConv(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = BasicConv(c7, 192, (1, 7), padding=(0, 3))
+        self.branch_pool = BasicConv(cin, 192, 1)
+
+    def forward(self, x):
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        d = x
+        for i in range(1, 6):
+            d = getattr(self, f"branch7x7dbl_{i}")(d)
+        return torch.cat([self.branch1x1(x), b7, d, self.branch_pool(avg_pool(x))], 1)
+
+
+class InceptionD(nn.Module):
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3_1, self.branch3x3_2 = BasicConv(cin, 192, 1), BasicConv(192, 320, 3, stride=2)
+        self.branch7x7x3_1 = BasicConv(cin, 192, 1)
+        self.branch7x7x3_2 = BasicConv(192, 192, (1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = BasicConv(192, 192, (7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = BasicConv(192, 192, 3, stride=2)
+
+    def forward(self, x):
+        d = x
+        for i in range(1, 5):
+            d = getattr(self, f"branch7x7x3_{i}")(d)
+        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), d, F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class InceptionE(nn.Module):
+    def __init__(self, cin, pool):
+        super().__init__()
+        self.pool = pool  # "avg" in Mixed_7b; the FID graph has a 3x3 max pool in Mixed_7c
+        self.branch1x1 = BasicConv(cin, 320, 1)
+        self.branch3x3_1 = BasicConv(cin, 384, 1)
+        self.branch3x3_2a = BasicConv(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3_2b = BasicConv(384, 384, (3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = BasicConv(cin, 448, 1)
+        self.branch3x3dbl_2 = BasicConv(448, 384, 3, padding=1)
+        self.branch3x3dbl_3a = BasicConv(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = BasicConv(384, 384, (3, 1), padding=(1, 0))
+        self.branch_pool = BasicConv(cin, 192, 1)
+
+    def forward(self, x):
+        b = self.branch3x3_1(x)
+        d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        p = avg_pool(x) if self.pool == "avg" else F.max_pool2d(x, 3, stride=1, padding=1)
+        return torch.cat([self.branch1x1(x), self.branch3x3_2a(b), self.branch3x3_2b(b),
+                          self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d), self.branch_pool(p)], 1)
+
+
+class FIDInception(nn.Module):
+    """uint8 [B, H, W, C] -> (pool [B, 2048], logits without bias [B, 1008], spatial [B, 2023])."""
+
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = BasicConv(3, 32, 3, stride=2)
+        self.Conv2d_2a_3x3 = BasicConv(32, 32, 3)
+        self.Conv2d_2b_3x3 = BasicConv(32, 64, 3, padding=1)
+        self.Conv2d_3b_1x1 = BasicConv(64, 80, 1)
+        self.Conv2d_4a_3x3 = BasicConv(80, 192, 3)
+        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = InceptionA(192, 32), InceptionA(256, 64), InceptionA(288, 64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b, self.Mixed_6c = InceptionC(768, 128), InceptionC(768, 160)
+        self.Mixed_6d, self.Mixed_6e = InceptionC(768, 160), InceptionC(768, 192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b, self.Mixed_7c = InceptionE(1280, "avg"), InceptionE(2048, "max")
+        self.fc = nn.Linear(2048, 1008)
+
+    def forward(self, images):
+        x = images.permute(0, 3, 1, 2).float() / 255
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False) * 2 - 1
+        x = F.max_pool2d(self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x))), 3, stride=2)
+        x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 3, stride=2)
+        for name in ("5b", "5c", "5d", "6a", "6b", "6c"):
+            x = getattr(self, f"Mixed_{name}")(x)
+        # sFID (ADM): the first 7 channels of "mixed_6/conv", Mixed_6d's 1x1 branch, flattened as (h, w, c)
+        spatial = self.Mixed_6d.branch1x1(x)[:, :7].permute(0, 2, 3, 1).flatten(1)
+        for name in ("6d", "6e", "7a", "7b", "7c"):
+            x = getattr(self, f"Mixed_{name}")(x)
+        pool = x.mean((2, 3))
+        return pool, F.linear(pool, self.fc.weight), spatial
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_path(path=None):
+    """--inception-weights, else the cache (downloaded on first use, checked against the sha256 in its name)."""
+    if path:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--inception-weights {path} does not exist")
+        return path
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "slightdiff")
+    dest = os.path.join(cache, WEIGHTS_NAME)
+    if not os.path.isfile(dest):
+        os.makedirs(cache, exist_ok=True)
+        tmp = dest + f".part{os.getpid()}"
+        try:
+            urllib.request.urlretrieve(WEIGHTS_URL, tmp)
+        except OSError as e:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise OSError(f"cannot download the FID Inception weights ({e}); put {WEIGHTS_NAME} from {WEIGHTS_URL} "
+                          f"at {dest} or pass --inception-weights PATH") from None
+        if not file_sha256(tmp).startswith(WEIGHTS_SHA_PREFIX):
+            os.remove(tmp)
+            raise ValueError(f"downloaded {WEIGHTS_NAME} fails its sha256 check; download it again")
+        os.replace(tmp, dest)
+    return dest
+
+
+def load_inception(path, device):
+    """(network, sha256 of the weights file)."""
+    path = weights_path(path)
+    sha = file_sha256(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        net = FIDInception()
+        net.load_state_dict(state, strict=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not the FID Inception weight file ({type(e).__name__}); get {WEIGHTS_URL}") \
+            from None
+    return net.to(device).eval().requires_grad_(False), sha
+
+
+@contextlib.contextmanager
+def no_tf32():
+    """Full float32 in convolutions and matmuls: FID accuracy comes first."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+@torch.no_grad()
+def inception_features(net, images, batch=500, desc="features"):
+    """Pool, logits and spatial features (float64 numpy) of uint8 [N, H, W, C] images in one pass."""
+    device = next(net.parameters()).device
+    outs = [[], [], []]
+    t0 = time.perf_counter()
+    with no_tf32():
+        for i in tqdm(range(0, len(images), batch), desc=desc, unit="batch", leave=False):
+            x = torch.from_numpy(np.array(images[i:i + batch])).to(device, non_blocking=True)
+            for o, f in zip(outs, net(x)):
+                o.append(f.cpu())
+    feats = [torch.cat(o).double().numpy() for o in outs]
+    dt = time.perf_counter() - t0
+    print(f"{desc}: {len(images)} images in {dt:.1f} s, {len(images) / dt:.1f} images/s on {device}")
+    return dict(pool=feats[0], logits=feats[1], spatial=feats[2])
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def mean_cov(feats):
+    feats = np.asarray(feats, dtype=np.float64)
+    return feats.mean(0), np.cov(feats, rowvar=False)
+
+
+def psd_clip(w):
+    """Eigenvalues of a PSD matrix below its round-off level (n * eps * max) are noise: set them to 0."""
+    return np.where(w > len(w) * np.finfo(np.float64).eps * max(w.max(), 0), w, 0.0)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """||mu1-mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^1/2) in float64.
+
+    tr((S1 S2)^1/2) is the sum of the square roots of the eigenvalues of S1^1/2 S2 S1^1/2, a symmetric PSD
+    matrix: two eigh calls instead of scipy's sqrtm (whose `disp` argument is gone in scipy 1.18 and which gave
+    spurious imaginary parts in 1.11-1.12). Round-off eigenvalues are zeroed, the counterpart of pytorch-fid
+    keeping the real part of a sqrtm with negligible imaginary parts.
+    """
+    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
+    s1, s2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    if mu1.shape != mu2.shape or s1.shape != s2.shape:
+        raise ValueError(f"statistics of different dimensions: {mu1.shape} vs {mu2.shape}")
+    w, v = np.linalg.eigh(s1)
+    sqrt_s1 = (v * np.sqrt(psd_clip(w))) @ v.T
+    m = sqrt_s1 @ s2 @ sqrt_s1
+    tr_covmean = np.sqrt(psd_clip(np.linalg.eigvalsh((m + m.T) / 2))).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+
+
+def inception_score(logits, splits=10):
+    """exp(E_x KL(p(y|x) || p(y))) over `splits` consecutive parts; (mean, std)."""
+    logits = torch.as_tensor(logits, dtype=torch.float64)
+    p, logp = F.softmax(logits, 1), F.log_softmax(logits, 1)
+    scores = []
+    for part_p, part_logp in zip(p.chunk(splits), logp.chunk(splits)):
+        log_py = part_p.mean(0).log()
+        scores.append((part_p * (part_logp - log_py)).sum(1).mean().exp().item())
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def sq_dists(a, b):
+    """Squared Euclidean distances [len(a), len(b)], as the ADM evaluator computes them."""
+    return ((a * a).sum(1, keepdim=True) - 2 * a @ b.T + (b * b).sum(1)[None]).clamp_min(0)
+
+
+def knn_radii(feats, k=3, batch=10000):
+    """Squared distance from each point to its k-th nearest other point."""
+    out = []
+    for i in range(0, len(feats), batch):
+        out.append(torch.kthvalue(sq_dists(feats[i:i + batch], feats), k + 1, dim=1).values)  # +1: the point itself
+    return torch.cat(out)
+
+
+def coverage(query, ref, radii, batch=10000):
+    """Fraction of query points inside at least one ref point's k-NN ball."""
+    inside = [(sq_dists(query[i:i + batch], ref) <= radii[None]).any(1) for i in range(0, len(query), batch)]
+    return torch.cat(inside).double().mean().item()
+
+
+def precision_recall(real, fake, k=3, device=None):
+    """Improved precision and recall (Kynkaanniemi et al. 2019) on pool features, k = 3, as in ADM."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with no_tf32():
+        real = torch.as_tensor(real, dtype=torch.float32, device=device)
+        fake = torch.as_tensor(fake, dtype=torch.float32, device=device)
+        return coverage(fake, real, knn_radii(real, k)), coverage(real, fake, knn_radii(fake, k))
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def load_samples(path):
+    """(uint8 [N, H, W, C], labels or None, settings dict) from a samples npz; bad files are a ValueError."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: make it with sample.py")
+    try:
+        z = np.load(path, allow_pickle=False)
+        images = z["arr_0"]
+        labels = z["arr_1"] if "arr_1" in z.files else None
+        settings = json.loads(str(z["settings"])) if "settings" in z.files else {}
+    except Exception as e:
+        raise ValueError(f"cannot read {path} as a samples npz with arr_0 ({type(e).__name__}: {e})") from None
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(f"{path}: arr_0 must be uint8 [N, H, W, C] with C 1 or 3, got {images.dtype} "
+                         f"{list(images.shape)}")
+    return images, labels, settings
+
+
+def reference(ref, net, sha, resolution, need_images=True):
+    """Reference statistics and pool features of a dataset folder or an npz, cached beside it by weights hash."""
+    if os.path.isdir(ref):
+        if not os.path.isfile(os.path.join(ref, "images.npy")):
+            raise FileNotFoundError(f"{ref}/images.npy missing: give a dataset folder from prepare_data.py")
+        images = np.load(os.path.join(ref, "images.npy"), mmap_mode="r")
+        cache = os.path.join(ref, f"inception-{sha[:16]}.npz")
+    elif os.path.isfile(ref):
+        try:
+            z = np.load(ref, allow_pickle=False)
+            files = z.files
+        except Exception as e:
+            raise ValueError(f"cannot read --ref {ref} as npz ({type(e).__name__})") from None
+        if "arr_0" not in files:
+            if "mu" in files and "sigma" in files:  # pytorch-fid statistics: FID only
+                return dict(mu=z["mu"], sigma=z["sigma"], count=None)
+            raise ValueError(f"--ref {ref} has neither images (arr_0) nor statistics (mu, sigma)")
+        images = z["arr_0"]  # an ADM reference batch: its images are run through our network
+        cache = f"{ref}.inception-{sha[:16]}.npz"
+    else:
+        raise FileNotFoundError(f"--ref {ref} not found: give a dataset folder or an npz")
+    if images.ndim != 4 or images.dtype != np.uint8:
+        raise ValueError(f"--ref {ref}: images must be uint8 [N, H, W, C]")
+    if resolution is not None and images.shape[1:3] != resolution:
+        raise ValueError(f"--ref {ref} is {images.shape[1]}x{images.shape[2]} but the samples are "
+                         f"{resolution[0]}x{resolution[1]}: compare against a reference of the same resolution")
+    if os.path.isfile(cache):
+        c = np.load(cache)
+        return {k: c[k] for k in c.files}
+    f = inception_features(net, images, desc="reference features")
+    mu, sigma = mean_cov(f["pool"])
+    mu_s, sigma_s = mean_cov(f["spatial"])
+    out = dict(mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s, pool=f["pool"].astype(np.float32),
+               count=len(images))
+    tmp = cache + ".tmp.npz"
+    np.savez(tmp, **out)
+    os.replace(tmp, cache)
+    return out
+
+
+def write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- commands
+
+def cmd_metrics(a):
+    images, labels, settings = load_samples(a.samples)
+    small = len(images) < MIN_FID_SAMPLES
+    if small and not a.allow_small:
+        raise ValueError(f"{len(images)} samples: FID needs at least {MIN_FID_SAMPLES} (50,000 to compare with "
+                         f"published numbers); pass --allow-small to compute it anyway")
+    device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    net, sha = load_inception(a.inception_weights, device)
+    ref = reference(a.ref, net, sha, images.shape[1:3])
+    f = inception_features(net, images, a.batch, desc="sample features")
+    if a.save_features:
+        tmp = a.save_features + ".tmp.npz"
+        np.savez(tmp, pool=f["pool"].astype(np.float32), labels=labels if labels is not None else np.zeros(0))
+        os.replace(tmp, a.save_features)
+    mu, sigma = mean_cov(f["pool"])
+    m = dict(fid=frechet_distance(mu, sigma, ref["mu"], ref["sigma"]))
+    if "mu_s" in ref:
+        m["sfid"] = frechet_distance(*mean_cov(f["spatial"]), ref["mu_s"], ref["sigma_s"])
+    m["is_mean"], m["is_std"] = inception_score(f["logits"])
+    if "pool" in ref:
+        m["precision"], m["recall"] = precision_recall(ref["pool"], f["pool"], device=device)
+    standard = sha.startswith(WEIGHTS_SHA_PREFIX)
+    m.update(num_samples=len(images), num_ref=None if ref.get("count") is None else int(ref["count"]),
+             samples=os.path.abspath(a.samples), ref=os.path.abspath(a.ref), inception_sha256=sha,
+             standard_weights=standard, small=small, settings=settings)
+    out = a.out or os.path.join(os.path.dirname(os.path.abspath(a.samples)), "metrics.json")
+    write_json(out, m)
+    fmt = lambda k, p=".4f": f"{m[k]:{p}}" if k in m else "n/a"
+    print(f"FID {m['fid']:.3f} | sFID {fmt('sfid', '.3f')} | IS {m['is_mean']:.3f} +- {m['is_std']:.3f} | "
+          f"precision {fmt('precision')} | recall {fmt('recall')} | {len(images)} samples vs {a.ref}"
+          + (f" | ONLY {len(images)} SAMPLES (--allow-small): not comparable" if small else "")
+          + ("" if standard else " | NON-STANDARD Inception weights: not comparable") + f" | wrote {out}")
+    return m
+
+
+def feature_fn(a, device):
+    """images -> L2-normalised features: our Inception pool features, or a TorchScript model (e.g. SSCD)."""
+    if not a.features:
+        net, _ = load_inception(a.inception_weights, device)
+        return lambda images: F.normalize(torch.from_numpy(inception_features(net, images, a.batch)["pool"]), dim=1)
+    if not os.path.isfile(a.features):
+        raise FileNotFoundError(f"--features {a.features} does not exist")
+    model = torch.jit.load(a.features, map_location=device).eval()
+    mean, std = {"imagenet": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]), "none": ([0, 0, 0], [1, 1, 1]),
+                 "minus1_1": ([0.5] * 3, [0.5] * 3)}[a.feat_norm]
+    mean, std = torch.tensor(mean, device=device)[:, None, None], torch.tensor(std, device=device)[:, None, None]
+
+    @torch.no_grad()
+    def fn(images):
+        out = []
+        for i in range(0, len(images), a.batch):
+            x = torch.from_numpy(np.array(images[i:i + a.batch])).to(device).permute(0, 3, 1, 2) / 255
+            x = F.interpolate(x.float().expand(-1, 3, -1, -1), size=(a.feat_size, a.feat_size), mode="bilinear",
+                              align_corners=False, antialias=True)
+            out.append(model((x - mean) / std).float().cpu())
+        return F.normalize(torch.cat(out).double(), dim=1)
+    return fn
+
+
+def cmd_repro(a):
+    """Reproducibility score (Zhang et al. 2024): fraction of index-matched pairs with cosine similarity > t."""
+    A, _, _ = load_samples(a.a)
+    B, _, _ = load_samples(a.b)
+    if len(A) != len(B):
+        raise ValueError(f"{a.a} has {len(A)} samples and {a.b} {len(B)}: repro compares sample i with sample i")
+    fn = feature_fn(a, a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    sim = (fn(A) * fn(B)).sum(1)
+    r = dict(rp_score=(sim > a.threshold).double().mean().item(), mean_similarity=sim.mean().item(),
+             threshold=a.threshold, num=len(A), a=os.path.abspath(a.a), b=os.path.abspath(a.b),
+             features=a.features or "inception-pool")
+    print(f"reproducibility {r['rp_score']:.4f} (cosine > {a.threshold}), mean similarity "
+          f"{r['mean_similarity']:.4f}, {len(A)} pairs")
+    if a.out:
+        write_json(a.out, r)
+    return r
+
+
+def cmd_memorization(a):
+    """Highest similarity of each sample to any training image; memorized fraction above the threshold."""
+    images, _, _ = load_samples(a.samples)
+    if not os.path.isfile(os.path.join(a.ref, "images.npy")):
+        raise FileNotFoundError(f"{a.ref}/images.npy missing: --ref must be the training set's dataset folder")
+    train = np.load(os.path.join(a.ref, "images.npy"), mmap_mode="r")
+    device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    fn = feature_fn(a, device)
+    s, r = fn(images).float().to(device), fn(train).float().to(device)
+    best = torch.cat([(s[i:i + 4096] @ r.T).max(1).values for i in range(0, len(s), 4096)]).cpu()
+    mem = (best > a.threshold).double().mean().item()
+    out = dict(memorized_fraction=mem, generalization_score=1 - mem, threshold=a.threshold,
+               mean_max_similarity=best.mean().item(), num_samples=len(images), num_train=len(train),
+               features=a.features or "inception-pool")
+    print(f"memorized {mem:.4f}, generalization score {1 - mem:.4f} (max cosine to {len(train)} training images "
+          f"> {a.threshold})")
+    write_json(a.out or os.path.join(os.path.dirname(os.path.abspath(a.samples)), "memorization.json"), out)
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+
+def collect(run_dirs):
+    rows = []
+    for d in run_dirs:
+        mpath = os.path.join(d, "metrics.json")
+        if not os.path.isfile(mpath):
+            print(f"skipping {d}: no metrics.json", file=sys.stderr)
+            continue
+        m = json.load(open(mpath))
+        cfg = m.get("settings", {}).get("config") or json.load(open(os.path.join(d, "config.json")))
+        t = cfg["train"]
+        rows.append(dict(run=os.path.basename(os.path.normpath(d)), eta=t["eta"], corruption=t["corruption"],
+                         mode=t["corruption_mode"], cep=t["cep"], gamma=t["cep_gamma"] if t["cep"] != "none" else None,
+                         cfg=m.get("settings", {}).get("cfg_scale"), n=m["num_samples"],
+                         **{k: m.get(k) for k in ("fid", "sfid", "is_mean", "precision", "recall")}))
+    if not rows:
+        raise ValueError("no run folder with a metrics.json: run sample.py and evaluate.py first")
+    return sorted(rows, key=lambda r: (r["cep"], r["gamma"] or 0, r["corruption"], r["mode"], r["eta"]))
+
+
+def markdown_table(rows):
+    f = lambda v, p: "-" if v is None else f"{v:{p}}"
+    lines = ["| run | eta (%) | corruption | CEP | cfg | samples | FID | sFID | IS | precision | recall |",
+             "|" + "---|" * 11]
+    for r in rows:
+        cep = r["cep"] if r["cep"] == "none" else f"{r['cep']} (gamma {r['gamma']:g})"
+        lines.append(f"| {r['run']} | {r['eta'] * 100:g} | {r['corruption']}/{r['mode']} | {cep} | {f(r['cfg'], 'g')} "
+                     f"| {r['n']} | {f(r['fid'], '.2f')} | {f(r['sfid'], '.2f')} | {f(r['is_mean'], '.2f')} | "
+                     f"{f(r['precision'], '.3f')} | {f(r['recall'], '.3f')} |")
+    return "\n".join(lines) + "\n"
+
+
+COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75)]
+
+
+def plot(rows, path, w=420, h=300):
+    """FID, IS, precision and recall against eta (%), one series per CEP setting, drawn with pillow."""
+    series = {}
+    for r in rows:
+        name = "no CEP" if r["cep"] == "none" else f"CEP-{r['cep'][0].upper()} gamma {r['gamma']:g}"
+        series.setdefault(f"{name}, {r['corruption']}/{r['mode']}", []).append(r)
+    img = Image.new("RGB", (2 * w, 2 * h + 24 * (len(series) // 2 + 1)), "white")
+    d = ImageDraw.Draw(img)
+    for p, (key, title) in enumerate([("fid", "FID"), ("is_mean", "IS"), ("precision", "precision"),
+                                      ("recall", "recall")]):
+        ox, oy = (p % 2) * w, (p // 2) * h
+        left, top, right, bottom = ox + 55, oy + 25, ox + w - 15, oy + h - 35
+        pts = [(r["eta"] * 100, r[key]) for r in rows if r[key] is not None]
+        d.text((ox + w // 2 - 20, oy + 6), title, fill="black")
+        d.rectangle([left, top, right, bottom], outline="black")
+        if not pts:
+            continue
+        xs, ys = [x for x, _ in pts], [y for _, y in pts]
+        x0, x1 = min(xs + [0.0]), max(xs + [1.0])
+        y0, y1 = min(ys), max(ys)
+        pad = (y1 - y0) * 0.1 or abs(y0) * 0.1 or 1.0
+        y0, y1 = y0 - pad, y1 + pad
+        X = lambda v: left + (v - x0) / (x1 - x0) * (right - left)
+        Y = lambda v: bottom - (v - y0) / (y1 - y0) * (bottom - top)
+        for i in range(5):
+            yv, xv = y0 + (y1 - y0) * i / 4, x0 + (x1 - x0) * i / 4
+            d.line([left - 4, Y(yv), left, Y(yv)], fill="black")
+            d.text((ox + 4, Y(yv) - 6), f"{yv:.3g}", fill="black")
+            d.line([X(xv), bottom, X(xv), bottom + 4], fill="black")
+            d.text((X(xv) - 8, bottom + 6), f"{xv:.3g}", fill="black")
+        d.text((left + (right - left) // 2 - 20, bottom + 20), "eta (%)", fill="black")
+        for s, (name, rs) in enumerate(series.items()):
+            c = COLOURS[s % len(COLOURS)]
+            xy = [(X(r["eta"] * 100), Y(r[key])) for r in sorted(rs, key=lambda r: r["eta"]) if r[key] is not None]
+            if len(xy) > 1:
+                d.line(xy, fill=c, width=2)
+            for x, y in xy:
+                (d.ellipse if s % 2 == 0 else d.rectangle)([x - 4, y - 4, x + 4, y + 4], fill=c)
+    for s, name in enumerate(series):
+        x, y = 20 + (s % 2) * w, 2 * h + 6 + (s // 2) * 24
+        c = COLOURS[s % len(COLOURS)]
+        (d.ellipse if s % 2 == 0 else d.rectangle)([x, y, x + 8, y + 8], fill=c)
+        d.text((x + 14, y - 2), name, fill="black")
+    tmp = path + ".tmp.png"
+    img.save(tmp)
+    os.replace(tmp, path)
+
+
+def cmd_report(a):
+    dirs = [d for pattern in a.runs for d in (sorted(glob.glob(pattern)) or [pattern]) if os.path.isdir(d)]
+    rows = collect(dirs)
+    table = markdown_table(rows)
+    tmp = a.out + ".md.tmp"
+    with open(tmp, "w") as f:
+        f.write(table)
+    os.replace(tmp, a.out + ".md")
+    plot(rows, a.out + ".png")
+    print(table + f"wrote {a.out}.md and {a.out}.png")
+    return rows
+
+
+# ----------------------------------------------------------------------------- main
+
+def add_common(p):
+    p.add_argument("--inception-weights", help=f"path to {WEIGHTS_NAME} (default: cached download)")
+    p.add_argument("--batch", type=int, default=500)
+    p.add_argument("--device", default="auto")
+
+
+def add_features(p):
+    p.add_argument("--features", help="TorchScript feature model (e.g. SSCD); default Inception pool features")
+    p.add_argument("--feat-size", type=int, default=320, help="input size of --features")
+    p.add_argument("--feat-norm", default="imagenet", choices=["imagenet", "none", "minus1_1"])
+    p.add_argument("--threshold", type=float, default=0.6, help="cosine similarity threshold (paper: 0.6)")
+    p.add_argument("--out", help="JSON file for the result")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cmd = argv[0] if argv and argv[0] in ("repro", "memorization", "report") else "metrics"
+    p = argparse.ArgumentParser(prog=f"evaluate.py{'' if cmd == 'metrics' else ' ' + cmd}", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    if cmd == "metrics":
+        p.add_argument("--samples", required=True, help="samples npz (arr_0 uint8 [N, H, W, C])")
+        p.add_argument("--ref", required=True, help="dataset folder, pytorch-fid stats npz or ADM reference npz")
+        p.add_argument("--allow-small", action="store_true", help=f"allow FID on fewer than {MIN_FID_SAMPLES}")
+        p.add_argument("--save-features", help="write the samples' pool features to this npz")
+        p.add_argument("--out", help="metrics JSON (default: metrics.json beside the samples)")
+        add_common(p)
+        return cmd_metrics(p.parse_args(argv))
+    argv = argv[1:]
+    if cmd == "repro":
+        p.add_argument("a")
+        p.add_argument("b")
+        add_common(p)
+        add_features(p)
+        return cmd_repro(p.parse_args(argv))
+    if cmd == "memorization":
+        p.add_argument("--samples", required=True)
+        p.add_argument("--ref", required=True, help="the training set's dataset folder")
+        add_common(p)
+        add_features(p)
+        return cmd_memorization(p.parse_args(argv))
+    p.add_argument("runs", nargs="+", help="run folders holding metrics.json")
+    p.add_argument("--out", default="report", help="writes OUT.md and OUT.png")
+    return cmd_report(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, OSError) as e:
+        sys.exit(f"evaluate.py: error: {e}")

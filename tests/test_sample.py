@@ -1,0 +1,94 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import sample
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load(path):
+    z = np.load(path, allow_pickle=False)
+    return z["arr_0"], z["arr_1"], json.loads(str(z["settings"]))
+
+
+def test_samples_npz_layout_and_stored_settings(tiny_run, tmp_path):
+    out = str(tmp_path / "s.npz")
+    sample.main(["--ckpt", tiny_run, "--num", "12", "--steps", "3", "--batch", "5", "--shard-size", "4",
+                 "--cfg-scale", "2", "--out", out])
+    images, labels, settings = load(out)
+    assert images.shape == (12, 32, 32, 3) and images.dtype == np.uint8
+    assert labels.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]  # balanced over the classes
+    assert settings["cfg_scale"] == 2 and settings["steps"] == 3 and settings["config"]["model"]["preset"] == "tiny"
+    assert os.path.exists(tmp_path / "s.png")
+    assert sorted(os.listdir(tmp_path)) == ["s.npz", "s.png"]  # shards removed once merged
+
+
+def test_sample_i_is_the_same_for_any_batch_size(tiny_run, tmp_path):
+    args = ["--ckpt", tiny_run, "--num", "6", "--sampler", "ddim", "--steps", "3", "--ddim-eta", "1.0",
+            "--labels", "2,7"]
+    sample.main(args + ["--batch", "6", "--out", str(tmp_path / "a.npz")])
+    sample.main(args + ["--batch", "4", "--shard-size", "3", "--out", str(tmp_path / "b.npz")])
+    a, la, _ = load(tmp_path / "a.npz")
+    b, lb, _ = load(tmp_path / "b.npz")
+    assert la.tolist() == lb.tolist() == [2, 7, 2, 7, 2, 7]
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # float round-off may move a pixel by one level
+    sample.main(args + ["--batch", "6", "--seed", "1", "--out", str(tmp_path / "c.npz")])
+    assert np.abs(a.astype(int) - load(tmp_path / "c.npz")[0].astype(int)).mean() > 10
+
+
+def test_interrupted_run_reuses_finished_shards(tiny_run, tmp_path, monkeypatch):
+    out = str(tmp_path / "s.npz")
+    args = ["--ckpt", tiny_run, "--num", "8", "--steps", "2", "--shard-size", "4", "--batch", "4", "--out", out]
+    sample.main(args)
+    full = load(out)[0]
+    os.remove(out)
+    generate, calls = sample.generate, []
+
+    def killed_in_second_shard(*a, **k):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return generate(*a, **k)
+    monkeypatch.setattr(sample, "generate", killed_in_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        sample.main(args)
+    shard_dir = [d for d in os.listdir(tmp_path) if ".shards-" in d]
+    assert len(shard_dir) == 1 and os.listdir(tmp_path / shard_dir[0]) == ["000000.npy"] and not os.path.exists(out)
+    # mark the finished shard: the resumed run must take it as it is and generate only the rest
+    np.save(tmp_path / shard_dir[0] / "000000.npy", np.full((4, 32, 32, 3), 7, np.uint8))
+    monkeypatch.setattr(sample, "generate", generate)
+    sample.main(args)
+    merged = load(out)[0]
+    assert np.all(merged[:4] == 7) and np.array_equal(merged[4:], full[4:])
+
+
+def test_two_process_sampling_matches_one_process(tiny_run, tmp_path):
+    args = ["--ckpt", tiny_run, "--num-samples", "6", "--steps", "2", "--shard-size", "2", "--batch", "2"]
+    sample.main(args + ["--out", str(tmp_path / "one.npz")])
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519",
+                        f"{ROOT}/sample.py", *args, "--out", str(tmp_path / "two.npz")], capture_output=True,
+                       text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert np.array_equal(load(tmp_path / "one.npz")[0], load(tmp_path / "two.npz")[0])
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--labels", "3,10"], r"--labels must be class indices in \[0, 10\)"),
+    (["--num", "0"], "at least 1"),
+    (["--ddim-eta", "2"], "--ddim-eta in"),
+])
+def test_bad_flags(tiny_run, flags, message):
+    r = subprocess.run([sys.executable, f"{ROOT}/sample.py", "--ckpt", tiny_run, *flags], capture_output=True,
+                       text=True)
+    assert r.returncode == 1 and r.stderr.startswith("sample.py: error:") and r.stderr.count("\n") == 1, r.stderr
+    assert __import__("re").search(message, r.stderr)
+
+
+def test_missing_checkpoint(tmp_path):
+    r = subprocess.run([sys.executable, f"{ROOT}/sample.py", "--ckpt", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 1 and "not found" in r.stderr and r.stderr.count("\n") == 1
