@@ -234,7 +234,8 @@ class Diffusion:
         betas = make_betas(schedule, T)
         ac = np.cumprod(1.0 - betas)
         ac_prev = np.append(1.0, ac[:-1])
-        # float64 during set-up, float32 tensors after; indexed by integer t in [0, T)
+        self.ac_np = ac  # float64, for the host-side coefficients of DDIM (no device read-back per step)
+        # float32 tensors indexed by integer t in [0, T); .to(device) once, so no step copies them
         self.betas = torch.tensor(betas, dtype=torch.float32)
         self.alphas_cumprod = torch.tensor(ac, dtype=torch.float32)
         self.alphas_cumprod_prev = torch.tensor(ac_prev, dtype=torch.float32)
@@ -242,8 +243,14 @@ class Diffusion:
         self.posterior_mean_coef1 = torch.tensor(betas * np.sqrt(ac_prev) / (1 - ac), dtype=torch.float32)
         self.posterior_mean_coef2 = torch.tensor((1 - ac_prev) * np.sqrt(1 - betas) / (1 - ac), dtype=torch.float32)
 
+    def to(self, device):
+        for k, v in vars(self).items():
+            if torch.is_tensor(v):
+                setattr(self, k, v.to(device))
+        return self
+
     def _at(self, arr, t, x):
-        return arr.to(x.device)[t].float().view(-1, *([1] * (x.dim() - 1)))
+        return arr[t].view(-1, *([1] * (x.dim() - 1)))
 
     def q_sample(self, x0, t, noise):
         ac = self._at(self.alphas_cumprod, t, x0)
@@ -284,8 +291,8 @@ class Diffusion:
         for k, t in enumerate(ts):
             tt = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
             eps, x0 = self.eps_x0(model_fn(x, tt), x, tt)
-            ac = self.alphas_cumprod[t].item()
-            ac_prev = self.alphas_cumprod[ts[k + 1]].item() if k + 1 < len(ts) else 1.0
+            ac = self.ac_np[t]
+            ac_prev = self.ac_np[ts[k + 1]] if k + 1 < len(ts) else 1.0
             sigma = eta * math.sqrt((1 - ac_prev) / (1 - ac) * (1 - ac / ac_prev))
             x = math.sqrt(ac_prev) * x0 + math.sqrt(max(1 - ac_prev - sigma ** 2, 0.0)) * eps
             if sigma > 0:
@@ -325,6 +332,11 @@ def sample_noise(seed, indices, shape, step=None):
         g = torch.Generator().manual_seed(int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0] >> 1))
         out[j] = torch.randn(shape, generator=g)
     return out
+
+
+def to_device(t, device):
+    """Host tensor -> device without a stream sync: a pageable host-to-device copy waits for the GPU."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
 def to_uint8(x):

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from model import build, guided, load_checkpoint, sample_noise, save_grid, to_uint8
+from model import build, guided, load_checkpoint, sample_noise, save_grid, to_device, to_uint8
 
 
 def get_parser():
@@ -59,8 +59,8 @@ def class_labels(num, num_classes, spec=None):
 
 def generate(net, diffusion, idx, y, seed, shape, args, device, use_bf16):
     """Samples for global indices idx with labels y -> uint8 [b, H, W, C]."""
-    x = sample_noise(seed, idx, shape).to(device)
-    noise_fn = lambda k: sample_noise(seed, idx, shape, step=k).to(device)
+    x = to_device(sample_noise(seed, idx, shape), device)
+    noise_fn = lambda k: to_device(sample_noise(seed, idx, shape, step=k), device)
     model_fn = guided(net, torch.from_numpy(y).to(device), args.cfg_scale)
     with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
         if args.sampler == "ddim":
@@ -105,6 +105,7 @@ def run(args, rank, world, ddp):
 
     cfg = ckpt["config"]
     net, diffusion = build(cfg)
+    diffusion.to(device)
     net.load_state_dict(ckpt[args.weights])
     net = net.to(device).eval().requires_grad_(False)
     fwd = torch.compile(net) if use_compile else net

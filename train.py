@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import corrupt
 from model import (CKPT_FORMAT, Denoiser, Diffusion, cep_delta, guided, load_checkpoint, sample_noise, save_atomic,
-                   save_grid, to_uint8)
+                   save_grid, to_device, to_uint8)
 
 # Flags a resumed run may change; every other flag must match the checkpoint's stored config.
 RESUMABLE = {"steps", "log_every", "ckpt_every", "snapshot_every", "compile", "batch_gpu", "device", "grid_cfg",
@@ -159,14 +159,13 @@ class Batches:
     def images_at(self, idx):
         """uint8 [b, H, W, C] -> float [-1, 1] [b, C, H, W] on the device."""
         if self.index is None:
-            x = self.images[torch.from_numpy(idx).to(self.device)]
+            x = self.images[to_device(torch.from_numpy(idx), self.device)]
         else:
             rows = self.index[idx]
             order = np.argsort(rows)  # sorted reads from the mmap, then back to batch order
             x = np.empty((len(rows),) + self.images.shape[1:], np.uint8)
             x[order] = self.images[rows[order]]
-            x = torch.from_numpy(x)
-            x = x.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else x
+            x = to_device(torch.from_numpy(x), self.device)
         return x.permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
@@ -238,7 +237,7 @@ def main(argv=None):
     else:
         rank, world, local_rank = 0, 1, 0
     try:
-        run(args, rank, world, local_rank, ddp)
+        return run(args, rank, world, local_rank, ddp)
     finally:
         if ddp:
             dist.destroy_process_group()
@@ -306,7 +305,7 @@ def run(args, rank, world, local_rank, ddp):
                                         f"{args.preset}-eta{args.eta:g}" + ("" if args.cep == "none" else f"-cep{args.cep}"))
     torch.manual_seed(args.seed)
     net = Denoiser(**model_cfg).to(device)
-    diffusion = Diffusion(**diff_cfg)
+    diffusion = Diffusion(**diff_cfg).to(device)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                             fused=device.type == "cuda")
@@ -319,7 +318,8 @@ def run(args, rank, world, local_rank, ddp):
     elif master and not args.bench and os.path.exists(os.path.join(args.out, "ckpt.pt")):
         raise ValueError(f"{args.out} already holds a run: continue it with --resume {args.out} or pick another --out")
 
-    flops_img = train_flops_per_image(net, diffusion, (ch, res, res), device) if args.bench else None
+    flops_img = train_flops_per_image(net, diffusion, (ch, res, res), device)
+    peak = peak_flops(device)
     wrapped = DDP(net, device_ids=[local_rank] if device.type == "cuda" else None, gradient_as_bucket_view=True) \
         if ddp else net
     fwd = torch.compile(wrapped) if use_compile else wrapped  # checkpoints are saved from `net`: no _orig_mod. keys
@@ -370,7 +370,7 @@ def run(args, rank, world, local_rank, ddp):
         gen.manual_seed(seed_of(args.seed, step))
         t = torch.randint(0, T, (B,), generator=gen, device=device)
         noise = torch.randn(B, ch, res, res, generator=gen, device=device)
-        y = y.to(device)
+        y = to_device(y, device)
         y = torch.where(torch.rand(B, generator=gen, device=device) < args.label_dropout, num_classes, y)
         flip = torch.rand(B, generator=gen, device=device) < 0.5
         delta = None if args.cep == "none" else cep_delta(args.cep, args.cep_gamma, (B, net.unet.emb_dim), gen, device)
@@ -414,11 +414,13 @@ def run(args, rank, world, local_rank, ddp):
                                          f"good state (try a lower --lr or --bf16 off, then --resume)")
             dt = time.perf_counter() - t_log
             rec = dict(step=step, loss=loss, loss_q=[a / b if b else None for a, b in zip(s, c)], lr=lr,
-                       img_per_s=n_log / dt, nimg=step * B)
+                       img_per_s=n_log / dt, mfu=flops_img * n_log / dt / (peak * world) if peak else None,
+                       nimg=step * B)
             if master:
                 with open(os.path.join(args.out, "log.jsonl"), "a") as f:
                     f.write(json.dumps(rec) + "\n")
-                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rec['img_per_s']:.0f}")
+                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rec['img_per_s']:.0f}",
+                                **({"mfu": f"{rec['mfu']:.1%}"} if peak else {}))
             loss_sum.zero_()
             loss_cnt.zero_()
             t_log, n_log = time.perf_counter(), 0
@@ -429,20 +431,22 @@ def run(args, rank, world, local_rank, ddp):
                 dist.barrier()
     bar.close()
 
-    if args.bench and master:
+    if args.bench:
         if device.type == "cuda":
             torch.cuda.synchronize()
             mem = torch.cuda.max_memory_allocated() / 2 ** 30
         else:
             mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
         dt = (time.perf_counter() - bench_t0) / args.bench
-        ips = args.batch_size / dt
-        peak = peak_flops(device)
-        mfu = f"{flops_img * ips / (peak * world):.1%} of bf16 dense peak" if peak else "n/a (peak unknown)"
-        print(f"bench {args.preset} batch {args.batch_size} on {world}x "
-              f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}: {ips:.1f} images/s, "
-              f"{dt * 1000:.1f} ms/step, peak memory {mem:.2f} GiB, {flops_img / 1e9:.2f} GFLOP/image (fwd+bwd), "
-              f"MFU {mfu}")
+        r = dict(images_per_s=args.batch_size / dt, step_ms=dt * 1000, peak_mem_gib=mem, gflop_per_image=flops_img / 1e9,
+                 mfu=flops_img * args.batch_size / dt / (peak * world) if peak else None)
+        if master:
+            print(f"bench {args.preset} batch {args.batch_size} on {world}x "
+                  f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} compile={use_compile} "
+                  f"bf16={use_bf16}: {r['images_per_s']:.1f} images/s, {r['step_ms']:.1f} ms/step, peak memory "
+                  f"{mem:.2f} GiB, {r['gflop_per_image']:.2f} GFLOP/image (fwd+bwd), MFU "
+                  + (f"{r['mfu']:.1%} of bf16 dense peak" if peak else "n/a (peak unknown)"))
+        return r
 
 
 if __name__ == "__main__":
