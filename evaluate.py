@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
+WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+               "pt_inception-2015-12-05-6726825d.pth")
 WEIGHTS_NAME = os.path.basename(WEIGHTS_URL)
 WEIGHTS_SHA_PREFIX = "6726825d"
 MIN_FID_SAMPLES = 2048

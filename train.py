@@ -301,8 +301,9 @@ def run(args, rank, world, local_rank, ddp):
                   data=dict(path=os.path.abspath(args.data), **{k: meta[k] for k in ("num_classes", "class_names",
                                                                                  "resolution", "count")}))
     if args.out is None:
-        args.out = os.path.join("runs", f"{os.path.basename(os.path.dirname(os.path.abspath(args.data)))}-"
-                                        f"{args.preset}-eta{args.eta:g}" + ("" if args.cep == "none" else f"-cep{args.cep}"))
+        dataset = os.path.basename(os.path.dirname(os.path.abspath(args.data)))
+        cep = "" if args.cep == "none" else f"-cep{args.cep}"
+        args.out = os.path.join("runs", f"{dataset}-{args.preset}-eta{args.eta:g}{cep}")
     torch.manual_seed(args.seed)
     net = Denoiser(**model_cfg).to(device)
     diffusion = Diffusion(**diff_cfg).to(device)
@@ -438,8 +439,8 @@ def run(args, rank, world, local_rank, ddp):
         else:
             mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
         dt = (time.perf_counter() - bench_t0) / args.bench
-        r = dict(images_per_s=args.batch_size / dt, step_ms=dt * 1000, peak_mem_gib=mem, gflop_per_image=flops_img / 1e9,
-                 mfu=flops_img * args.batch_size / dt / (peak * world) if peak else None)
+        r = dict(images_per_s=args.batch_size / dt, step_ms=dt * 1000, peak_mem_gib=mem,
+                 gflop_per_image=flops_img / 1e9, mfu=flops_img * args.batch_size / dt / (peak * world) if peak else None)
         if master:
             print(f"bench {args.preset} batch {args.batch_size} on {world}x "
                   f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} compile={use_compile} "

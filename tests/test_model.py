@@ -168,3 +168,17 @@ def test_checkpoint_errors(tmp_path):
         model.load_checkpoint(str(tmp_path / "foreign.pt"))
     assert model.load_checkpoint(str(tmp_path / "good.pt"))["w"].sum() == 1000
     assert [p.name for p in tmp_path.iterdir() if "tmp" in p.name] == []
+
+
+def test_compiled_model_agrees_with_eager():
+    torch.manual_seed(0)
+    net = Denoiser(10, 32, 3, "tiny").eval()
+    for p in net.unet.conv_out.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x, t, y = torch.randn(2, 3, 32, 32), torch.tensor([5, 600]), torch.tensor([3, 10])
+    compiled = torch.compile(net, backend="aot_eager")  # graph capture on the CPU; no C++ toolchain needed
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, t, y), net(x, t, y), atol=1e-5, rtol=1e-5)
+    # the checkpoint is saved from the uncompiled module: no _orig_mod. prefixes
+    assert list(net.state_dict()) == [k.replace("_orig_mod.", "") for k in compiled.state_dict()]
+    assert all(not k.startswith("_orig_mod.") for k in net.state_dict())
