@@ -80,8 +80,11 @@ def summary(clean, noisy, mask, num_classes):
     conf = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(conf, (clean[mask], noisy[mask]), 1)
     lines = [f"corrupted {int(mask.sum())} of {len(clean)} labels ({mask.mean() * 100 if len(clean) else 0:.3f}%)"]
-    for c in np.flatnonzero(conf.sum(1) + conf.sum(0)):
+    touched = np.flatnonzero(conf.sum(1) + conf.sum(0))
+    for c in touched[:20]:
         lines.append(f"  class {c}: {conf[c].sum()} flipped away, {conf[:, c].sum()} flipped in")
+    if len(touched) > 20:
+        lines.append(f"  ... and {len(touched) - 20} more classes")
     return "\n".join(lines)
 
 

@@ -213,8 +213,9 @@ def load_inception(path, device):
     sha = file_sha256(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        net = FIDInception()
-        net.load_state_dict(state, strict=True)
+        with torch.device("meta"):  # no random initialisation: every tensor comes from the file
+            net = FIDInception()
+        net.load_state_dict(state, strict=True, assign=True)
     except Exception as e:
         raise ValueError(f"{path} is not the FID Inception weight file ({type(e).__name__}); get {WEIGHTS_URL}") \
             from None

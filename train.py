@@ -267,9 +267,8 @@ def run(args, rank, world, local_rank, ddp):
     master = rank == 0
     ckpt = resolve_resume(args) if args.resume else None
     check_args(args)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(f"cuda:{local_rank}" if args.device == "cuda" else args.device)
+    kind = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(f"cuda:{local_rank}" if kind == "cuda" else kind)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -316,7 +315,7 @@ def run(args, rank, world, local_rank, ddp):
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
         step = ckpt["step"]
-    elif master and not args.bench and os.path.exists(os.path.join(args.out, "ckpt.pt")):
+    elif not args.bench and os.path.exists(os.path.join(args.out, "ckpt.pt")):
         raise ValueError(f"{args.out} already holds a run: continue it with --resume {args.out} or pick another --out")
 
     flops_img = train_flops_per_image(net, diffusion, (ch, res, res), device)
