@@ -272,9 +272,9 @@ class Diffusion:
         ac = self._at(self.alphas_cumprod, t, x_t)
         out = out.float()
         if self.prediction == "eps":
-            eps, x0 = out, (x_t - (1 - ac).sqrt() * out) / ac.sqrt()
+            x0 = (x_t - (1 - ac).sqrt() * out) / ac.sqrt()
         else:
-            eps, x0 = ac.sqrt() * out + (1 - ac).sqrt() * x_t, ac.sqrt() * x_t - (1 - ac).sqrt() * out
+            x0 = ac.sqrt() * x_t - (1 - ac).sqrt() * out
         x0 = x0.clamp(-1, 1)
         return (x_t - ac.sqrt() * x0) / (1 - ac).sqrt(), x0  # eps made consistent with the clipped x0
 

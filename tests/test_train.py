@@ -127,3 +127,10 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(shapes, tmp_path):
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
     failed_at = int(last.split(" at step ")[1].split(":")[0])
     assert ckpt["step"] < failed_at
+
+
+def test_bench_mode_prints_figures_and_writes_nothing(shapes, tmp_path, capsys):
+    r = train.main(["--data", f"{shapes}/train", "--out", str(tmp_path / "b"), "--preset", "tiny", "--batch-size",
+                    "8", "--bench", "3"])
+    assert r["images_per_s"] > 0 and r["step_ms"] > 0 and r["gflop_per_image"] > 0 and r["mfu"] is None  # CPU
+    assert "images/s" in capsys.readouterr().out and not (tmp_path / "b").exists()
