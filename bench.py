@@ -2,7 +2,8 @@
 
     python bench.py [--presets cifar in64] [--train-steps 200] [--sample-batch 1000] [--feature-images 10000]
 
-Training: train.py --bench (bf16 + torch.compile vs --no-bf16 --no-compile) on random images of the preset's size.
+Training: train.py --bench (bf16 + torch.compile vs --no-bf16 --no-compile) on random images of the preset's size,
+and the fast path again under DDP at world size 1 (its overhead over the plain run).
 Sampling: DDIM 50 steps with classifier-free guidance (scale 1.5) of a randomly initialised model.
 FID features: our Inception on random uint8 32x32 images, batch 500 on the GPU vs batch 50 converted on the host.
 Random weights cost the same FLOPs as trained ones; nothing here is a quality figure.
@@ -54,7 +55,15 @@ def bench_train(preset, steps, batch, tmp):
     common = ["--data", data, "--preset", preset, "--batch-size", str(batch), "--bench", str(steps)]
     fast = train.main(common)
     slow = train.main(common + ["--no-compile", "--no-bf16"])
-    return fast, slow
+    env = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT="29533")
+    os.environ.update(env)  # what torchrun --nproc_per_node=1 would set: train.py takes its DDP path
+    try:
+        ddp = train.main(common)
+    finally:
+        for k in env:
+            del os.environ[k]
+    return fast, slow, ddp
 
 
 def bench_sample(preset, batch):
@@ -99,11 +108,13 @@ def main():
     lines = [f"{torch.cuda.get_device_name()} | torch {torch.__version__} | {datetime.date.today()}"]
     with tempfile.TemporaryDirectory() as tmp:
         for preset in a.presets:
-            fast, slow = bench_train(preset, a.train_steps, a.train_batch, tmp)
+            fast, slow, ddp = bench_train(preset, a.train_steps, a.train_batch, tmp)
             mfu = f"{fast['mfu']:.1%}" if fast["mfu"] else "n/a"
             lines.append(f"train {preset} batch {a.train_batch}: {fast['images_per_s']:.0f} images/s, "
                          f"{fast['step_ms']:.1f} ms/step, {fast['peak_mem_gib']:.1f} GiB, MFU {mfu} | eager fp32 "
-                         f"{slow['images_per_s']:.0f} images/s | x{fast['images_per_s'] / slow['images_per_s']:.2f}")
+                         f"{slow['images_per_s']:.0f} images/s | x{fast['images_per_s'] / slow['images_per_s']:.2f} | "
+                         f"DDP world 1: {ddp['images_per_s']:.0f} images/s, overhead "
+                         f"{1 - ddp['images_per_s'] / fast['images_per_s']:.1%}")
             s = bench_sample(preset, a.sample_batch)
             lines.append(f"sample {preset} DDIM 50 steps, cfg 1.5, batch {a.sample_batch}: {s['fast']:.0f} images/s "
                          f"(50k in {50000 / s['fast'] / 60:.1f} min) | eager fp32 {s['eager fp32']:.0f} images/s | "
