@@ -38,7 +38,7 @@ def get_parser():
     a("--seed", type=int, default=0)
     a("--labels", help="comma-separated class indices to cycle through (default: all classes, balanced)")
     a("--weights", default="ema", choices=["ema", "model"], help="EMA (default) or raw weights")
-    a("--batch", type=int, default=256, help="per-process batch")
+    a("--batch", type=int, help="per-process batch (default: 256 on a GPU, 32 on the CPU)")
     a("--shard-size", type=int, default=1000, help="samples per resumable shard")
     a("--out", help="output npz (default: samples.npz in the run folder)")
     a("--device", default="auto")
@@ -71,7 +71,7 @@ def generate(net, diffusion, idx, y, seed, shape, args, device, use_bf16):
 
 
 def check_args(a):
-    if a.num < 1 or a.batch < 1 or a.shard_size < 1:
+    if a.num < 1 or (a.batch is not None and a.batch < 1) or a.shard_size < 1:
         raise ValueError("--num, --batch and --shard-size must be at least 1")
     if a.cfg_scale < 0 or not 0 <= a.ddim_eta <= 1:
         raise ValueError("--cfg-scale must be >= 0 and --ddim-eta in [0, 1]")
@@ -102,6 +102,7 @@ def run(args, rank, world, ddp):
         torch.cuda.set_device(device)
     use_bf16 = (args.bf16 if args.bf16 is not None else True) and device.type == "cuda"
     use_compile = (args.compile if args.compile is not None else True) and device.type == "cuda"
+    args.batch = args.batch or (256 if device.type == "cuda" else 32)
 
     cfg = ckpt["config"]
     net, diffusion = build(cfg)
