@@ -373,6 +373,7 @@ def run(args, rank, world, local_rank, ddp):
         y = to_device(y, device)
         y = torch.where(torch.rand(B, generator=gen, device=device) < args.label_dropout, num_classes, y)
         flip = torch.rand(B, generator=gen, device=device) < 0.5
+        # CEP perturbs every embedding of the batch, the null class included (Eq. 8 makes no exception)
         delta = None if args.cep == "none" else cep_delta(args.cep, args.cep_gamma, (B, net.unet.emb_dim), gen, device)
         torch.manual_seed(seed_of(args.seed, step, rank, 3))  # dropout masks
         lr = args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
