@@ -425,10 +425,14 @@ def cmd_metrics(a):
 
 
 def feature_fn(a, device):
-    """images -> L2-normalised features: our Inception pool features, or a TorchScript model (e.g. SSCD)."""
+    """(images -> L2-normalised features, dataset folder -> the same for its images).
+
+    Our Inception pool features (a dataset's come from its cache), or a TorchScript model (e.g. SSCD)."""
     if not a.features:
-        net, _ = load_inception(a.inception_weights, device)
-        return lambda images: F.normalize(torch.from_numpy(inception_features(net, images, a.batch)["pool"]), dim=1)
+        net, sha = load_inception(a.inception_weights, device)
+        unit = lambda f: F.normalize(torch.from_numpy(np.asarray(f, dtype=np.float64)), dim=1)
+        return (lambda images: unit(inception_features(net, images, a.batch)["pool"]),
+                lambda folder, res: unit(reference(folder, net, sha, res)["pool"]))
     if not os.path.isfile(a.features):
         raise FileNotFoundError(f"--features {a.features} does not exist")
     model = torch.jit.load(a.features, map_location=device).eval()
@@ -445,7 +449,7 @@ def feature_fn(a, device):
                               align_corners=False, antialias=True)
             out.append(model((x - mean) / std).float().cpu())
         return F.normalize(torch.cat(out).double(), dim=1)
-    return fn
+    return fn, lambda folder, res: fn(np.load(os.path.join(folder, "images.npy"), mmap_mode="r"))
 
 
 def cmd_repro(a):
@@ -454,7 +458,7 @@ def cmd_repro(a):
     B, _, _ = load_samples(a.b)
     if len(A) != len(B):
         raise ValueError(f"{a.a} has {len(A)} samples and {a.b} {len(B)}: repro compares sample i with sample i")
-    fn = feature_fn(a, a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    fn, _ = feature_fn(a, a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     sim = (fn(A) * fn(B)).sum(1)
     r = dict(rp_score=(sim > a.threshold).double().mean().item(), mean_similarity=sim.mean().item(),
              threshold=a.threshold, num=len(A), a=os.path.abspath(a.a), b=os.path.abspath(a.b),
@@ -473,8 +477,8 @@ def cmd_memorization(a):
         raise FileNotFoundError(f"{a.ref}/images.npy missing: --ref must be the training set's dataset folder")
     train = np.load(os.path.join(a.ref, "images.npy"), mmap_mode="r")
     device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    fn = feature_fn(a, device)
-    s, r = fn(images).float().to(device), fn(train).float().to(device)
+    fn, dataset_fn = feature_fn(a, device)
+    s, r = fn(images).float().to(device), dataset_fn(a.ref, images.shape[1:3]).float().to(device)
     best = torch.cat([(s[i:i + 4096] @ r.T).max(1).values for i in range(0, len(s), 4096)]).cpu()
     mem = (best > a.threshold).double().mean().item()
     out = dict(memorized_fraction=mem, generalization_score=1 - mem, threshold=a.threshold,

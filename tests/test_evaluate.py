@@ -232,3 +232,13 @@ def test_report_table_and_plot(tmp_path):
     assert img.size[0] == 840 and len(np.unique(np.asarray(img).reshape(-1, 3), axis=0)) > 4  # drawn, not blank
     r = cli("report", str(tmp_path / "empty"), "--out", str(tmp_path / "x"))
     assert r.returncode == 1 and "no run folder with a metrics.json" in r.stderr
+
+
+def test_memorization_with_inception_features_uses_the_dataset_cache(shapes, inception_weights, tmp_path):
+    ref = f"{shapes}/test"
+    copies = write_samples(tmp_path / "copies.npz", np.load(f"{ref}/images.npy")[5:9])
+    m = evaluate.main(["memorization", "--samples", copies, "--ref", ref, "--inception-weights", inception_weights,
+                       "--threshold", "0.9999"])
+    assert m["memorized_fraction"] == 1.0 and m["num_train"] == 50
+    cache = [f for f in os.listdir(ref) if f.startswith("inception-")]
+    assert len(cache) == 1  # the training set's features were computed once and kept beside it
