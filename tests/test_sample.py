@@ -70,7 +70,7 @@ def test_interrupted_run_reuses_finished_shards(tiny_run, tmp_path, monkeypatch)
 def test_two_process_sampling_matches_one_process(tiny_run, tmp_path):
     args = ["--ckpt", tiny_run, "--num-samples", "6", "--steps", "2", "--shard-size", "2", "--batch", "2"]
     sample.main(args + ["--out", str(tmp_path / "one.npz")])
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         f"{ROOT}/sample.py", *args, "--out", str(tmp_path / "two.npz")], capture_output=True,
                        text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr

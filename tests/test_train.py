@@ -70,7 +70,7 @@ def test_two_process_ddp_matches_one_process(shapes, tmp_path):
             "--lr", "1e-3", "--ckpt-every", "3", "--grid-steps", "1", "--eta", "0.1", "--cep", "uniform"]
     one = cli(*args, "--out", tmp_path / "one")
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           f"{ROOT}/train.py", *args, "--out", str(tmp_path / "two"), "--batch-gpu", "4"],
                          capture_output=True, text=True, cwd=ROOT)
     assert two.returncode == 0, two.stderr
