@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from model import resolve_device
+
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                "pt_inception-2015-12-05-6726825d.pth")
 WEIGHTS_NAME = os.path.basename(WEIGHTS_URL)
@@ -314,7 +316,7 @@ def coverage(query, ref, radii, batch=10000):
 
 def precision_recall(real, fake, k=3, device=None):
     """Improved precision and recall (Kynkaanniemi et al. 2019) on pool features, k = 3, as in ADM."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device or "auto")
     with no_tf32():
         real = torch.as_tensor(real, dtype=torch.float32, device=device)
         fake = torch.as_tensor(fake, dtype=torch.float32, device=device)
@@ -395,7 +397,7 @@ def cmd_metrics(a):
     if small and not a.allow_small:
         raise ValueError(f"{len(images)} samples: FID needs at least {MIN_FID_SAMPLES} (50,000 to compare with "
                          f"published numbers); pass --allow-small to compute it anyway")
-    device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(a.device)
     net, sha = load_inception(a.inception_weights, device)
     ref = reference(a.ref, net, sha, images.shape[1:3])
     f = inception_features(net, images, a.batch, desc="sample features")
@@ -458,7 +460,7 @@ def cmd_repro(a):
     B, _, _ = load_samples(a.b)
     if len(A) != len(B):
         raise ValueError(f"{a.a} has {len(A)} samples and {a.b} {len(B)}: repro compares sample i with sample i")
-    fn, _ = feature_fn(a, a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    fn, _ = feature_fn(a, resolve_device(a.device))
     sim = (fn(A) * fn(B)).sum(1)
     r = dict(rp_score=(sim > a.threshold).double().mean().item(), mean_similarity=sim.mean().item(),
              threshold=a.threshold, num=len(A), a=os.path.abspath(a.a), b=os.path.abspath(a.b),
@@ -476,7 +478,7 @@ def cmd_memorization(a):
     if not os.path.isfile(os.path.join(a.ref, "images.npy")):
         raise FileNotFoundError(f"{a.ref}/images.npy missing: --ref must be the training set's dataset folder")
     train = np.load(os.path.join(a.ref, "images.npy"), mmap_mode="r")
-    device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(a.device)
     fn, dataset_fn = feature_fn(a, device)
     s, r = fn(images).float().to(device), dataset_fn(a.ref, images.shape[1:3]).float().to(device)
     best = torch.cat([(s[i:i + 4096] @ r.T).max(1).values for i in range(0, len(s), 4096)]).cpu()

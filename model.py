@@ -334,6 +334,12 @@ def sample_noise(seed, indices, shape, step=None):
     return out
 
 
+def resolve_device(name, local_rank=0):
+    """--device auto|cpu|cuda -> torch.device; auto picks CUDA when there is one, each rank its own GPU."""
+    kind = name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(f"cuda:{local_rank}" if kind == "cuda" else kind)
+
+
 def to_device(t, device):
     """Host tensor -> device without a stream sync: a pageable host-to-device copy waits for the GPU."""
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from model import build, guided, load_checkpoint, sample_noise, save_grid, to_device, to_uint8
+from model import build, guided, load_checkpoint, resolve_device, sample_noise, save_grid, to_device, to_uint8
 
 
 def get_parser():
@@ -95,9 +95,7 @@ def run(args, rank, world, ddp):
     ckpt = load_checkpoint(args.ckpt)
     run_dir = os.path.dirname(os.path.join(args.ckpt, "ckpt.pt") if os.path.isdir(args.ckpt) else args.ckpt)
     out = args.out or os.path.join(run_dir, "samples.npz")
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if args.device == "cuda" else args.device)
+    device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     use_bf16 = (args.bf16 if args.bf16 is not None else True) and device.type == "cuda"

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import corrupt
 from model import (CKPT_FORMAT, Denoiser, Diffusion, cep_delta, guided, load_checkpoint, sample_noise, save_atomic,
-                   save_grid, to_device, to_uint8)
+                   resolve_device, save_grid, to_device, to_uint8)
 
 # Flags a resumed run may change; every other flag must match the checkpoint's stored config.
 RESUMABLE = {"steps", "log_every", "ckpt_every", "snapshot_every", "compile", "batch_gpu", "device", "grid_cfg",
@@ -267,8 +267,7 @@ def run(args, rank, world, local_rank, ddp):
     master = rank == 0
     ckpt = resolve_resume(args) if args.resume else None
     check_args(args)
-    kind = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(f"cuda:{local_rank}" if kind == "cuda" else kind)
+    device = resolve_device(args.device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -318,8 +317,9 @@ def run(args, rank, world, local_rank, ddp):
     elif not args.bench and os.path.exists(os.path.join(args.out, "ckpt.pt")):
         raise ValueError(f"{args.out} already holds a run: continue it with --resume {args.out} or pick another --out")
 
-    flops_img = train_flops_per_image(net, diffusion, (ch, res, res), device)
     peak = peak_flops(device)
+    flops_img = train_flops_per_image(net, diffusion, (ch, res, res), device) if peak or args.bench else None
+    mfu = lambda images_per_s: flops_img * images_per_s / (peak * world) if peak else None
     wrapped = DDP(net, device_ids=[local_rank] if device.type == "cuda" else None, gradient_as_bucket_view=True) \
         if ddp else net
     fwd = torch.compile(wrapped) if use_compile else wrapped  # checkpoints are saved from `net`: no _orig_mod. keys
@@ -415,7 +415,7 @@ def run(args, rank, world, local_rank, ddp):
                                          f"good state (try a lower --lr or --bf16 off, then --resume)")
             dt = time.perf_counter() - t_log
             rec = dict(step=step, loss=loss, loss_q=[a / b if b else None for a, b in zip(s, c)], lr=lr,
-                       img_per_s=n_log / dt, mfu=flops_img * n_log / dt / (peak * world) if peak else None,
+                       img_per_s=n_log / dt, mfu=mfu(n_log / dt),
                        nimg=step * B)
             if master:
                 with open(os.path.join(args.out, "log.jsonl"), "a") as f:
@@ -440,7 +440,7 @@ def run(args, rank, world, local_rank, ddp):
             mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
         dt = (time.perf_counter() - bench_t0) / args.bench
         r = dict(images_per_s=args.batch_size / dt, step_ms=dt * 1000, peak_mem_gib=mem,
-                 gflop_per_image=flops_img / 1e9, mfu=flops_img * args.batch_size / dt / (peak * world) if peak else None)
+                 gflop_per_image=flops_img / 1e9, mfu=mfu(args.batch_size / dt))
         if master:
             print(f"bench {args.preset} batch {args.batch_size} on {world}x "
                   f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} compile={use_compile} "
