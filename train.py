@@ -75,6 +75,7 @@ def get_parser():
     a("--device", default="auto", help="auto, cpu or cuda")
     a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on CUDA)")
     a("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
+    a("--channels-last", action="store_true", help="NHWC weights and inputs (kept only where it measures faster)")
     a("--bench", type=int, default=0, help="time N steps after warm-up, print images/s, memory, MFU, and exit")
     return p
 
@@ -128,8 +129,9 @@ def load_dataset(path, subset, data_seed):
 class Batches:
     """Global batch i = positions [i*B, (i+1)*B) of a stream of seeded per-epoch permutations (resumable by step)."""
 
-    def __init__(self, images, labels, index, device, seed, label_fn, in_memory):
+    def __init__(self, images, labels, index, device, seed, label_fn, in_memory, memory_format):
         self.n, self.seed, self.device, self.label_fn = len(labels), seed, device, label_fn
+        self.memory_format = memory_format
         self.index = index
         self.images = images
         if in_memory:  # small sets (CIFAR) live on the device: no loader workers needed
@@ -166,7 +168,8 @@ class Batches:
             x = np.empty((len(rows),) + self.images.shape[1:], np.uint8)
             x[order] = self.images[rows[order]]
             x = to_device(torch.from_numpy(x), self.device)
-        return x.permute(0, 3, 1, 2).float() / 127.5 - 1
+        # the permuted view is NHWC in memory; the layout the convolutions get is chosen here, not by accident
+        return (x.permute(0, 3, 1, 2).float() / 127.5 - 1).contiguous(memory_format=self.memory_format)
 
 
 def make_label_fn(args, labels, num_classes, class_names):
@@ -287,7 +290,8 @@ def run(args, rank, world, local_rank, ddp):
     num_classes, res, ch = meta["num_classes"], images.shape[1], images.shape[3]
     label_fn, fixed_labels, mask = make_label_fn(args, clean_labels, num_classes, meta["class_names"])
     in_memory = len(index) * int(np.prod(images.shape[1:])) < 8 << 30
-    data = Batches(images, clean_labels, index, device, args.seed, label_fn, in_memory)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    data = Batches(images, clean_labels, index, device, args.seed, label_fn, in_memory, memory_format)
 
     model_cfg = dict(num_classes=num_classes, resolution=res, channels=ch, preset=args.preset)
     if args.dropout is not None:
@@ -303,7 +307,7 @@ def run(args, rank, world, local_rank, ddp):
         cep = "" if args.cep == "none" else f"-cep{args.cep}"
         args.out = os.path.join("runs", f"{dataset}-{args.preset}-eta{args.eta:g}{cep}")
     torch.manual_seed(args.seed)
-    net = Denoiser(**model_cfg).to(device)
+    net = Denoiser(**model_cfg).to(device, memory_format=memory_format)
     diffusion = Diffusion(**diff_cfg).to(device)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay,

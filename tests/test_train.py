@@ -50,6 +50,28 @@ def test_loss_falls_on_shapes_and_run_folder_is_complete(shapes, tmp_path, capsy
     assert "compile=False bf16=False" in capsys.readouterr().out  # the CUDA-only paths are off on the CPU
 
 
+def assert_moments_close(a, b, rel=1e-3):
+    """Adam's moments are linear in the gradients (the weights are not: Adam normalises away a wrong scale)."""
+    sa, sb = a["opt"]["state"], b["opt"]["state"]
+    for k in ("exp_avg", "exp_avg_sq"):
+        scale = max(s[k].abs().max().item() for s in sa.values())
+        worst = max((sa[i][k] - sb[i][k]).abs().max().item() for i in sa)
+        assert worst <= rel * scale, (k, worst, scale)
+
+
+def test_channels_last_gives_the_same_gradients_and_resumes(shapes, tmp_path):
+    common = ["--steps", "2", "--ckpt-every", "2", "--dropout", "0"]
+    plain = run_train(f"{shapes}/train", tmp_path / "plain", *common)
+    nhwc = run_train(f"{shapes}/train", tmp_path / "nhwc", *common, "--channels-last")
+    assert nhwc["config"]["train"]["channels_last"] and nhwc["model"]["unet.conv_in.weight"].is_contiguous(
+        memory_format=torch.channels_last)
+    assert_moments_close(plain, nhwc, rel=1e-4)
+    train.main(["--resume", str(tmp_path / "nhwc"), "--steps", "3"])  # optimizer state keeps the weights' layout
+    assert model.load_checkpoint(str(tmp_path / "nhwc"))["step"] == 3
+    net, _ = model.build(nhwc["config"])  # sampling loads NHWC weights into the default layout
+    net.load_state_dict(nhwc["ema"])
+
+
 def test_resume_ends_with_identical_weights(shapes, tmp_path):
     common = ["--dropout", "0.1", "--eta", "0.05", "--corruption-mode", "resample", "--cep", "gaussian",
               "--ckpt-every", "4", "--batch-size", "48"]  # 200 images: batches cross epoch boundaries
@@ -76,12 +98,7 @@ def test_two_process_ddp_matches_one_process(shapes, tmp_path):
     assert two.returncode == 0, two.stderr
     a, b = model.load_checkpoint(str(tmp_path / "one")), model.load_checkpoint(str(tmp_path / "two"))
     assert b["config"]["train"]["world_size"] == 2 and b["config"]["train"]["accum"] == 2
-    # Adam's moments are linear in the gradients (the weights are not: Adam normalises away a wrong scale)
-    sa, sb = a["opt"]["state"], b["opt"]["state"]
-    for k in ("exp_avg", "exp_avg_sq"):
-        scale = max(s[k].abs().max().item() for s in sa.values())
-        worst = max((sa[i][k] - sb[i][k]).abs().max().item() for i in sa)
-        assert worst <= 1e-3 * scale, (k, worst, scale)
+    assert_moments_close(a, b)
     assert not states_equal(a["model"], model.load_checkpoint(str(tmp_path / "one"))["ema"])
 
 
