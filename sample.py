@@ -38,7 +38,7 @@ def get_parser():
     a("--seed", type=int, default=0)
     a("--labels", help="comma-separated class indices to cycle through (default: all classes, balanced)")
     a("--weights", default="ema", choices=["ema", "model"], help="EMA (default) or raw weights")
-    a("--batch", type=int, help="per-process batch (default: 256 on a GPU, 32 on the CPU)")
+    a("--batch", type=int, help="per-process batch (default: 500 on a GPU, 32 on the CPU)")
     a("--shard-size", type=int, default=1000, help="samples per resumable shard")
     a("--out", help="output npz (default: samples.npz in the run folder)")
     a("--device", default="auto")
@@ -99,8 +99,8 @@ def run(args, rank, world, ddp):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     use_bf16 = (args.bf16 if args.bf16 is not None else True) and device.type == "cuda"
-    use_compile = (args.compile if args.compile is not None else True) and device.type == "cuda"
-    args.batch = args.batch or (256 if device.type == "cuda" else 32)
+    use_compile = args.compile if args.compile is not None else device.type == "cuda"
+    args.batch = args.batch or (500 if device.type == "cuda" else 32)
 
     cfg = ckpt["config"]
     net, diffusion = build(cfg)
@@ -138,7 +138,10 @@ def run(args, rank, world, ddp):
         parts = []
         for b in range(lo, hi, args.batch):
             idx = np.arange(b, min(b + args.batch, hi))
-            parts.append(generate(fwd, diffusion, idx, labels[idx], args.seed, shape, args, device, use_bf16))
+            # a compiled model sees one batch shape (no recompile for a short last batch): pad, then drop the extra
+            padded = np.pad(idx, (0, args.batch - len(idx)), mode="edge") if use_compile else idx
+            images = generate(fwd, diffusion, padded, labels[padded], args.seed, shape, args, device, use_bf16)
+            parts.append(images[:len(idx)])
             bar.update(len(idx))
             done += len(idx)
         tmp = shard_path(s) + ".tmp.npy"

@@ -28,7 +28,7 @@ def test_samples_npz_layout_and_stored_settings(tiny_run, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["s.npz", "s.png"]  # shards removed once merged
 
 
-def test_sample_i_is_the_same_for_any_batch_size(tiny_run, tmp_path):
+def test_sample_i_is_the_same_for_any_batch_size(tiny_run, tmp_path, monkeypatch):
     args = ["--ckpt", tiny_run, "--num", "6", "--sampler", "ddim", "--steps", "3", "--ddim-eta", "1.0",
             "--labels", "2,7"]
     sample.main(args + ["--batch", "6", "--out", str(tmp_path / "a.npz")])
@@ -37,6 +37,17 @@ def test_sample_i_is_the_same_for_any_batch_size(tiny_run, tmp_path):
     b, lb, _ = load(tmp_path / "b.npz")
     assert la.tolist() == lb.tolist() == [2, 7, 2, 7, 2, 7]
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # float round-off may move a pixel by one level
+    shapes_seen = set()
+
+    def compile_recording_shapes(net):  # stands in for torch.compile: which batch shapes would it compile for?
+        def fwd(x, t, y):
+            shapes_seen.add(tuple(x.shape))
+            return net(x, t, y)
+        return fwd
+    monkeypatch.setattr(sample.torch, "compile", compile_recording_shapes)
+    sample.main(args + ["--batch", "4", "--compile", "--out", str(tmp_path / "p.npz")])  # 6 = 4 + 2 padded to 4
+    assert shapes_seen == {(4, 3, 32, 32)}
+    assert np.abs(a.astype(int) - load(tmp_path / "p.npz")[0].astype(int)).max() <= 1
     sample.main(args + ["--batch", "6", "--seed", "1", "--out", str(tmp_path / "c.npz")])
     assert np.abs(a.astype(int) - load(tmp_path / "c.npz")[0].astype(int)).mean() > 10
 
