@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from model import resolve_device
+from model import resolve_device, save_atomic
 
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                "pt_inception-2015-12-05-6726825d.pth")
@@ -376,9 +376,7 @@ def reference(ref, net, sha, resolution, need_images=True):
     mu_s, sigma_s = mean_cov(f["spatial"])
     out = dict(mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s, pool=f["pool"].astype(np.float32),
                count=len(images))
-    tmp = cache + ".tmp.npz"
-    np.savez(tmp, **out)
-    os.replace(tmp, cache)
+    save_atomic(cache, lambda f: np.savez(f, **out))
     return out
 
 
@@ -402,9 +400,8 @@ def cmd_metrics(a):
     ref = reference(a.ref, net, sha, images.shape[1:3])
     f = inception_features(net, images, a.batch, desc="sample features")
     if a.save_features:
-        tmp = a.save_features + ".tmp.npz"
-        np.savez(tmp, pool=f["pool"].astype(np.float32), labels=labels if labels is not None else np.zeros(0))
-        os.replace(tmp, a.save_features)
+        save_atomic(a.save_features, lambda fh: np.savez(fh, pool=f["pool"].astype(np.float32),
+                                                         labels=labels if labels is not None else np.zeros(0)))
     mu, sigma = mean_cov(f["pool"])
     m = dict(fid=frechet_distance(mu, sigma, ref["mu"], ref["sigma"]))
     if "mu_s" in ref:

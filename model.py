@@ -375,11 +375,13 @@ def build(config):
     return Denoiser(**m), Diffusion(**d)
 
 
-def save_atomic(obj, path):
-    """torch.save to a temp file in the same folder, fsync, rename: a crash never leaves a half-written file."""
+def save_atomic(path, write):
+    """write(f) into a temp file in the same folder, fsync, rename: a crash never leaves a half-written file.
+
+    e.g. save_atomic(path, lambda f: torch.save(state, f)) or save_atomic(path, lambda f: np.savez(f, x=x))."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
-        torch.save(obj, f)
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

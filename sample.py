@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from model import build, guided, load_checkpoint, resolve_device, sample_noise, save_grid, to_device, to_uint8
+from model import (build, guided, load_checkpoint, resolve_device, sample_noise, save_atomic, save_grid, to_device,
+                   to_uint8)
 
 
 def get_parser():
@@ -144,9 +145,7 @@ def run(args, rank, world, ddp):
             parts.append(images[:len(idx)])
             bar.update(len(idx))
             done += len(idx)
-        tmp = shard_path(s) + ".tmp.npy"
-        np.save(tmp, np.concatenate(parts))
-        os.replace(tmp, shard_path(s))
+        save_atomic(shard_path(s), lambda f: np.save(f, np.concatenate(parts)))
     bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -157,9 +156,7 @@ def run(args, rank, world, ddp):
         dist.barrier()
     if rank == 0:
         images = np.concatenate([np.load(shard_path(s)) for s in range(n_shards)])
-        tmp = out + ".tmp.npz"
-        np.savez(tmp, arr_0=images, arr_1=labels, settings=np.array(json.dumps(settings)))
-        os.replace(tmp, out)
+        save_atomic(out, lambda f: np.savez(f, arr_0=images, arr_1=labels, settings=np.array(json.dumps(settings))))
         shutil.rmtree(shard_dir)
         grid = images[:min(len(images), 100)]
         save_grid(os.path.splitext(out)[0] + ".png", grid, nrow=max(1, int(np.sqrt(len(grid)))))

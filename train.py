@@ -337,10 +337,9 @@ def run(args, rank, world, local_rank, ddp):
             os.makedirs(args.out, exist_ok=True)
             with open(os.path.join(args.out, "config.json"), "w") as f:
                 json.dump(config, f, indent=1)
-            tmp = os.path.join(args.out, "corruption.tmp.npz")
-            np.savez(tmp, labels=fixed_labels, mask=mask, clean_labels=clean_labels, index=index, seed=args.data_seed,
-                     eta=args.eta, kind=args.corruption, mode=args.corruption_mode)
-            os.replace(tmp, os.path.join(args.out, "corruption.npz"))
+            save_atomic(os.path.join(args.out, "corruption.npz"), lambda f: np.savez(
+                f, labels=fixed_labels, mask=mask, clean_labels=clean_labels, index=index, seed=args.data_seed,
+                eta=args.eta, kind=args.corruption, mode=args.corruption_mode))
             trim_log(os.path.join(args.out, "log.jsonl"), step)
 
     def save(step):
@@ -349,9 +348,9 @@ def run(args, rank, world, local_rank, ddp):
                                      f"good state (try a lower --lr, then --resume)")
         state = dict(format=CKPT_FORMAT, model=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
                      step=step, nimg=step * args.batch_size, config=config)
-        save_atomic(state, os.path.join(args.out, "ckpt.pt"))
+        save_atomic(os.path.join(args.out, "ckpt.pt"), lambda f: torch.save(state, f))
         if args.snapshot_every and step % args.snapshot_every == 0:
-            save_atomic(state, os.path.join(args.out, f"ckpt-{step:07d}.pt"))
+            save_atomic(os.path.join(args.out, f"ckpt-{step:07d}.pt"), lambda f: torch.save(state, f))
         draw_grid(ema, diffusion, num_classes, res, ch, device, args.grid_cfg, args.grid_steps,
                   os.path.join(args.out, f"grid-{step:07d}.png"))
 

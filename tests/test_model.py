@@ -158,7 +158,8 @@ def test_sample_noise_depends_only_on_seed_and_index():
 def test_checkpoint_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         model.load_checkpoint(str(tmp_path / "nope.pt"))
-    model.save_atomic({"format": model.CKPT_FORMAT, "w": torch.ones(1000)}, str(tmp_path / "good.pt"))
+    model.save_atomic(str(tmp_path / "good.pt"), lambda f: torch.save({"format": model.CKPT_FORMAT,
+                                                                       "w": torch.ones(1000)}, f))
     data = (tmp_path / "good.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="truncated or not a torch file"):
