@@ -1,6 +1,7 @@
-"""Condition corruption of Chen et al. (NeurIPS 2024), Sec. 3: flip a fraction eta of the class labels.
+"""Condition corruption of Chen et al. (NeurIPS 2024), Sec. 3: flip a fraction eta of the class labels, or swap
+the captions of a fraction eta of the images.
 
-    python corrupt.py --data data/cifar10/train --eta 0.05 [--kind symmetric|asymmetric] [--classes 0,1,2]
+    python corrupt.py --data data/cifar10/train --eta 0.05 [--kind symmetric|asymmetric|swap] [--classes 0,1,2]
                       [--seed 0] [--out corruption.npz]
 
 symmetric:  exactly round(eta * N) samples, each relabelled with a class drawn from the class prior restricted
@@ -8,6 +9,8 @@ symmetric:  exactly round(eta * N) samples, each relabelled with a class drawn f
 asymmetric: only samples whose label lies in --classes are candidates (round(eta * their count) of them), each
             relabelled within --classes, again by the restricted prior (the paper flips within the IN-1K classes
             that overlap CIFAR-100).
+swap:       exactly round(eta * N) images, paired at random, each pair swapping its captions (CC3M in the paper);
+            with an odd count the last three rotate theirs, so no image keeps its own.
 The result is fixed by (labels, eta, kind, classes, seed). train.py's `resample` mode draws it anew every epoch
 with seed (seed, epoch), the paper's App. E.4 "random data corruption".
 """
@@ -76,6 +79,51 @@ def corrupt_labels(labels, eta, num_classes, seed, classes=None, epoch=None):
     return flip_labels(labels, eta, num_classes, np.random.default_rng(key), classes)
 
 
+def swap_captions(n, eta, rng):
+    """Return (source, mask): image i is trained with the caption(s) of image source[i]."""
+    check_eta(eta)
+    n_swap = int(round(eta * n))
+    if n_swap == 1:
+        raise ValueError(f"eta {eta} of {n} images is a single caption, and a swap needs two: use a larger eta or 0")
+    source = np.arange(n, dtype=np.int64)
+    chosen = rng.permutation(n)[:n_swap]
+    pairs = chosen[:n_swap - 3] if n_swap % 2 else chosen
+    source[pairs[0::2]], source[pairs[1::2]] = pairs[1::2], pairs[0::2]
+    if n_swap % 2:  # an odd count: the last three rotate their captions
+        a, b, c = chosen[-3:]
+        source[[a, b, c]] = [b, c, a]
+    mask = source != np.arange(n)
+    return source, mask
+
+
+def corrupt_captions(n, eta, seed, epoch=None):
+    """Deterministic caption swap for (seed[, epoch]), as corrupt_labels."""
+    return swap_captions(n, eta, np.random.default_rng([seed] if epoch is None else [seed, epoch]))
+
+
+def read_captions(folder, count):
+    """captions.jsonl of a dataset folder -> list (one per image) of lists of captions; bad files are a ValueError."""
+    path = os.path.join(folder, "captions.jsonl")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} missing: build a dataset with captions (prepare_data.py --dataset shapes, "
+                                f"or --dataset imagefolder --captions FILE)")
+    out = []
+    with open(path, "rb") as f:
+        for i, line in enumerate(f, 1):
+            try:
+                c = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError) as e:
+                raise ValueError(f"{path} line {i} is not a UTF-8 JSON caption ({type(e).__name__}): rebuild the "
+                                 f"dataset with prepare_data.py") from None
+            c = [c] if isinstance(c, str) else c
+            if not isinstance(c, list) or not c or not all(isinstance(x, str) for x in c):
+                raise ValueError(f"{path} line {i}: want a caption or a non-empty list of captions")
+            out.append(c)
+    if len(out) != count:
+        raise ValueError(f"{path} has {len(out)} lines for {count} images: rebuild the dataset with prepare_data.py")
+    return out
+
+
 def summary(clean, noisy, mask, num_classes):
     conf = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(conf, (clean[mask], noisy[mask]), 1)
@@ -88,11 +136,18 @@ def summary(clean, noisy, mask, num_classes):
     return "\n".join(lines)
 
 
+def save(path, **arrays):
+    tmp = path + ".tmp.npz"  # numpy-only twin of model.save_atomic: this script does not import torch
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="dataset split folder (labels.npy, meta.json)")
     p.add_argument("--eta", type=float, required=True, help="corruption ratio in [0, 1)")
-    p.add_argument("--kind", default="symmetric", choices=["symmetric", "asymmetric"])
+    p.add_argument("--kind", default="symmetric", choices=["symmetric", "asymmetric", "swap"],
+                   help="label flips, or swap: caption swaps (needs captions.jsonl)")
     p.add_argument("--classes", help="asymmetric: comma-separated class indices or names")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="corruption.npz")
@@ -103,15 +158,21 @@ def main(argv=None):
             raise FileNotFoundError(f"{a.data}/{f} missing: build the dataset with prepare_data.py first")
     meta = json.load(open(os.path.join(a.data, "meta.json")))
     labels = np.load(os.path.join(a.data, "labels.npy"))
+    if a.kind == "swap":
+        captions = read_captions(a.data, len(labels))
+        source, mask = corrupt_captions(len(labels), a.eta, a.seed)
+        changed = sum(captions[i] != captions[source[i]] for i in np.flatnonzero(mask))
+        save(a.out, source=source, mask=mask, seed=a.seed, eta=a.eta)
+        print(f"swapped the captions of {int(mask.sum())} of {len(labels)} images; {changed} captions changed "
+              f"(the rest were swapped with an identical caption)\nwrote {a.out}")
+        return
     classes = None
     if a.kind == "asymmetric":
         if not a.classes:
             raise ValueError("--kind asymmetric needs --classes")
         classes = parse_classes(a.classes, meta["class_names"])
     noisy, mask = corrupt_labels(labels, a.eta, meta["num_classes"], a.seed, classes)
-    tmp = a.out + ".tmp.npz"
-    np.savez(tmp, labels=noisy, mask=mask, clean_labels=labels, seed=a.seed, eta=a.eta)
-    os.replace(tmp, a.out)
+    save(a.out, labels=noisy, mask=mask, clean_labels=labels, seed=a.seed, eta=a.eta)
     print(summary(labels, noisy, mask, meta["num_classes"]))
     print(f"wrote {a.out}")
 

@@ -3,7 +3,11 @@
     python evaluate.py --samples runs/NAME/samples.npz --ref data/cifar10/train [--inception-weights PATH]
     python evaluate.py repro A.npz B.npz [--features sscd.torchscript.pt --feat-size 320 --feat-norm imagenet]
     python evaluate.py memorization --samples S.npz --ref data/cifar10/train
+    python evaluate.py classify --samples S.npz --ref data/shapes/train   # does each sample show its condition?
     python evaluate.py report runs/* [--out report]
+
+Input: samples.npz from sample.py, a reference dataset folder (or statistics npz). Output: metrics.json (or
+repro.json, memorization.json, classify.json) beside the samples; report.md and report.png for `report`.
 
 The Inception network is the FID variant of Inception-v3 (TensorFlow's inception-2015-12-05 as ported by
 pytorch-fid), written out here so that its published weights load with strict=True. One pass gives the pool
@@ -16,6 +20,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 import urllib.request
@@ -326,13 +331,13 @@ def precision_recall(real, fake, k=3, device=None):
 # ----------------------------------------------------------------------------- inputs
 
 def load_samples(path):
-    """(uint8 [N, H, W, C], labels or None, settings dict) from a samples npz; bad files are a ValueError."""
+    """(uint8 [N, H, W, C], labels or captions or None, settings dict) from a samples npz; bad files: ValueError."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: make it with sample.py")
     try:
         z = np.load(path, allow_pickle=False)
         images = z["arr_0"]
-        labels = z["arr_1"] if "arr_1" in z.files else None
+        labels = z["arr_1"] if "arr_1" in z.files else z["captions"] if "captions" in z.files else None
         settings = json.loads(str(z["settings"])) if "settings" in z.files else {}
     except Exception as e:
         raise ValueError(f"cannot read {path} as a samples npz with arr_0 ({type(e).__name__}: {e})") from None
@@ -401,7 +406,7 @@ def cmd_metrics(a):
     f = inception_features(net, images, a.batch, desc="sample features")
     if a.save_features:
         save_atomic(a.save_features, lambda fh: np.savez(fh, pool=f["pool"].astype(np.float32),
-                                                         labels=labels if labels is not None else np.zeros(0)))
+                                                         conditions=labels if labels is not None else np.zeros(0)))
     mu, sigma = mean_cov(f["pool"])
     m = dict(fid=frechet_distance(mu, sigma, ref["mu"], ref["sigma"]))
     if "mu_s" in ref:
@@ -489,6 +494,76 @@ def cmd_memorization(a):
     return out
 
 
+def intended_classes(conditions, class_names):
+    """The class each sample was asked for: its label, or the one class whose name's words all appear in its
+    caption ("a small red disk on the left" -> "red disk"); -1 where no class or several match."""
+    if conditions.dtype.kind != "U":
+        return conditions.astype(np.int64)
+    names = [set(n.lower().split()) for n in class_names]
+    out = []
+    for caption in conditions:
+        words = set(re.findall(r"[a-z0-9]+", caption.lower()))
+        hits = [k for k, n in enumerate(names) if n <= words]
+        out.append(hits[0] if len(hits) == 1 else -1)
+    return np.array(out, dtype=np.int64)
+
+
+def fit_classifier(images, labels, num_classes, epochs, device, batch=128):
+    """A small CNN fit (seeded) to 90% of a labelled dataset; returns (predict(uint8 images) -> classes, accuracy on
+    the other 10%). It judges which class a sample shows; its own accuracy bounds what it can tell."""
+    torch.manual_seed(0)
+    conv = lambda i, o, s: [nn.Conv2d(i, o, 3, s, 1), nn.GroupNorm(8, o), nn.SiLU()]
+    net = nn.Sequential(*conv(images.shape[-1], 32, 1), *conv(32, 64, 2), *conv(64, 128, 2), *conv(128, 128, 2),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, num_classes)).to(device)
+    prep = lambda x: torch.from_numpy(np.asarray(x)).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+    perm = np.random.default_rng(0).permutation(len(labels))
+    held, fit = perm[:len(perm) // 10], perm[len(perm) // 10:]
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    for _ in range(epochs):
+        for i in range(0, len(fit), batch):
+            rows = np.sort(fit[i:i + batch])
+            loss = F.cross_entropy(net(prep(images[rows])), torch.from_numpy(labels[rows]).to(device))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    net.eval()
+
+    @torch.no_grad()
+    def predict(x):
+        return np.concatenate([net(prep(x[i:i + 500])).argmax(1).cpu().numpy() for i in range(0, len(x), 500)])
+    return predict, float((predict(images[np.sort(held)]) == labels[np.sort(held)]).mean())
+
+
+def cmd_classify(a):
+    """Conditioning accuracy: the fraction of samples that a classifier fit to the reference set reads as the
+    class (or the class named in the caption) they were generated for."""
+    images, conditions, _ = load_samples(a.samples)
+    for f in ("images.npy", "labels.npy", "meta.json"):
+        if not os.path.isfile(os.path.join(a.ref, f)):
+            raise FileNotFoundError(f"{a.ref}/{f} missing: --ref must be a labelled dataset folder")
+    if conditions is None:
+        raise ValueError(f"{a.samples} stores no labels or captions: sample it with sample.py")
+    meta = json.load(open(os.path.join(a.ref, "meta.json")))
+    ref = np.load(os.path.join(a.ref, "images.npy"), mmap_mode="r")
+    if ref.shape[1:] != images.shape[1:]:
+        raise ValueError(f"--ref {a.ref} holds {list(ref.shape[1:])} images, the samples are {list(images.shape[1:])}")
+    want = intended_classes(conditions, meta["class_names"])
+    known = want >= 0
+    if not known.any():
+        raise ValueError("no sample's condition names exactly one class of --ref (check its class_names)")
+    predict, held_acc = fit_classifier(ref, np.load(os.path.join(a.ref, "labels.npy")), meta["num_classes"],
+                                       a.epochs, resolve_device(a.device))
+    got = predict(images[known])
+    r = dict(accuracy=float((got == want[known]).mean()), judged=int(known.sum()), num_samples=len(images),
+             classifier_heldout_accuracy=held_acc, epochs=a.epochs, samples=os.path.abspath(a.samples),
+             ref=os.path.abspath(a.ref))
+    print(f"conditioning accuracy {r['accuracy']:.3f}: {int((got == want[known]).sum())} of {r['judged']} samples "
+          f"read as the class they were asked for ({len(images) - r['judged']} named no single class) | classifier "
+          f"held-out accuracy {held_acc:.3f} on {a.ref}")
+    write_json(a.out or os.path.join(os.path.dirname(os.path.abspath(a.samples)), "classify.json"), r)
+    return r
+
+
 # ----------------------------------------------------------------------------- report
 
 def collect(run_dirs):
@@ -501,22 +576,23 @@ def collect(run_dirs):
         m = json.load(open(mpath))
         cfg = m.get("settings", {}).get("config") or json.load(open(os.path.join(d, "config.json")))
         t = cfg["train"]
-        rows.append(dict(run=os.path.basename(os.path.normpath(d)), eta=t["eta"], corruption=t["corruption"],
+        rows.append(dict(run=os.path.basename(os.path.normpath(d)), cond=t.get("cond", "class"), eta=t["eta"],
+                         corruption=t["corruption"],
                          mode=t["corruption_mode"], cep=t["cep"], gamma=t["cep_gamma"] if t["cep"] != "none" else None,
                          cfg=m.get("settings", {}).get("cfg_scale"), n=m["num_samples"],
                          **{k: m.get(k) for k in ("fid", "sfid", "is_mean", "precision", "recall")}))
     if not rows:
         raise ValueError("no run folder with a metrics.json: run sample.py and evaluate.py first")
-    return sorted(rows, key=lambda r: (r["cep"], r["gamma"] or 0, r["corruption"], r["mode"], r["eta"]))
+    return sorted(rows, key=lambda r: (r["cond"], r["cep"], r["gamma"] or 0, r["corruption"], r["mode"], r["eta"]))
 
 
 def markdown_table(rows):
     f = lambda v, p: "-" if v is None else f"{v:{p}}"
-    lines = ["| run | eta (%) | corruption | CEP | cfg | samples | FID | sFID | IS | precision | recall |",
-             "|" + "---|" * 11]
+    lines = ["| run | cond | eta (%) | corruption | CEP | cfg | samples | FID | sFID | IS | precision | recall |",
+             "|" + "---|" * 12]
     for r in rows:
         cep = r["cep"] if r["cep"] == "none" else f"{r['cep']} (gamma {r['gamma']:g})"
-        lines.append(f"| {r['run']} | {r['eta'] * 100:g} | {r['corruption']}/{r['mode']} | {cep} | {f(r['cfg'], 'g')} "
+        lines.append(f"| {r['run']} | {r['cond']} | {r['eta'] * 100:g} | {r['corruption']}/{r['mode']} | {cep} | {f(r['cfg'], 'g')} "
                      f"| {r['n']} | {f(r['fid'], '.2f')} | {f(r['sfid'], '.2f')} | {f(r['is_mean'], '.2f')} | "
                      f"{f(r['precision'], '.3f')} | {f(r['recall'], '.3f')} |")
     return "\n".join(lines) + "\n"
@@ -530,7 +606,7 @@ def plot(rows, path, w=420, h=300):
     series = {}
     for r in rows:
         name = "no CEP" if r["cep"] == "none" else f"CEP-{r['cep'][0].upper()} gamma {r['gamma']:g}"
-        series.setdefault(f"{name}, {r['corruption']}/{r['mode']}", []).append(r)
+        series.setdefault(f"{r['cond']}, {name}, {r['corruption']}/{r['mode']}", []).append(r)
     img = Image.new("RGB", (2 * w, 2 * h + 24 * (len(series) // 2 + 1)), "white")
     d = ImageDraw.Draw(img)
     for p, (key, title) in enumerate([("fid", "FID"), ("is_mean", "IS"), ("precision", "precision"),
@@ -602,9 +678,12 @@ def add_features(p):
     p.add_argument("--out", help="JSON file for the result")
 
 
+COMMANDS = ("repro", "memorization", "classify", "report")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    cmd = argv[0] if argv and argv[0] in ("repro", "memorization", "report") else "metrics"
+    cmd = argv[0] if argv and argv[0] in COMMANDS else "metrics"
     p = argparse.ArgumentParser(prog=f"evaluate.py{'' if cmd == 'metrics' else ' ' + cmd}", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     if cmd == "metrics":
@@ -628,6 +707,13 @@ def main(argv=None):
         add_common(p)
         add_features(p)
         return cmd_memorization(p.parse_args(argv))
+    if cmd == "classify":
+        p.add_argument("--samples", required=True)
+        p.add_argument("--ref", required=True, help="a labelled dataset folder at the samples' resolution")
+        p.add_argument("--epochs", type=int, default=3, help="epochs of the classifier over --ref")
+        p.add_argument("--device", default="auto")
+        p.add_argument("--out", help="JSON file (default: classify.json beside the samples)")
+        return cmd_classify(p.parse_args(argv))
     p.add_argument("runs", nargs="+", help="run folders holding metrics.json")
     p.add_argument("--out", default="report", help="writes OUT.md and OUT.png")
     return cmd_report(p.parse_args(argv))

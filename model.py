@@ -184,6 +184,103 @@ class ClassEmbedder(nn.Module):
         return c if delta is None else c + delta.to(c.dtype)
 
 
+CLS, PAD = 256, 257  # byte tokens 0..255, a summary token that starts every caption, padding
+TEXT_PRESETS = {"tiny": (64, 2), "cifar": (256, 4), "in64": (384, 6)}  # (width, layers) of the text encoder
+
+
+def tokenize(captions, max_len):
+    """Captions -> byte tokens [B, max_len]: CLS, the UTF-8 bytes (cut at max_len - 1), PAD. "" is the null caption."""
+    out = np.full((len(captions), max_len), PAD, dtype=np.int64)
+    out[:, 0] = CLS
+    for i, c in enumerate(captions):
+        b = np.frombuffer(c.encode("utf-8")[:max_len - 1], dtype=np.uint8)
+        out[i, 1:1 + len(b)] = b
+    return torch.from_numpy(out)
+
+
+def replicate_padding(h, pad):
+    """Noisy replicate padding (Berrada et al. 2024): padding positions hold copies of the real tokens, cycled, in
+    place of pad embeddings; the noise on them is drawn with the rest of the condition noise (Denoiser.cond_noise)."""
+    n = (~pad).sum(1, keepdim=True)  # real tokens per caption, CLS included: at least 1
+    src = torch.arange(h.shape[1], device=h.device)[None] % n
+    return h.gather(1, src[..., None].expand_as(h))
+
+
+class TextBlock(nn.Module):
+    """Pre-norm transformer block; attention skips the padding (keep: [B, 1, 1, L] bool)."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.qkv, self.proj = nn.LayerNorm(dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, h, keep):
+        q, k, v = rearrange(self.qkv(self.norm1(h)), "b l (n h d) -> n b h l d", n=3, h=self.heads)
+        h = h + self.proj(rearrange(F.scaled_dot_product_attention(q, k, v, attn_mask=keep), "b h l d -> b l (h d)"))
+        return h + self.mlp(self.norm2(h))
+
+
+class TextEncoder(nn.Module):
+    """A small transformer over UTF-8 bytes, trained jointly with the UNet (Chen et al. train a BERT-style encoder
+    from scratch), or with ext_dim over precomputed caption embeddings [B, L, ext_dim] of an external encoder.
+    -> (pooled [B, emb_dim] for c_vec, tokens [B, L, dim] for cross-attention); delta [B, L + 1, dim] is added to
+    every token and (last slot) to the pooled vector: CEP and the replicate-padding noise."""
+
+    def __init__(self, dim, layers, max_len, emb_dim, ext_dim=None, replicate_pad=True):
+        super().__init__()
+        self.dim, self.ext_dim, self.replicate_pad = dim, ext_dim, replicate_pad
+        self.inp = nn.Linear(ext_dim, dim) if ext_dim else nn.Embedding(PAD + 1, dim)
+        self.pos = nn.Parameter(torch.randn(max_len, dim) * 0.02)
+        self.blocks = nn.ModuleList(TextBlock(dim, max(1, dim // 64)) for _ in range(layers))
+        self.norm, self.to_vec = nn.LayerNorm(dim), nn.Linear(dim, emb_dim)
+
+    def forward(self, c, delta=None):
+        pad = None if self.ext_dim else c == PAD
+        h = self.inp(c.to(self.pos.dtype) if self.ext_dim else c) + self.pos[:c.shape[1]]
+        keep = None if pad is None else ~pad[:, None, None, :]
+        for block in self.blocks:
+            h = block(h, keep)
+        h = self.norm(h)
+        if pad is not None and self.replicate_pad:
+            h = replicate_padding(h, pad)
+        pooled = h.mean(1) if pad is None else h[:, 0]  # external embeddings have no CLS: their mean
+        if delta is not None:
+            h, pooled = h + delta[:, :-1].to(h.dtype), pooled + delta[:, -1].to(h.dtype)
+        return self.to_vec(pooled), h
+
+
+# crop box and flip scaled x1000 and sizes in pixels: every value spans the sinusoids' range, as timesteps do
+CONTROL_SCALE = (1000.0, 1000.0, 1000.0, 1000.0, 1.0, 1.0, 1000.0)
+
+
+def neutral_control(n, resolution, size=None, device=None):
+    """Control metadata of "no crop, no flip" [n, 7]: (top, left, height, width, original h, original w, flip)."""
+    h, w = size or (resolution, resolution)
+    return torch.tensor([[0.0, 0.0, 1.0, 1.0, h, w, 0.0]], device=device).repeat(n, 1)
+
+
+def control_weight(t, T):
+    """Phase-in of the control embedding over the noise level: 1 at t = 0, 0 at t = T - 1 (Berrada et al. use a
+    cosine schedule; its exact form is unconfirmed, no code: we take cos^2(pi/2 t / (T - 1)))."""
+    return torch.cos(0.5 * math.pi * t.float() / (T - 1)) ** 2
+
+
+class ControlEmbedder(nn.Module):
+    """Control metadata [B, 7] (crop box as fractions of the source image, original size, flip) -> [B, emb_dim]:
+    sinusoidal features of each value through its own MLP, kept apart from the semantic condition."""
+
+    def __init__(self, emb_dim, freq_dim=64):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(7 * freq_dim, emb_dim), nn.SiLU(), zero_init(nn.Linear(emb_dim, emb_dim)))
+        self.register_buffer("scale", torch.tensor(CONTROL_SCALE), persistent=False)
+
+    def forward(self, ctrl):
+        return self.mlp(timestep_embedding((ctrl.float() * self.scale).flatten(), self.freq_dim).view(len(ctrl), -1))
+
+
 def cep_delta(kind, gamma, shape, generator=None, device=None):
     """Condition Embedding Perturbation, Chen et al. Sec. 5, Eq. 8; delta is fresh per sample per step.
 
@@ -199,39 +296,86 @@ def cep_delta(kind, gamma, shape, generator=None, device=None):
 
 
 class Denoiser(nn.Module):
-    """x_t, t, class label y (num_classes = null) -> network output; cond_delta is CEP noise, training only."""
+    """x_t, t, condition c -> network output. c is one of: class labels [B] (index num_classes = null), byte tokens
+    [B, L] of captions (the empty caption = null), precomputed caption embeddings [B, L, ext_dim] (zeros = null).
+    cond_delta: training-time noise on the condition embedding (cond_noise); ctrl: control metadata [B, 7]."""
 
-    def __init__(self, num_classes, resolution=32, channels=3, preset="tiny", **overrides):
+    def __init__(self, num_classes, resolution=32, channels=3, preset="tiny", cond="class", text_dim=None,
+                 text_layers=None, max_len=64, ext_dim=None, replicate_pad=True, pad_noise=0.1, control=None,
+                 T=1000, **overrides):
         super().__init__()
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
         cfg = {**PRESETS[preset], **overrides}
-        self.num_classes = num_classes
+        self.num_classes, self.cond, self.resolution = num_classes, cond, resolution
+        self.pad_noise, self.control_mode, self.T = pad_noise, control, T
+        if cond == "text":
+            text_dim, text_layers = text_dim or TEXT_PRESETS[preset][0], text_layers or TEXT_PRESETS[preset][1]
+            cfg["ctx_dim"] = text_dim
         self.unet = UNet(resolution=resolution, in_ch=channels, **cfg)
-        self.label_embed = ClassEmbedder(num_classes, self.unet.emb_dim)
+        if cond == "class":
+            self.label_embed = ClassEmbedder(num_classes, self.unet.emb_dim)
+        else:
+            self.text = TextEncoder(text_dim, text_layers, max_len, self.unet.emb_dim, ext_dim, replicate_pad)
+        if control:
+            self.control = ControlEmbedder(self.unet.emb_dim)
 
-    def forward(self, x, t, y, cond_delta=None):
-        return self.unet(x, t, c_vec=self.label_embed(y, cond_delta))
+    def forward(self, x, t, c, cond_delta=None, ctrl=None):
+        c_vec, c_tokens = (self.label_embed(c, cond_delta), None) if self.cond == "class" else self.text(c, cond_delta)
+        if self.control_mode:
+            e = self.control(neutral_control(len(x), self.resolution, device=x.device) if ctrl is None else ctrl)
+            # "phased": Berrada et al.'s phase-in, control acts mostly at low noise; "sum": the baseline
+            c_vec = c_vec + (e * control_weight(t, self.T)[:, None] if self.control_mode == "phased" else e)
+        return self.unet(x, t, c_vec=c_vec, c_tokens=c_tokens)
+
+    def null_cond(self, c):
+        """The null condition of classifier-free guidance, shaped like c."""
+        if self.cond == "class":
+            return torch.full_like(c, self.num_classes)
+        if c.is_floating_point():
+            return torch.zeros_like(c)
+        null = torch.full_like(c, PAD)
+        null[:, 0] = CLS
+        return null
+
+    def cond_noise(self, c, cep, gamma, generator):
+        """Training-time noise on the condition embedding of a (global) batch: CEP's delta (Chen et al. Eq. 8: every
+        embedding, the null condition included) and, for captions, the replicate-padding noise on the padding."""
+        if self.cond == "class":
+            return None if cep == "none" else cep_delta(cep, gamma, (len(c), self.unet.emb_dim), generator, c.device)
+        shape = (len(c), c.shape[1] + 1, self.text.dim)  # every token, then the pooled vector
+        delta = torch.zeros(shape, device=c.device) if cep == "none" else cep_delta(cep, gamma, shape, generator,
+                                                                                    c.device)
+        if self.text.replicate_pad and not self.text.ext_dim and self.pad_noise:
+            pad = F.pad(c == PAD, (0, 1))
+            delta = delta + self.pad_noise * torch.randn(shape, generator=generator, device=c.device) * pad[..., None]
+        return delta
 
 
 # ----------------------------------------------------------------------------- diffusion
 
-def make_betas(schedule, T):
+def make_betas(schedule, T, shift=1.0):
     if schedule == "linear":  # Ho et al. 2020; Chen et al. Table 3
-        return np.linspace(1e-4, 0.02, T, dtype=np.float64)
-    if schedule == "cosine":  # Nichol & Dhariwal 2021, Eq. 17, s = 0.008, betas clipped at 0.999
+        betas = np.linspace(1e-4, 0.02, T, dtype=np.float64)
+    elif schedule == "cosine":  # Nichol & Dhariwal 2021, Eq. 17, s = 0.008, betas clipped at 0.999
         f = lambda t: np.cos((t / T + 0.008) / 1.008 * np.pi / 2) ** 2
         t = np.arange(T, dtype=np.float64)
-        return np.minimum(1 - f(t + 1) / f(t), 0.999)
-    raise ValueError(f"unknown schedule {schedule!r}: use linear or cosine")
+        betas = np.minimum(1 - f(t + 1) / f(t), 0.999)
+    else:
+        raise ValueError(f"unknown schedule {schedule!r}: use linear or cosine")
+    if shift != 1.0:  # SNR(t) / shift^2 for an image shift x larger (Hoogeboom et al. 2023; train.py --init-from)
+        ac = np.cumprod(1 - betas)
+        ac = ac / (ac + shift ** 2 * (1 - ac))
+        betas = 1 - ac / np.append(1.0, ac[:-1])
+    return betas
 
 
 class Diffusion:
-    def __init__(self, schedule="linear", T=1000, prediction="eps"):
+    def __init__(self, schedule="linear", T=1000, prediction="eps", shift=1.0):
         if prediction not in ("eps", "v"):
             raise ValueError(f"unknown prediction {prediction!r}: use eps or v")
         self.T, self.prediction = T, prediction
-        betas = make_betas(schedule, T)
+        betas = make_betas(schedule, T, shift)
         ac = np.cumprod(1.0 - betas)
         ac_prev = np.append(1.0, ac[:-1])
         self.ac_np = ac  # float64, for the host-side coefficients of DDIM (no device read-back per step)
@@ -262,9 +406,9 @@ class Diffusion:
         ac = self._at(self.alphas_cumprod, t, x0)
         return ac.sqrt() * noise - (1 - ac).sqrt() * x0  # v of Salimans & Ho 2022
 
-    def loss(self, model, x0, y, t, noise, cond_delta=None):
+    def loss(self, model, x0, c, t, noise, cond_delta=None, ctrl=None):
         """Per-sample mean squared error [B] (eps or v target)."""
-        out = model(self.q_sample(x0, t, noise), t, y, cond_delta)
+        out = model(self.q_sample(x0, t, noise), t, c, cond_delta, ctrl)
         return (out.float() - self.target(x0, t, noise)).pow(2).flatten(1).mean(1)
 
     def eps_x0(self, out, x_t, t):
@@ -311,14 +455,16 @@ class Diffusion:
         return x
 
 
-def guided(model, y, cfg_scale):
-    """Classifier-free guidance: out_u + s (out_c - out_u), conditional and null in one batched forward pass."""
+def guided(model, c, cfg_scale, ctrl=None):
+    """Classifier-free guidance: out_u + s (out_c - out_u), conditional and null in one batched forward pass; the
+    control metadata is the same in both."""
     if cfg_scale == 1.0:
-        return lambda x, t: model(x, t, y)
-    y_both = torch.cat([y, torch.full_like(y, model.num_classes)])
+        return lambda x, t: model(x, t, c, None, ctrl)
+    c_both = torch.cat([c, model.null_cond(c)])
+    ctrl_both = None if ctrl is None else torch.cat([ctrl, ctrl])
 
     def fn(x, t):
-        out_c, out_u = model(torch.cat([x, x]), torch.cat([t, t]), y_both).float().chunk(2)
+        out_c, out_u = model(torch.cat([x, x]), torch.cat([t, t]), c_both, None, ctrl_both).float().chunk(2)
         return out_u + cfg_scale * (out_c - out_u)
     return fn
 
@@ -350,17 +496,20 @@ def to_uint8(x):
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def save_grid(path, images, nrow):
-    """uint8 [N, H, W, C] -> one PNG with nrow rows (written to a temp file, then renamed)."""
-    from PIL import Image
+def save_grid(path, images, nrow, captions=None):
+    """uint8 [N, H, W, C] -> one PNG with nrow rows, each with its caption under it if given (temp file, rename)."""
+    from PIL import Image, ImageDraw
     n, h, w, c = images.shape
-    ncol = math.ceil(n / nrow)
-    grid = np.zeros((nrow * h, ncol * w, c), dtype=np.uint8)
+    ncol, rh = math.ceil(n / nrow), h + (12 if captions else 0)
+    grid = np.zeros((nrow * rh, ncol * w, c), dtype=np.uint8)
     for k in range(n):
         r, q = divmod(k, ncol)
-        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = images[k]
+        grid[r * rh:r * rh + h, q * w:(q + 1) * w] = images[k]
+    img = Image.fromarray(grid.squeeze(-1) if c == 1 else grid)
+    for r, caption in enumerate(captions or []):
+        ImageDraw.Draw(img).text((2, r * rh + h), caption[:ncol * w // 6], fill=255 if c == 1 else (255, 255, 255))
     tmp = path + ".tmp.png"
-    Image.fromarray(grid.squeeze(-1) if c == 1 else grid).save(tmp)
+    img.save(tmp)
     os.replace(tmp, path)
 
 

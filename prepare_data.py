@@ -1,8 +1,12 @@
-"""Build a dataset folder: images.npy (uint8 [N, H, W, C], read with mmap), labels.npy (int64 [N]), meta.json.
+"""Build a dataset folder: images.npy (uint8 [N, H, W, C], read with mmap), labels.npy (int64 [N]), meta.json,
+and where there are captions captions.jsonl (line i: the caption, or a list of captions, of image i).
 
-    python prepare_data.py --dataset shapes                      # synthetic, no download (quick start, tests)
+    python prepare_data.py --dataset shapes                      # synthetic, with captions, no download
     python prepare_data.py --dataset cifar10 [--archive PATH]    # official tarball, md5-checked
     python prepare_data.py --dataset imagefolder --src DIR --resolution 64 --split train   # ImageNet layout
+    python prepare_data.py --dataset imagefolder --src DIR --captions captions.tsv --name cc3m   # image-text pairs
+
+Output: DIR/NAME/SPLIT/ under --out (default data/), written to a temp folder and renamed when complete.
 """
 import argparse
 import hashlib
@@ -28,8 +32,8 @@ IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
 # ----------------------------------------------------------------------------- writing a split
 
-def write_split(out_dir, images, labels, meta):
-    """Write images.npy, labels.npy and meta.json into out_dir atomically (a temp folder renamed at the end)."""
+def write_split(out_dir, images, labels, meta, captions=None, sizes=None):
+    """Write images.npy, labels.npy, meta.json [, captions.jsonl, sizes.npy] atomically (a temp folder renamed)."""
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -38,12 +42,17 @@ def write_split(out_dir, images, labels, meta):
     else:
         np.save(os.path.join(tmp, "images.npy"), np.ascontiguousarray(images, dtype=np.uint8))
     np.save(os.path.join(tmp, "labels.npy"), np.asarray(labels, dtype=np.int64))
+    if captions is not None:
+        with open(os.path.join(tmp, "captions.jsonl"), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(c, ensure_ascii=False) + "\n" for c in captions)
+    if sizes is not None:  # original (height, width) of each image: control metadata (Berrada et al. 2024)
+        np.save(os.path.join(tmp, "sizes.npy"), np.asarray(sizes, dtype=np.int64))
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     print(f"wrote {out_dir}: {meta['count']} images {meta['resolution']}x{meta['resolution']}x{meta['channels']}, "
-          f"{meta['num_classes']} classes")
+          f"{meta['num_classes']} classes" + (", captions" if captions is not None else ""))
 
 
 def make_meta(class_names, resolution, count, source, checksum, skipped=()):
@@ -59,7 +68,8 @@ SHAPES_CLASSES = [f"{c} {s}" for c in COLOURS for s in SHAPES]
 
 
 def draw_shape(rng, label, res=32, ss=4):
-    """One image of class `label` (colour x shape): random size, position, hue jitter and background, antialiased."""
+    """One image of class `label` (colour x shape): random size, position, hue jitter and background, antialiased.
+    Returns the image and the shape's centre and radius as fractions of the image side."""
     colour, shape = SHAPES_CLASSES[label].split()
     big = res * ss
     bg = tuple(int(v) for v in rng.integers(0, 90, 3))
@@ -81,23 +91,37 @@ def draw_shape(rng, label, res=32, ss=4):
         d.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fg)
     else:  # ring
         d.ellipse(box, outline=fg, width=max(1, int(r / 3)))
-    return np.asarray(img.resize((res, res), Image.BOX))
+    return np.asarray(img.resize((res, res), Image.BOX)), (cx / big, cy / big, r / big)
+
+
+def shape_captions(rng, label, cx, cy, r):
+    """Two captions of one shapes image: its colour and shape, a size word, and where it is, in varied wording."""
+    colour, shape = SHAPES_CLASSES[label].split()
+    size = "small " if r < 0.27 else "large " if r > 0.33 else ""
+    v, h = ("top" if cy < 0.4 else "bottom" if cy > 0.6 else ""), ("left" if cx < 0.4 else "right" if cx > 0.6 else "")
+    where = (f"in the {v} {h} corner" if v and h else f"on the {h}" if h else f"at the {v}" if v else "in the centre")
+    first = [f"a {colour} {shape}", f"a {size}{colour} {shape}", f"{colour} {shape}"][rng.integers(3)]
+    second = [f"a {size}{colour} {shape} {where}", f"{colour} {shape} {where}",
+              f"a {colour} {shape} {where} on a dark background"][rng.integers(3)]
+    return [first, second]
 
 
 def make_shapes(count, seed, res=32):
-    rng = np.random.default_rng(seed)
+    """(images, labels, captions); the captions' wording has its own random stream, so images stay as they were."""
+    rng, words = np.random.default_rng(seed), np.random.default_rng([seed, 1])
     labels = np.arange(count, dtype=np.int64) % len(SHAPES_CLASSES)
     rng.shuffle(labels)
-    images = np.stack([draw_shape(rng, int(y), res) for y in labels])
-    return images, labels
+    drawn = [draw_shape(rng, int(y), res) for y in labels]
+    captions = [shape_captions(words, int(y), *where) for y, (_, where) in zip(labels, drawn)]
+    return np.stack([img for img, _ in drawn]), labels, captions
 
 
 def prepare_shapes(out, train_count, test_count):
     for split, count, seed in [("train", train_count, 0), ("test", test_count, 1)]:
-        images, labels = make_shapes(count, seed)
+        images, labels, captions = make_shapes(count, seed)
         checksum = "sha256:" + hashlib.sha256(images.tobytes()).hexdigest()
         meta = make_meta(SHAPES_CLASSES, 32, count, f"shapes (synthetic, seed {seed})", checksum)
-        write_split(os.path.join(out, "shapes", split), images, labels, meta)
+        write_split(os.path.join(out, "shapes", split), images, labels, meta, captions)
 
 
 # ----------------------------------------------------------------------------- CIFAR-10
@@ -193,10 +217,11 @@ def center_crop_arr(img, res):
 
 
 def load_image(args):
+    """(path, res) -> (uint8 [res, res, 3], original (height, width)), or a string saying why it was skipped."""
     path, res = args
     try:
         with Image.open(path) as img:
-            return center_crop_arr(img.convert("RGB"), res)
+            return center_crop_arr(img.convert("RGB"), res), img.size[::-1]
     except Exception as e:  # any undecodable file is skipped and listed, never fatal
         return f"{type(e).__name__}: {e}"
 
@@ -216,21 +241,62 @@ def list_image_folder(src):
     return classes, files
 
 
-def prepare_imagefolder(src, out, name, split, res, workers):
-    classes, files = list_image_folder(src)
+def read_caption_file(path, src):
+    """A JSONL ({"image"|"path": ..., "caption"|"text": ...} per line) or TSV (path<TAB>caption) file of image-text
+    pairs, paths relative to src -> ordered [(image path, [captions])]; repeated paths collect several captions."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--captions {path} does not exist")
+    pairs = {}
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError:
+                raise ValueError(f"--captions {path} line {i} is not UTF-8: re-encode the file as UTF-8") from None
+            if not line.strip() or (i == 1 and line.split("\t")[0] in ("image", "path", "filepath")):
+                continue  # blank lines and a TSV header
+            if path.endswith(".jsonl"):
+                try:
+                    o = json.loads(line)
+                    img, cap = o.get("image", o.get("path")), o.get("caption", o.get("text"))
+                except (ValueError, AttributeError):
+                    img = cap = None
+            else:
+                img, _, cap = line.partition("\t")
+            caps = [cap] if isinstance(cap, str) else cap
+            if not img or not isinstance(caps, list) or not all(isinstance(c, str) and c.strip() for c in caps):
+                raise ValueError(f"--captions {path} line {i}: want an image path and a non-empty caption "
+                                 f"(JSONL keys image/caption, or TSV path<TAB>caption)")
+            pairs.setdefault(os.path.join(src, img), []).extend(c.strip() for c in caps)
+    if not pairs:
+        raise ValueError(f"--captions {path} holds no image-caption pairs")
+    return list(pairs.items())
+
+
+def prepare_imagefolder(src, out, name, split, res, workers, captions_file=None):
+    if captions_file:  # image-text pairs (CC3M): the caption file lists the images; no classes
+        if not os.path.isdir(src):
+            raise FileNotFoundError(f"--src {src} is not a folder")
+        pairs = read_caption_file(captions_file, src)
+        classes, files, captions = ["image"], [(p, 0) for p, _ in pairs], [c for _, c in pairs]
+    else:
+        (classes, files), captions = list_image_folder(src), None
     out_dir = os.path.join(out, name, split)
     os.makedirs(os.path.dirname(out_dir) or ".", exist_ok=True)
     tmp_path = out_dir.rstrip("/") + ".images.tmp.npy"
     arr = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.uint8, shape=(len(files), res, res, 3))
-    labels, skipped, n = [], [], 0
+    labels, kept, sizes, skipped, n = [], [], [], [], 0
     with mp.get_context("spawn").Pool(workers) as pool:
         results = pool.imap(load_image, [(p, res) for p, _ in files], chunksize=64)
-        for (path, y), r in tqdm(zip(files, results), total=len(files), desc=f"{name}/{split}", unit="img"):
+        for k, ((path, y), r) in enumerate(tqdm(zip(files, results), total=len(files), desc=f"{name}/{split}",
+                                                unit="img")):
             if isinstance(r, str):
                 skipped.append(f"{path}: {r}")
                 continue
-            arr[n] = r
+            arr[n], size = r
             labels.append(y)
+            kept.append(k)
+            sizes.append(size)
             n += 1
     arr.flush()
     del arr
@@ -246,7 +312,7 @@ def prepare_imagefolder(src, out, name, split, res, workers):
         print(f"skipped {len(skipped)} unreadable files (listed in meta.json)", file=sys.stderr)
     listing = hashlib.sha256("\n".join(f"{p}\t{y}" for p, y in files).encode()).hexdigest()
     meta = make_meta(classes, res, n, os.path.abspath(src), "sha256-of-file-list:" + listing, skipped)
-    write_split(out_dir, tmp_path, labels, meta)
+    write_split(out_dir, tmp_path, labels, meta, None if captions is None else [captions[k] for k in kept], sizes)
 
 
 # ----------------------------------------------------------------------------- main
@@ -259,6 +325,7 @@ def main(argv=None):
     p.add_argument("--src", help="imagefolder: folder with one sub-folder of images per class")
     p.add_argument("--name", help="imagefolder: dataset name under --out (default: the folder's name)")
     p.add_argument("--split", default="train", help="imagefolder: split name to write")
+    p.add_argument("--captions", help="imagefolder: JSONL or TSV of (image path relative to --src, caption)")
     p.add_argument("--resolution", type=int, default=64, help="imagefolder: output size")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="imagefolder: decoding processes")
     p.add_argument("--count", type=int, default=10000, help="shapes: training images (test gets a fifth)")
@@ -275,7 +342,7 @@ def main(argv=None):
         if not 8 <= a.resolution <= 1024:
             raise ValueError("--resolution must be between 8 and 1024")
         name = a.name or os.path.basename(os.path.normpath(a.src))
-        prepare_imagefolder(a.src, a.out, name, a.split, a.resolution, max(1, a.workers))
+        prepare_imagefolder(a.src, a.out, name, a.split, a.resolution, max(1, a.workers), a.captions)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,10 @@
     python sample.py --ckpt runs/NAME --num 50000 [--sampler ddim|ddpm] [--steps 50] [--ddim-eta 0]
                      [--cfg-scale 1.5] [--seed 0] [--labels 3,5] [--out runs/NAME/samples.npz]
     torchrun --nproc_per_node=8 sample.py --ckpt runs/NAME --num-samples 50000
+    python sample.py --ckpt runs/TEXT --prompt "a red disk" --num 100     # or --prompts FILE (one per line)
+
+Input: a run folder or checkpoint. Output: samples.npz (arr_0 uint8 [N, H, W, C], arr_1 labels or captions, the
+settings as JSON) and samples.png beside it (a caption under each row for text models).
 
 The model and diffusion settings come from the checkpoint. The initial noise and every noise draw of sample i
 depend only on (seed, i), so a sample is the same for any batch size and any number of GPUs, and two models
@@ -22,8 +26,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from model import (build, guided, load_checkpoint, resolve_device, sample_noise, save_atomic, save_grid, to_device,
-                   to_uint8)
+from model import (build, guided, load_checkpoint, neutral_control, resolve_device, sample_noise, save_atomic, save_grid,
+                   to_device, to_uint8, tokenize)
 
 
 def get_parser():
@@ -38,6 +42,13 @@ def get_parser():
     a("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale s (1 = off)")
     a("--seed", type=int, default=0)
     a("--labels", help="comma-separated class indices to cycle through (default: all classes, balanced)")
+    a("--prompt", help="text models: one caption for every sample")
+    a("--prompts", help="text models: captions to cycle through, one per line (.jsonl: a dataset's captions.jsonl, "
+                        "the first caption of each line)")
+    a("--prompt-emb", help="models trained on --text-emb: caption embeddings .npy to cycle through")
+    a("--ctrl-crop", default="0,0,1,1", help="control models: crop box top,left,height,width (fractions)")
+    a("--ctrl-size", help="control models: original size H,W (default: the training set's median)")
+    a("--ctrl-flip", action="store_true", help="control models: condition on a flipped image")
     a("--weights", default="ema", choices=["ema", "model"], help="EMA (default) or raw weights")
     a("--batch", type=int, help="per-process batch (default: 500 on a GPU, 32 on the CPU)")
     a("--shard-size", type=int, default=1000, help="samples per resumable shard")
@@ -58,11 +69,72 @@ def class_labels(num, num_classes, spec=None):
     return classes[np.arange(num) % len(classes)]
 
 
-def generate(net, diffusion, idx, y, seed, shape, args, device, use_bf16):
-    """Samples for global indices idx with labels y -> uint8 [b, H, W, C]."""
+def read_prompts(args, max_len):
+    """The captions to cycle through: --prompt, or the lines of --prompts (UTF-8; .jsonl: a dataset's captions)."""
+    if args.prompt is not None:
+        return [args.prompt]
+    if not os.path.isfile(args.prompts):
+        raise FileNotFoundError(f"--prompts {args.prompts} does not exist")
+    try:
+        with open(args.prompts, encoding="utf-8") as f:
+            lines = [l.rstrip("\r\n") for l in f if l.strip()]
+        if args.prompts.endswith(".jsonl"):
+            lines = [c if isinstance(c, str) else c[0] for c in map(json.loads, lines)]
+    except (UnicodeDecodeError, ValueError, IndexError, TypeError) as e:
+        raise ValueError(f"--prompts {args.prompts} is not UTF-8 text, one caption per line "
+                         f"({type(e).__name__}): re-encode it") from None
+    if not lines:
+        raise ValueError(f"--prompts {args.prompts} holds no caption: write one caption per line")
+    if any(len(l.encode()) > max_len - 1 for l in lines):
+        print(f"note: captions longer than the model's {max_len - 1} bytes are cut, as in training", file=sys.stderr)
+    return lines
+
+
+def conditions(args, m, num):
+    """(host condition of every sample [num, ...], what the npz stores of it, captions or None) from the flags."""
+    if m.get("cond", "class") == "class":
+        if args.prompt is not None or args.prompts or args.prompt_emb:
+            raise ValueError("this is a class-conditional model: use --labels, not --prompt(s)")
+        labels = class_labels(num, m["num_classes"], args.labels)
+        return torch.from_numpy(labels), dict(arr_1=labels), None
+    if m.get("ext_dim"):
+        if not args.prompt_emb:
+            raise ValueError("this model reads precomputed caption embeddings: give --prompt-emb FILE.npy")
+        emb = np.load(args.prompt_emb, mmap_mode="r")
+        emb = emb.reshape(len(emb), -1, emb.shape[-1])
+        if emb.shape[1:] != (m["max_len"], m["ext_dim"]):
+            raise ValueError(f"--prompt-emb rows are {list(emb.shape[1:])}, the model wants [{m['max_len']}, "
+                             f"{m['ext_dim']}]")
+        rows = np.arange(num) % len(emb)
+        return torch.from_numpy(np.asarray(emb[rows], dtype=np.float32)), dict(prompt_rows=rows), None
+    if args.prompt is None and not args.prompts:
+        raise ValueError("this is a text model: give --prompt TEXT or --prompts FILE")
+    prompts = read_prompts(args, m["max_len"])
+    captions = [prompts[i % len(prompts)] for i in range(num)]
+    return tokenize(captions, m["max_len"]), dict(captions=np.array(captions)), captions
+
+
+def control(args, m, data):
+    """Control metadata of every sample [1, 7]: no crop and no flip unless the flags say otherwise."""
+    if not m.get("control"):
+        return None
+    try:
+        crop = [float(v) for v in args.ctrl_crop.split(",")]
+        size = [int(v) for v in args.ctrl_size.split(",")] if args.ctrl_size else data.get("control_size")
+        assert len(crop) == 4 and all(0 <= v <= 1 for v in crop) and len(size or [0, 0]) == 2
+    except (ValueError, AssertionError):
+        raise ValueError("--ctrl-crop wants top,left,height,width in [0, 1] and --ctrl-size H,W") from None
+    ctrl = neutral_control(1, m["resolution"], size)
+    ctrl[0, :4], ctrl[0, 6] = torch.tensor(crop), float(args.ctrl_flip)
+    return ctrl
+
+
+def generate(net, diffusion, idx, c, ctrl, seed, shape, args, device, use_bf16):
+    """Samples for global indices idx with conditions c (and control metadata) -> uint8 [b, H, W, C]."""
     x = to_device(sample_noise(seed, idx, shape), device)
     noise_fn = lambda k: to_device(sample_noise(seed, idx, shape, step=k), device)
-    model_fn = guided(net, torch.from_numpy(y).to(device), args.cfg_scale)
+    ctrl = None if ctrl is None else ctrl.to(device).expand(len(idx), -1)
+    model_fn = guided(net, to_device(c, device), args.cfg_scale, ctrl)
     with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
         if args.sampler == "ddim":
             x = diffusion.ddim_sample(model_fn, x, args.steps, args.ddim_eta, noise_fn)
@@ -111,11 +183,13 @@ def run(args, rank, world, ddp):
     fwd = torch.compile(net) if use_compile else net
     m = cfg["model"]
     shape = (m["channels"], m["resolution"], m["resolution"])
-    labels = class_labels(args.num, m["num_classes"], args.labels)
+    cond, stored, captions = conditions(args, m, args.num)
+    ctrl = control(args, m, cfg.get("data", {}))
     settings = dict(ckpt=os.path.abspath(args.ckpt), step=ckpt["step"], weights=args.weights, num=args.num,
                     sampler=args.sampler, steps=args.steps if args.sampler == "ddim" else diffusion.T,
                     ddim_eta=args.ddim_eta, cfg_scale=args.cfg_scale, seed=args.seed, labels=args.labels,
-                    config=cfg)
+                    conditions=hashlib.sha256(next(iter(stored.values())).tobytes()).hexdigest()[:16],
+                    control=None if ctrl is None else ctrl[0].tolist(), config=cfg)
     # shards of a different setting never mix: their folder is keyed by the settings
     key = hashlib.sha256(json.dumps({k: v for k, v in settings.items() if k != "config"},
                                     sort_keys=True).encode()).hexdigest()[:12]
@@ -141,7 +215,7 @@ def run(args, rank, world, ddp):
             idx = np.arange(b, min(b + args.batch, hi))
             # a compiled model sees one batch shape (no recompile for a short last batch): pad, then drop the extra
             padded = np.pad(idx, (0, args.batch - len(idx)), mode="edge") if use_compile else idx
-            images = generate(fwd, diffusion, padded, labels[padded], args.seed, shape, args, device, use_bf16)
+            images = generate(fwd, diffusion, padded, cond[padded], ctrl, args.seed, shape, args, device, use_bf16)
             parts.append(images[:len(idx)])
             bar.update(len(idx))
             done += len(idx)
@@ -156,11 +230,24 @@ def run(args, rank, world, ddp):
         dist.barrier()
     if rank == 0:
         images = np.concatenate([np.load(shard_path(s)) for s in range(n_shards)])
-        save_atomic(out, lambda f: np.savez(f, arr_0=images, arr_1=labels, settings=np.array(json.dumps(settings))))
+        save_atomic(out, lambda f: np.savez(f, arr_0=images, settings=np.array(json.dumps(settings)), **stored))
         shutil.rmtree(shard_dir)
-        grid = images[:min(len(images), 100)]
-        save_grid(os.path.splitext(out)[0] + ".png", grid, nrow=max(1, int(np.sqrt(len(grid)))))
-        print(f"wrote {out}: arr_0 {images.shape} uint8, arr_1 labels")
+        save_preview(os.path.splitext(out)[0] + ".png", images, captions)
+        print(f"wrote {out}: arr_0 {images.shape} uint8, {', '.join(stored)}")
+
+
+def save_preview(path, images, captions):
+    """The first 100 samples; for captions one row per distinct caption (10 at most) with the caption under it."""
+    if not captions:
+        grid = images[:100]
+        return save_grid(path, grid, nrow=max(1, int(np.sqrt(len(grid)))))
+    rows = list(dict.fromkeys(captions))[:10]
+    picks = [[i for i, c in enumerate(captions) if c == r][:10] for r in rows]
+    ncol = max(map(len, picks))
+    grid = np.zeros((len(rows) * ncol,) + images.shape[1:], np.uint8)
+    for r, p in enumerate(picks):
+        grid[r * ncol:r * ncol + len(p)] = images[p]
+    save_grid(path, grid, nrow=len(rows), captions=rows)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,14 @@
-"""Pre-train a class-conditional diffusion model on labels corrupted at ratio eta (Chen et al., NeurIPS 2024).
+"""Pre-train a conditional diffusion model on conditions corrupted at ratio eta (Chen et al., NeurIPS 2024):
+class labels flipped, or captions swapped.
 
 One process (CPU or one GPU):   python train.py --data data/shapes/train --preset tiny --steps 2000
 Several GPUs (DDP):             torchrun --nproc_per_node=8 train.py --eta 0.05
+Text-conditional:               python train.py --data data/shapes/train --preset tiny --cond text --eta 0.1
 Continue a killed run:          python train.py --resume runs/NAME
+Start from a lower resolution:  python train.py --data data/in64/train --preset in64 --init-from runs/in32
+
+Input: a dataset folder from prepare_data.py. Output: a run folder (config.json, corruption.npz, log.jsonl,
+ckpt.pt, grid-<step>.png; see README "File formats").
 
 Everything random in a step (timesteps, noise, label dropout, CEP, flips, dropout masks) is drawn from
 generators seeded by (seed, step), for the global batch, before it is split over ranks: the run is the same
@@ -21,16 +27,18 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import corrupt
-from model import (CKPT_FORMAT, Denoiser, Diffusion, cep_delta, guided, load_checkpoint, sample_noise, save_atomic,
-                   resolve_device, save_grid, to_device, to_uint8)
+from model import (CKPT_FORMAT, PRESETS, Denoiser, Diffusion, guided, load_checkpoint, neutral_control, sample_noise,
+                   save_atomic, resolve_device, save_grid, to_device, to_uint8, tokenize)
 
 # Flags a resumed run may change; every other flag must match the checkpoint's stored config.
 RESUMABLE = {"steps", "log_every", "ckpt_every", "snapshot_every", "compile", "batch_gpu", "device", "grid_cfg",
              "grid_steps"}
+LABEL_CORRUPTIONS = ("symmetric", "asymmetric")
 # Dense bf16 tensor-core peaks (FLOP/s) for MFU, from the vendors' data sheets.
 PEAK_BF16 = {"H100 SXM": 989.4e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989.4e12, "H200": 989.4e12,
              "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165.2e12}
@@ -46,14 +54,29 @@ def get_parser():
     a("--dropout", type=float, help="override the preset's dropout")
     a("--schedule", default="linear", choices=["linear", "cosine"], help="noise schedule (paper: linear)")
     a("--prediction", default="eps", choices=["eps", "v"])
-    a("--eta", type=float, default=0.0, help="fraction of corrupted labels, in [0, 1)")
-    a("--corruption", default="symmetric", choices=["symmetric", "asymmetric"])
+    a("--cond", default="class", choices=["class", "text"], help="condition on class labels or on captions")
+    a("--eta", type=float, default=0.0, help="fraction of corrupted labels (or swapped captions), in [0, 1)")
+    a("--corruption", choices=["symmetric", "asymmetric", "swap"],
+      help="label flips (default for class) or caption swaps (default for text)")
     a("--corruption-mode", default="fixed", choices=["fixed", "resample"],
       help="fixed once (paper) or drawn anew each epoch (paper App. E.4)")
     a("--corrupt-classes", help="asymmetric: the class subset (indices or names, comma-separated)")
     a("--cep", default="none", choices=["none", "uniform", "gaussian"], help="condition embedding perturbation")
     a("--cep-gamma", type=float, default=1.0)
-    a("--label-dropout", type=float, default=0.1, help="probability of the null class (classifier-free guidance)")
+    a("--label-dropout", type=float, default=0.1, help="probability of the null class or empty caption (CFG)")
+    a("--text-dim", type=int, help="text encoder width (default: by preset, 64/256/384)")
+    a("--text-layers", type=int, help="text encoder layers (default: by preset, 2/4/6)")
+    a("--max-len", type=int, default=64, help="caption length in UTF-8 bytes (longer captions are cut)")
+    a("--text-emb", help="precomputed caption embeddings .npy [N, D] or [N, L, D] in images.npy order, in place of "
+                         "the built-in encoder")
+    a("--replicate-pad", action=argparse.BooleanOptionalAction, default=True,
+      help="noisy replicate padding of the caption tokens (Berrada et al. 2024)")
+    a("--pad-noise", type=float, default=0.1, help="std of the replicate-padding noise (training only)")
+    a("--control", default="none", choices=["none", "phased", "sum"],
+      help="control metadata (crop, size, flip): phased in over the noise level (Berrada et al.) or summed into c_vec")
+    a("--crop-scale", type=float, default=1.0, help="random crops of side in [crop-scale, 1] of the image (1: off)")
+    a("--init-from", help="run folder to start from (its EMA weights) at this dataset's resolution")
+    a("--schedule-shift", type=float, help="divide the SNR by shift^2 (default 1; --init-from: new/old resolution)")
     a("--subset", type=int, help="train on a seeded subset of this many images (Zhang et al. 2024)")
     a("--hflip", action=argparse.BooleanOptionalAction, default=True, help="random horizontal flips")
     a("--batch-size", type=int, default=128, help="global batch over all ranks and accumulation steps")
@@ -90,6 +113,14 @@ def parse_args(argv=None):
 
 def check_args(a):
     corrupt.check_eta(a.eta)
+    a.corruption = a.corruption or ("swap" if a.cond == "text" else "symmetric")
+    if (a.corruption == "swap") != (a.cond == "text"):
+        raise ValueError(f"--corruption {a.corruption} does not go with --cond {a.cond}: labels are flipped "
+                         f"(symmetric, asymmetric), captions swapped (swap)")
+    if a.text_emb and a.cond != "text":
+        raise ValueError("--text-emb needs --cond text")
+    if not 0 < a.crop_scale <= 1 or a.pad_noise < 0 or a.max_len < 2:
+        raise ValueError("--crop-scale must be in (0, 1], --pad-noise >= 0 and --max-len >= 2")
     for k in ("batch_size", "steps", "log_every", "ckpt_every"):
         if getattr(a, k) < 1:
             raise ValueError(f"--{k.replace('_', '-')} must be at least 1")
@@ -124,6 +155,20 @@ def load_dataset(path, subset, data_seed):
         index = np.sort(np.random.default_rng([data_seed, 1]).choice(len(labels), subset, replace=False))
         labels = labels[index]
     return images, labels.astype(np.int64), index, meta
+
+
+def load_text(args, path, count):
+    """(captions, embeddings): the dataset's captions.jsonl, or --text-emb [N, L, D] (memory-mapped)."""
+    if not args.text_emb:
+        return corrupt.read_captions(path, count), None
+    try:
+        emb = np.load(args.text_emb, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read --text-emb {args.text_emb} as .npy ({type(e).__name__})") from None
+    if emb.ndim not in (2, 3) or len(emb) != count or not np.issubdtype(emb.dtype, np.floating):
+        raise ValueError(f"--text-emb {args.text_emb} is {emb.dtype} {list(emb.shape)}: want float [{count}, D] or "
+                         f"[{count}, L, D], one row per image in images.npy order")
+    return None, emb.reshape(count, -1, emb.shape[-1])
 
 
 class Batches:
@@ -173,13 +218,40 @@ class Batches:
 
 
 def make_label_fn(args, labels, num_classes, class_names):
-    """epoch -> training labels; fixed corruption is computed once, resample mode per epoch (App. E.4)."""
+    """epoch -> training labels (captions: the image whose caption each image gets); fixed corruption is computed
+    once, resample mode per epoch (App. E.4)."""
+    if args.corruption == "swap":
+        fixed, mask = corrupt.corrupt_captions(len(labels), args.eta, args.data_seed)
+        if args.corruption_mode == "fixed":
+            return (lambda e: fixed), fixed, mask
+        return (lambda e: corrupt.corrupt_captions(len(labels), args.eta, args.data_seed, epoch=e)[0]), fixed, mask
     classes = corrupt.parse_classes(args.corrupt_classes, class_names) if args.corruption == "asymmetric" else None
     fixed, mask = corrupt.corrupt_labels(labels, args.eta, num_classes, args.data_seed, classes)
     if args.corruption_mode == "fixed":
         return (lambda e: fixed), fixed, mask
     return (lambda e: corrupt.corrupt_labels(labels, args.eta, num_classes, args.data_seed, classes, epoch=e)[0]), \
         fixed, mask
+
+
+def make_cond(args, y, index, captions, text_emb, step):
+    """Host-side condition of a global batch: class labels, byte tokens of one caption per image (which one is
+    drawn by (seed, step)), or precomputed caption embeddings. For captions y holds the (swapped) caption's image."""
+    if args.cond == "class":
+        return y
+    rows = index[y.numpy()]
+    if text_emb is not None:
+        return torch.from_numpy(np.asarray(text_emb[rows], dtype=np.float32))
+    rng = np.random.default_rng([args.seed, step, 4])
+    return tokenize([captions[r][rng.integers(len(captions[r]))] for r in rows], args.max_len)
+
+
+def random_crop(x, top, left, side):
+    """Crop the box (top, left, side x side, fractions of the image) of each image and resize it to full size."""
+    zero = torch.zeros_like(side)
+    theta = torch.stack([torch.stack([side, zero, 2 * left + side - 1], 1),
+                         torch.stack([zero, side, 2 * top + side - 1], 1)], 1)
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -199,25 +271,51 @@ def peak_flops(device):
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
-def train_flops_per_image(net, diffusion, shape, device):
-    """Forward+backward FLOPs of one image, counted by torch.utils.flop_counter on a batch of 2."""
+def train_flops_per_image(net, diffusion, shape, c, device):
+    """Forward+backward FLOPs of one image, counted by torch.utils.flop_counter on a batch of 2 (conditions c)."""
     from torch.utils.flop_counter import FlopCounterMode
     x = torch.randn(2, *shape, device=device)
-    t, y = torch.tensor([10, 500], device=device), torch.zeros(2, dtype=torch.long, device=device)
+    t = torch.tensor([10, 500], device=device)
     with FlopCounterMode(display=False) as fc:
-        diffusion.loss(net, x, y, t, torch.randn_like(x)).mean().backward()
+        diffusion.loss(net, x, c[:2].to(device), t, torch.randn_like(x)).mean().backward()
     net.zero_grad(set_to_none=True)
     return fc.get_total_flops() / 2
 
 
-def draw_grid(ema, diffusion, num_classes, res, ch, device, cfg_scale, steps, path, ncol=8):
-    """One row per class (at most 16 classes, evenly spaced), fixed noise, DDIM from the EMA weights."""
-    classes = np.unique(np.linspace(0, num_classes - 1, min(num_classes, 16)).round().astype(np.int64))
-    y = torch.from_numpy(np.repeat(classes, ncol)).to(device)
-    x = sample_noise(0, range(len(y)), (ch, res, res)).to(device)
+def grid_rows(args, num_classes, captions, text_emb):
+    """(condition of each row, captions to print under them): up to 16 classes evenly spaced, or the (first)
+    captions of the dataset's first 8 images."""
+    if args.cond == "class":
+        classes = np.unique(np.linspace(0, num_classes - 1, min(num_classes, 16)).round().astype(np.int64))
+        return torch.from_numpy(classes), None
+    if text_emb is not None:
+        return torch.from_numpy(np.array(text_emb[:8], dtype=np.float32)), None
+    prompts = [c[0] for c in captions[:8]]
+    return tokenize(prompts, args.max_len), prompts
+
+
+def draw_grid(ema, diffusion, rows, captions, ctrl_size, shape, device, cfg_scale, steps, path, ncol=8):
+    """ncol samples per row condition, fixed noise, DDIM from the EMA weights, no crop and no flip."""
+    c = rows.repeat_interleave(ncol, 0).to(device)
+    x = sample_noise(0, range(len(c)), shape).to(device)
+    ctrl = neutral_control(len(c), shape[-1], ctrl_size, device) if ema.control_mode else None
     with torch.no_grad():
-        x = diffusion.ddim_sample(guided(ema, y, cfg_scale), x, steps=steps)
-    save_grid(path, to_uint8(x), nrow=len(classes))
+        x = diffusion.ddim_sample(guided(ema, c, cfg_scale, ctrl), x, steps=steps)
+    save_grid(path, to_uint8(x), nrow=len(rows), captions=captions)
+
+
+def init_from(args, model_cfg, diff_cfg):
+    """Resolution transfer (Berrada et al. 2024): the checkpoint of a run at a lower resolution. Every weight of the
+    UNet is independent of the image size, so all carry over: attention stays at the same levels (attn_res scaled by
+    new / old resolution) and the SNR is divided by (new / old)^2 unless --schedule-shift says otherwise."""
+    src = load_checkpoint(args.init_from)
+    old = src["config"]["model"]
+    ratio = model_cfg["resolution"] / old["resolution"]
+    model_cfg["attn_res"] = [round(r * ratio) for r in old.get("attn_res", PRESETS[old["preset"]]["attn_res"])]
+    if args.schedule_shift is None:
+        diff_cfg["shift"] = src["config"]["diffusion"].get("shift", 1.0) * ratio
+    args.schedule_shift = diff_cfg["shift"]  # stored resolved
+    return src
 
 
 def trim_log(path, step):
@@ -288,58 +386,91 @@ def run(args, rank, world, local_rank, ddp):
 
     images, clean_labels, index, meta = load_dataset(args.data, args.subset, args.data_seed)
     num_classes, res, ch = meta["num_classes"], images.shape[1], images.shape[3]
+    captions, text_emb = load_text(args, args.data, len(images)) if args.cond == "text" else (None, None)
+    sizes_path = os.path.join(args.data, "sizes.npy")
+    sizes = np.load(sizes_path) if args.control != "none" and os.path.isfile(sizes_path) else None
     label_fn, fixed_labels, mask = make_label_fn(args, clean_labels, num_classes, meta["class_names"])
     in_memory = len(index) * int(np.prod(images.shape[1:])) < 8 << 30
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     data = Batches(images, clean_labels, index, device, args.seed, label_fn, in_memory, memory_format)
 
-    model_cfg = dict(num_classes=num_classes, resolution=res, channels=ch, preset=args.preset)
-    if args.dropout is not None:
-        model_cfg["dropout"] = args.dropout
-    diff_cfg = dict(schedule=args.schedule, T=1000, prediction=args.prediction)
+    if ckpt is not None:  # the model and schedule a run started with, --init-from included
+        model_cfg, diff_cfg = ckpt["config"]["model"], ckpt["config"]["diffusion"]
+    else:
+        model_cfg = dict(num_classes=num_classes, resolution=res, channels=ch, preset=args.preset, cond=args.cond)
+        if args.dropout is not None:
+            model_cfg["dropout"] = args.dropout
+        if args.cond == "text":
+            model_cfg.update(text_dim=args.text_dim, text_layers=args.text_layers, replicate_pad=args.replicate_pad,
+                             pad_noise=args.pad_noise, max_len=args.max_len if text_emb is None else text_emb.shape[1],
+                             ext_dim=None if text_emb is None else text_emb.shape[2])
+        if args.control != "none":
+            model_cfg["control"] = args.control
+        diff_cfg = dict(schedule=args.schedule, T=1000, prediction=args.prediction, shift=args.schedule_shift or 1.0)
+        src = init_from(args, model_cfg, diff_cfg) if args.init_from else None
     train_cfg = {k: v for k, v in vars(args).items() if k not in ("resume", "given")}
     train_cfg.update(batch_gpu=batch_gpu, world_size=world, accum=accum)
+    control_size = np.median(sizes, 0).round().astype(int).tolist() if sizes is not None else [res, res]
     config = dict(model=model_cfg, diffusion=diff_cfg, train=train_cfg,
-                  data=dict(path=os.path.abspath(args.data), **{k: meta[k] for k in ("num_classes", "class_names",
-                                                                                 "resolution", "count")}))
+                  data=dict(path=os.path.abspath(args.data), control_size=control_size,
+                            **{k: meta[k] for k in ("num_classes", "class_names", "resolution", "count")}))
     if args.out is None:
         dataset = os.path.basename(os.path.dirname(os.path.abspath(args.data)))
         cep = "" if args.cep == "none" else f"-cep{args.cep}"
-        args.out = os.path.join("runs", f"{dataset}-{args.preset}-eta{args.eta:g}{cep}")
+        text = "-text" if args.cond == "text" else ""
+        args.out = os.path.join("runs", f"{dataset}-{args.preset}{text}-eta{args.eta:g}{cep}")
     torch.manual_seed(args.seed)
     net = Denoiser(**model_cfg).to(device, memory_format=memory_format)
     diffusion = Diffusion(**diff_cfg).to(device)
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                            fused=device.type == "cuda")
     step = 0
     if ckpt is not None:
         net.load_state_dict(ckpt["model"])
+    elif src is not None:
+        try:
+            net.load_state_dict(src["ema"])
+        except RuntimeError as e:
+            detail = [l.strip() for l in str(e).splitlines()[1:2]]
+            raise ValueError(f"--init-from {args.init_from}: its weights do not fit this model ({'; '.join(detail)}); "
+                             f"give the --preset, --cond and text/control flags of that run") from None
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                            fused=device.type == "cuda")
+    if ckpt is not None:
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
         step = ckpt["step"]
     elif not args.bench and os.path.exists(os.path.join(args.out, "ckpt.pt")):
         raise ValueError(f"{args.out} already holds a run: continue it with --resume {args.out} or pick another --out")
 
+    grid_c, grid_captions = grid_rows(args, num_classes, captions, text_emb)
     peak = peak_flops(device)
-    flops_img = train_flops_per_image(net, diffusion, (ch, res, res), device) if peak or args.bench else None
+    flops_img = train_flops_per_image(net, diffusion, (ch, res, res), grid_c.repeat_interleave(2, 0), device) \
+        if peak or args.bench else None
     mfu = lambda images_per_s: flops_img * images_per_s / (peak * world) if peak else None
     wrapped = DDP(net, device_ids=[local_rank] if device.type == "cuda" else None, gradient_as_bucket_view=True) \
         if ddp else net
     fwd = torch.compile(wrapped) if use_compile else wrapped  # checkpoints are saved from `net`: no _orig_mod. keys
     if master:
         n_params = sum(p.numel() for p in net.parameters())
-        print(f"{n_params / 1e6:.2f}M parameters | {len(index)} images, {num_classes} classes | eta {args.eta} "
-              f"({int(mask.sum())} labels corrupted, {args.corruption}/{args.corruption_mode}) | cep {args.cep} | "
+        if args.cond == "class":
+            what = "labels corrupted"
+        elif captions is None:
+            what = "caption embeddings swapped"
+        else:  # a swap between two identical captions changes nothing
+            what = f"captions swapped, {sum(captions[index[i]] != captions[index[j]] for i, j in enumerate(fixed_labels))} changed"
+        print(f"{n_params / 1e6:.2f}M parameters | {len(index)} images, {num_classes} classes, cond {args.cond} | "
+              f"eta {args.eta} ({int(mask.sum())} {what}, {args.corruption}/{args.corruption_mode}) | cep {args.cep} | "
               f"batch {args.batch_size} = {world} x {batch_gpu} x {accum} | {device} compile={use_compile} "
               f"bf16={use_bf16} | {args.out}")
         if not args.bench:
             os.makedirs(args.out, exist_ok=True)
             with open(os.path.join(args.out, "config.json"), "w") as f:
                 json.dump(config, f, indent=1)
+            conds = dict(labels=fixed_labels, clean_labels=clean_labels) if args.cond == "class" else \
+                dict(source=fixed_labels)
             save_atomic(os.path.join(args.out, "corruption.npz"), lambda f: np.savez(
-                f, labels=fixed_labels, mask=mask, clean_labels=clean_labels, index=index, seed=args.data_seed,
-                eta=args.eta, kind=args.corruption, mode=args.corruption_mode))
+                f, mask=mask, index=index, seed=args.data_seed, eta=args.eta, kind=args.corruption,
+                mode=args.corruption_mode, **conds))
             trim_log(os.path.join(args.out, "log.jsonl"), step)
 
     def save(step):
@@ -351,8 +482,8 @@ def run(args, rank, world, local_rank, ddp):
         save_atomic(os.path.join(args.out, "ckpt.pt"), lambda f: torch.save(state, f))
         if args.snapshot_every and step % args.snapshot_every == 0:
             save_atomic(os.path.join(args.out, f"ckpt-{step:07d}.pt"), lambda f: torch.save(state, f))
-        draw_grid(ema, diffusion, num_classes, res, ch, device, args.grid_cfg, args.grid_steps,
-                  os.path.join(args.out, f"grid-{step:07d}.png"))
+        draw_grid(ema, diffusion, grid_c, grid_captions, control_size, (ch, res, res), device, args.grid_cfg,
+                  args.grid_steps, os.path.join(args.out, f"grid-{step:07d}.png"))
 
     gen = torch.Generator(device=device)
     T, B = diffusion.T, args.batch_size
@@ -373,11 +504,20 @@ def run(args, rank, world, local_rank, ddp):
         gen.manual_seed(seed_of(args.seed, step))
         t = torch.randint(0, T, (B,), generator=gen, device=device)
         noise = torch.randn(B, ch, res, res, generator=gen, device=device)
-        y = to_device(y, device)
-        y = torch.where(torch.rand(B, generator=gen, device=device) < args.label_dropout, num_classes, y)
-        flip = torch.rand(B, generator=gen, device=device) < 0.5
-        # CEP perturbs every embedding of the batch, the null class included (Eq. 8 makes no exception)
-        delta = None if args.cep == "none" else cep_delta(args.cep, args.cep_gamma, (B, net.unet.emb_dim), gen, device)
+        c = to_device(make_cond(args, y, index, captions, text_emb, step), device)
+        drop = torch.rand(B, generator=gen, device=device) < args.label_dropout
+        c = torch.where(drop.view(-1, *[1] * (c.dim() - 1)), net.null_cond(c), c)
+        flip = (torch.rand(B, generator=gen, device=device) < 0.5) & args.hflip
+        delta = net.cond_noise(c, args.cep, args.cep_gamma, gen)  # CEP, and the replicate-padding noise
+        top, left, side = torch.zeros(B, device=device), torch.zeros(B, device=device), torch.ones(B, device=device)
+        if args.crop_scale < 1:
+            side = args.crop_scale + (1 - args.crop_scale) * torch.rand(B, generator=gen, device=device)
+            top, left = (torch.rand(2, B, generator=gen, device=device) * (1 - side)).unbind()
+        ctrl = None
+        if args.control != "none":  # what was done to each image: the crop box, its original size, the flip
+            hw = to_device(torch.from_numpy(sizes[index[idx]]), device).float() if sizes is not None else \
+                torch.full((B, 2), float(res), device=device)
+            ctrl = torch.cat([torch.stack([top, left, side, side], 1), hw, flip[:, None].float()], 1)
         torch.manual_seed(seed_of(args.seed, step, rank, 3))  # dropout masks
         lr = args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
         for g in opt.param_groups:
@@ -385,11 +525,14 @@ def run(args, rank, world, local_rank, ddp):
         for m in range(accum):
             sl = slice(rank * B // world + m * batch_gpu, rank * B // world + (m + 1) * batch_gpu)
             x0 = data.images_at(idx[sl])
+            if args.crop_scale < 1:
+                x0 = random_crop(x0, top[sl], left[sl], side[sl])
             if args.hflip:
                 x0 = torch.where(flip[sl, None, None, None], x0.flip(3), x0)
             sync = contextlib.nullcontext() if not ddp or m == accum - 1 else wrapped.no_sync()
             with sync, torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
-                losses = diffusion.loss(fwd, x0, y[sl], t[sl], noise[sl], None if delta is None else delta[sl])
+                losses = diffusion.loss(fwd, x0, c[sl], t[sl], noise[sl], None if delta is None else delta[sl],
+                                        None if ctrl is None else ctrl[sl])
                 (losses.mean() / accum).backward()
             q = t[sl] * 4 // T
             loss_sum.index_add_(0, q, losses.detach().double())

@@ -28,6 +28,17 @@ def tiny_run(shapes, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_text_run(shapes, tmp_path_factory):
+    """A tiny caption-conditioned model with control metadata, trained for 2 steps."""
+    import train
+    out = str(tmp_path_factory.mktemp("runs") / "tiny-text")
+    train.main(["--data", f"{shapes}/train", "--out", out, "--preset", "tiny", "--batch-size", "8", "--steps", "2",
+                "--warmup", "1", "--ckpt-every", "2", "--grid-steps", "1", "--cond", "text", "--control", "phased",
+                "--max-len", "32"])
+    return out
+
+
+@pytest.fixture(scope="session")
 def inception_weights(tmp_path_factory):
     """A randomly initialised FID Inception saved like the published weight file (no test needs the real one)."""
     import torch

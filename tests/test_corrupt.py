@@ -87,3 +87,44 @@ def test_cli_writes_labels_and_mask(shapes, tmp_path, capsys):
     z = np.load(out)
     assert z["mask"].sum() == 20 and (z["labels"] != z["clean_labels"]).sum() == 20
     assert "corrupted 20 of 200 labels" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("n,eta", [(1000, 0.1), (1001, 0.075), (1000, 0.003), (10, 0.5), (7, 0.999)])
+def test_caption_swap_counts_and_no_self_swaps(n, eta):
+    source, mask = corrupt.corrupt_captions(n, eta, seed=0)
+    k = round(eta * n)
+    assert mask.sum() == k and np.all(source[mask] != np.flatnonzero(mask)) and np.all(source[~mask] == np.flatnonzero(~mask))
+    assert sorted(source.tolist()) == list(range(n))  # a permutation: every caption is used exactly once
+    swapped = np.flatnonzero(mask)
+    pairs = swapped[source[source[swapped]] == swapped]  # two images that took each other's caption
+    assert len(pairs) == (k if k % 2 == 0 else k - 3)  # an odd count leaves one rotation of three
+    again = corrupt.corrupt_captions(n, eta, seed=0)[0]
+    assert np.array_equal(source, again) and (k < 2 or not np.array_equal(source, corrupt.corrupt_captions(n, eta, 1)[0]))
+
+
+def test_caption_swap_resample_mode_and_impossible_counts():
+    e0, e1 = corrupt.corrupt_captions(500, 0.2, 3, epoch=0)[0], corrupt.corrupt_captions(500, 0.2, 3, epoch=1)[0]
+    assert not np.array_equal(e0, e1) and (e0 != np.arange(500)).sum() == (e1 != np.arange(500)).sum() == 100
+    with pytest.raises(ValueError, match="a swap needs two"):
+        corrupt.corrupt_captions(10, 0.1, 0)
+
+
+def test_read_captions_checks_count_and_encoding(tmp_path):
+    (tmp_path / "captions.jsonl").write_bytes(b'"a red disk"\n["two", "captions"]\n')
+    assert corrupt.read_captions(str(tmp_path), 2) == [["a red disk"], ["two", "captions"]]
+    with pytest.raises(ValueError, match="has 2 lines for 3 images"):
+        corrupt.read_captions(str(tmp_path), 3)
+    (tmp_path / "captions.jsonl").write_bytes(b'"a red disk"\n"\xff\xfe"\n')
+    with pytest.raises(ValueError, match="line 2 is not a UTF-8 JSON caption"):
+        corrupt.read_captions(str(tmp_path), 2)
+    (tmp_path / "captions.jsonl").write_bytes(b'"a"\n[]\n')
+    with pytest.raises(ValueError, match="line 2: want a caption"):
+        corrupt.read_captions(str(tmp_path), 2)
+
+
+def test_cli_swap_says_how_many_captions_changed(shapes, tmp_path, capsys):
+    corrupt.main(["--data", f"{shapes}/train", "--eta", "0.3", "--kind", "swap", "--out", str(tmp_path / "c.npz")])
+    out = capsys.readouterr().out
+    assert "swapped the captions of 60 of 200 images" in out and "captions changed" in out
+    z = np.load(tmp_path / "c.npz")
+    assert z["mask"].sum() == 60 and sorted(z["source"].tolist()) == list(range(200))

@@ -24,12 +24,23 @@ def test_shapes_split_format_and_determinism(shapes, tmp_path):
     assert labels.dtype == np.int64 and np.bincount(labels).tolist() == [20] * 10
     assert meta["num_classes"] == 10 and meta["count"] == 200 and meta["resolution"] == 32
     assert meta["source_checksum"].startswith("sha256:") and meta["skipped"] == []
-    again, _ = prepare_data.make_shapes(200, seed=0)
+    again, _, captions = prepare_data.make_shapes(200, seed=0)
     assert np.array_equal(again, images)
+    stored = [json.loads(l) for l in open(f"{shapes}/train/captions.jsonl", encoding="utf-8")]
+    assert stored == captions and len(stored) == 200
+
+
+def test_shapes_captions_name_colour_and_shape_in_varied_wording():
+    _, labels, captions = prepare_data.make_shapes(500, seed=0)
+    for y, caps in zip(labels, captions):
+        assert len(caps) == 2 and all(prepare_data.SHAPES_CLASSES[y] in c for c in caps), caps
+    flat = [c for caps in captions for c in caps]
+    assert len({c.replace("red", "blue") for c in flat}) > 30  # sizes, positions, templates
+    assert any(" left" in c for c in flat) and any("top right" in c for c in flat) and "a red disk" in flat
 
 
 def test_shapes_classes_differ_in_colour():
-    images, labels = prepare_data.make_shapes(200, seed=0)
+    images, labels, _ = prepare_data.make_shapes(200, seed=0)
     mean_rgb = np.array([images[labels == c].reshape(-1, 3).mean(0) for c in range(10)])
     assert np.all(mean_rgb[:5, 0] > mean_rgb[:5, 2])  # red classes
     assert np.all(mean_rgb[5:, 2] > mean_rgb[5:, 0])  # blue classes
@@ -118,3 +129,47 @@ def test_cifar_download_without_network_says_where_to_put_the_tarball(tmp_path, 
         prepare_data.prepare_cifar10(str(tmp_path))
     assert "cifar-10-python.tar.gz" in str(e.value) and "\n" not in str(e.value)
     assert not any(p.name.endswith(".part") for p in (tmp_path / "downloads").iterdir())
+
+
+def caption_folder(tmp_path):
+    src = tmp_path / "src"
+    (src / "00000").mkdir(parents=True)
+    for i, (w, h) in enumerate([(40, 30), (20, 50), (33, 33)]):
+        Image.new("RGB", (w, h), (40 * i, 0, 0)).save(src / "00000" / f"{i}.jpg")
+    (src / "00000" / "3.jpg").write_bytes(b"")  # zero bytes: skipped, its caption dropped
+    return src
+
+
+@pytest.mark.parametrize("fmt", ["tsv", "jsonl"])
+def test_imagefolder_with_captions_keeps_pairs_in_order(tmp_path, fmt):
+    src = caption_folder(tmp_path)
+    rows = [("00000/1.jpg", "a tall image"), ("00000/0.jpg", "a wide image"), ("00000/3.jpg", "empty file"),
+            ("00000/1.jpg", "it is tall"), ("00000/2.jpg", "un carré rouge")]
+    path = tmp_path / f"caps.{fmt}"
+    if fmt == "tsv":
+        path.write_text("image\tcaption\n" + "".join(f"{p}\t{c}\n" for p, c in rows), encoding="utf-8")
+    else:
+        path.write_text("".join(json.dumps({"image": p, "caption": c}) + "\n" for p, c in rows), encoding="utf-8")
+    prepare_data.prepare_imagefolder(str(src), str(tmp_path / "data"), "cc", "train", 16, 1, str(path))
+    out = tmp_path / "data/cc/train"
+    captions = [json.loads(l) for l in open(out / "captions.jsonl", encoding="utf-8")]
+    assert captions == [["a tall image", "it is tall"], ["a wide image"], ["un carré rouge"]]
+    assert np.load(out / "images.npy").shape == (3, 16, 16, 3) and np.load(out / "labels.npy").tolist() == [0, 0, 0]
+    assert np.load(out / "sizes.npy").tolist() == [[50, 20], [30, 40], [33, 33]]  # original (height, width)
+    meta = json.load(open(out / "meta.json"))
+    assert meta["num_classes"] == 1 and len(meta["skipped"]) == 1 and "3.jpg" in meta["skipped"][0]
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"00000/0.jpg\ta wide image\n00000/1.jpg\t\xff\xfe caption\n", "line 2 is not UTF-8"),
+    (b"00000/0.jpg\n", "line 1: want an image path and a non-empty caption"),
+    (b"\n\n", "holds no image-caption pairs"),
+])
+def test_bad_caption_files_give_one_line_errors(tmp_path, content, message):
+    src = caption_folder(tmp_path)
+    (tmp_path / "caps.tsv").write_bytes(content)
+    r = subprocess.run([sys.executable, f"{ROOT}/prepare_data.py", "--dataset", "imagefolder", "--src", str(src),
+                        "--captions", str(tmp_path / "caps.tsv"), "--out", str(tmp_path / "data")],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+    assert not (tmp_path / "data").exists() or not any((tmp_path / "data").rglob("*.npy"))

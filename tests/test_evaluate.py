@@ -242,3 +242,58 @@ def test_memorization_with_inception_features_uses_the_dataset_cache(shapes, inc
     assert m["memorized_fraction"] == 1.0 and m["num_train"] == 50
     cache = [f for f in os.listdir(ref) if f.startswith("inception-")]
     assert len(cache) == 1  # the training set's features were computed once and kept beside it
+
+
+def test_intended_classes_from_labels_or_captions():
+    names = ["red disk", "red square", "blue disk"]
+    assert evaluate.intended_classes(np.array([2, 0]), names).tolist() == [2, 0]
+    caps = np.array(["a small red disk on the left", "Blue disk", "a red thing", "red disk, red square"])
+    assert evaluate.intended_classes(caps, names).tolist() == [0, 2, -1, -1]
+
+
+def colour_dataset(root, n=400):
+    """Two trivially separable classes (reddish / bluish noise) at 32x32: the classifier judges them right."""
+    rng = np.random.default_rng(0)
+    labels = np.arange(n) % 2
+    images = rng.integers(0, 120, (n, 32, 32, 3), dtype=np.uint8)
+    images[labels == 0, ..., 0] += 120
+    images[labels == 1, ..., 2] += 120
+    os.makedirs(root)
+    np.save(os.path.join(root, "images.npy"), images)
+    np.save(os.path.join(root, "labels.npy"), labels)
+    json.dump(dict(num_classes=2, class_names=["red", "blue"], resolution=32, channels=3, count=n),
+              open(os.path.join(root, "meta.json"), "w"))
+    return images, labels
+
+
+def test_classify_reads_conditioning_accuracy(tmp_path):
+    images, labels = colour_dataset(str(tmp_path / "ref"))
+    caps = np.array([f"a {'red' if y == 0 else 'blue'} image" for y in labels[:40]])
+    np.savez(tmp_path / "right.npz", arr_0=images[:40], captions=caps)
+    r = evaluate.main(["classify", "--samples", str(tmp_path / "right.npz"), "--ref", str(tmp_path / "ref"),
+                       "--epochs", "2"])
+    assert r["classifier_heldout_accuracy"] == 1.0 and r["accuracy"] == 1.0 and r["judged"] == 40
+    wrong = np.where(caps == "a red image", "a blue image", "a red image")
+    wrong[:4] = "an image"  # names no class: not judged
+    np.savez(tmp_path / "wrong.npz", arr_0=images[:40], captions=wrong)
+    r = evaluate.main(["classify", "--samples", str(tmp_path / "wrong.npz"), "--ref", str(tmp_path / "ref"),
+                       "--epochs", "2", "--out", str(tmp_path / "w.json")])
+    assert r["accuracy"] == 0.0 and r["judged"] == 36 and json.load(open(tmp_path / "w.json"))["num_samples"] == 40
+    np.savez(tmp_path / "labels.npz", arr_0=images[:10], arr_1=labels[:10])  # class-conditional samples
+    assert evaluate.main(["classify", "--samples", str(tmp_path / "labels.npz"), "--ref", str(tmp_path / "ref"),
+                          "--epochs", "2"])["accuracy"] == 1.0
+
+
+def test_report_shows_text_runs_beside_class_runs(tmp_path):
+    runs = []
+    for cond, corruption in [("class", "symmetric"), ("text", "swap")]:
+        d = tmp_path / cond
+        d.mkdir()
+        cfg = dict(train=dict(cond=cond, eta=0.05, corruption=corruption, corruption_mode="fixed", cep="none",
+                              cep_gamma=1.0))
+        json.dump(dict(fid=5.0, is_mean=3.0, num_samples=50000, settings=dict(cfg_scale=2.0, config=cfg)),
+                  open(d / "metrics.json", "w"))
+        runs.append(str(d))
+    evaluate.main(["report", *runs, "--out", str(tmp_path / "rep")])
+    table = open(tmp_path / "rep.md").read()
+    assert "| class | class | 5 | symmetric/fixed |" in table and "| text | text | 5 | swap/fixed |" in table

@@ -183,3 +183,81 @@ def test_compiled_model_agrees_with_eager():
     # the checkpoint is saved from the uncompiled module: no _orig_mod. prefixes
     assert list(net.state_dict()) == [k.replace("_orig_mod.", "") for k in compiled.state_dict()]
     assert all(not k.startswith("_orig_mod.") for k in net.state_dict())
+
+
+def test_tokenize_and_null_caption():
+    tok = model.tokenize(["ab", "", "é" * 10], 8)
+    assert tok.shape == (3, 8) and tok[:, 0].tolist() == [model.CLS] * 3
+    assert tok[0, 1:3].tolist() == [97, 98] and (tok[0, 3:] == model.PAD).all()
+    assert (tok[1, 1:] == model.PAD).all()  # the empty caption: CLS alone, the null condition of CFG
+    assert (tok[2] != model.PAD).all()  # cut at max_len - 1 bytes
+    net = Denoiser(1, 32, 3, "tiny", cond="text", max_len=8)
+    assert torch.equal(net.null_cond(tok), model.tokenize(["", "", ""], 8))
+
+
+def test_replicate_padding_copies_real_tokens_and_noise_makes_them_vary():
+    torch.manual_seed(0)
+    enc = model.TextEncoder(16, 1, 8, 32).eval()
+    tok = model.tokenize(["ab", "abcdefghij"], 8)  # 3 real tokens (CLS a b) and 5 padding positions; no padding
+    with torch.no_grad():
+        _, h = enc(tok)
+    assert torch.equal(h[0, 3:], h[0, [0, 1, 2, 0, 1]])  # cycled copies of CLS, a, b instead of pad embeddings
+    plain = model.TextEncoder(16, 1, 8, 32, replicate_pad=False).eval()
+    plain.load_state_dict(enc.state_dict())
+    with torch.no_grad():
+        _, p = plain(tok)
+    assert torch.equal(p[:, :3], h[:, :3]) and not torch.allclose(p[0, 3], p[0, 0], atol=0.1)  # pad tokens' outputs
+    net = Denoiser(1, 32, 3, "tiny", cond="text", max_len=8, pad_noise=0.1).eval()
+    delta = net.cond_noise(tok, "none", 1.0, torch.Generator().manual_seed(0))
+    assert delta.shape == (2, 9, 64) and (delta[0, :3] == 0).all() and (delta[0, 3:8] != 0).all()
+    assert (delta[1] == 0).all() and (delta[:, -1] == 0).all()  # real tokens and the pooled vector: no pad noise
+    with torch.no_grad():
+        _, noisy = net.text(tok, delta)
+    spread = noisy[0, 3:].std(0)  # padded positions are not constant, nor exact copies
+    assert (spread > 0).all() and not torch.allclose(noisy[0, 3], noisy[0, 0])
+    assert not torch.allclose(noisy[0, 3], noisy[0, 6])  # two noisy copies of CLS differ
+
+
+def test_cep_on_text_perturbs_every_token_and_the_pooled_vector():
+    net = Denoiser(1, 32, 3, "tiny", cond="text", max_len=8, replicate_pad=False).eval()
+    tok = model.tokenize(["a red disk", ""], 8)
+    d = net.cond_noise(tok, "uniform", 2.0, torch.Generator().manual_seed(0))
+    assert d.shape == (2, 9, 64) and (d != 0).all() and d.abs().max() <= 2.0 / math.sqrt(64)  # d = the text width
+    with torch.no_grad():
+        vec0, tok0 = net.text(tok)
+        vec1, tok1 = net.text(tok, d)
+        torch.testing.assert_close(tok1, tok0 + d[:, :-1])
+        torch.testing.assert_close(vec1 - vec0, d[:, -1] @ net.text.to_vec.weight.T)  # pooled (CLS) + delta
+
+
+def test_control_is_phased_in_at_low_noise():
+    T = 1000
+    w = model.control_weight(torch.tensor([0, 100, 500, 900, 999]), T)
+    assert w[0] == 1 and w[-1] < 1e-6 and w[1] > 0.97 and abs(w[2] - 0.5) < 0.01 and w[3] < 0.03
+    torch.manual_seed(0)
+    net = Denoiser(10, 32, 3, "tiny", control="phased").eval()
+    torch.nn.init.normal_(net.control.mlp[-1].weight, std=0.5)  # zero-initialised: give the control an effect
+    for m in net.unet.modules():  # and the blocks, which start as the identity
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.normal_(m.weight, std=0.05)
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
+    a, b = model.neutral_control(2, 32), model.neutral_control(2, 32)
+    b[:, 6] = 1  # flipped
+    with torch.no_grad():
+        for t, changes in [(0, True), (999, False)]:
+            tt = torch.full((2,), t)
+            out_a, out_b = net(x, tt, y, ctrl=a), net(x, tt, y, ctrl=b)
+            assert (not torch.allclose(out_a, out_b, atol=1e-6)) == changes, t
+        summed = Denoiser(10, 32, 3, "tiny", control="sum").eval()
+        summed.load_state_dict(net.state_dict())
+        tt = torch.full((2,), 999)
+        assert not torch.allclose(summed(x, tt, y, ctrl=a), summed(x, tt, y, ctrl=b), atol=1e-6)  # the baseline
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_schedule_shift_divides_the_snr(schedule):
+    snr = lambda betas: (lambda ac: ac / (1 - ac))(np.cumprod(1 - betas))  # float64, as the schedule is built
+    base, shifted = model.make_betas(schedule, 1000), model.make_betas(schedule, 1000, shift=2.0)
+    np.testing.assert_allclose(snr(shifted), snr(base) / 4, rtol=1e-9)
+    assert np.all(shifted > 0) and np.all(shifted < 1)
+    assert Diffusion(schedule, shift=2.0).alphas_cumprod[500] < Diffusion(schedule).alphas_cumprod[500]

@@ -40,9 +40,9 @@ def test_sample_i_is_the_same_for_any_batch_size(tiny_run, tmp_path, monkeypatch
     shapes_seen = set()
 
     def compile_recording_shapes(net):  # stands in for torch.compile: which batch shapes would it compile for?
-        def fwd(x, t, y):
+        def fwd(x, *rest):
             shapes_seen.add(tuple(x.shape))
-            return net(x, t, y)
+            return net(x, *rest)
         return fwd
     monkeypatch.setattr(sample.torch, "compile", compile_recording_shapes)
     sample.main(args + ["--batch", "4", "--compile", "--out", str(tmp_path / "p.npz")])  # 6 = 4 + 2 padded to 4
@@ -103,3 +103,43 @@ def test_bad_flags(tiny_run, flags, message):
 def test_missing_checkpoint(tmp_path):
     r = subprocess.run([sys.executable, f"{ROOT}/sample.py", "--ckpt", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 1 and "not found" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_prompts_are_cycled_stored_and_seeded_per_index(tiny_text_run, tmp_path):
+    (tmp_path / "p.txt").write_text("a red disk\n\na blue ring on the left\nun carré\n", encoding="utf-8")
+    common = ["--ckpt", tiny_text_run, "--steps", "2", "--cfg-scale", "2", "--batch", "4"]
+    sample.main(common + ["--num", "7", "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "a.npz")])
+    z = np.load(tmp_path / "a.npz", allow_pickle=False)
+    assert z["arr_0"].shape == (7, 32, 32, 3) and "arr_1" not in z.files
+    assert z["captions"].tolist() == ["a red disk", "a blue ring on the left", "un carré"] * 2 + ["a red disk"]
+    settings = json.loads(str(z["settings"]))
+    assert settings["control"] == [0.0, 0.0, 1.0, 1.0, 32.0, 32.0, 0.0]  # no crop, no flip, the training size
+    assert os.path.exists(tmp_path / "a.png")
+    sample.main(common + ["--num", "1", "--prompt", "a red disk", "--out", str(tmp_path / "b.npz")])
+    assert np.abs(np.load(tmp_path / "b.npz")["arr_0"][0].astype(int) - z["arr_0"][0].astype(int)).max() <= 1
+    sample.main(common + ["--num", "1", "--prompt", "a red disk", "--ctrl-flip", "--out", str(tmp_path / "c.npz")])
+    assert json.loads(str(np.load(tmp_path / "c.npz")["settings"]))["control"][6] == 1.0
+
+
+@pytest.mark.parametrize("content,flags,message", [
+    (b"", [], "holds no caption"),
+    (b"a red disk\n\xff\xfe\n", [], "is not UTF-8 text"),
+    (None, [], "give --prompt TEXT or --prompts FILE"),
+    (None, ["--ctrl-crop", "0,0,2,1"], "--ctrl-crop wants"),
+])
+def test_bad_prompts(tiny_text_run, tmp_path, content, flags, message):
+    if content is not None:
+        (tmp_path / "p.txt").write_bytes(content)
+        flags = flags + ["--prompts", str(tmp_path / "p.txt")]
+    elif "--ctrl-crop" in flags:
+        flags = flags + ["--prompt", "x"]
+    r = subprocess.run([sys.executable, f"{ROOT}/sample.py", "--ckpt", tiny_text_run, *flags], capture_output=True,
+                       text=True)
+    assert r.returncode == 1 and r.stderr.startswith("sample.py: error:") and r.stderr.count("\n") == 1, r.stderr
+    assert message in r.stderr, r.stderr
+
+
+def test_class_model_refuses_prompts(tiny_run):
+    r = subprocess.run([sys.executable, f"{ROOT}/sample.py", "--ckpt", tiny_run, "--prompt", "a red disk"],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "class-conditional model" in r.stderr and r.stderr.count("\n") == 1

@@ -72,9 +72,13 @@ def test_channels_last_gives_the_same_gradients_and_resumes(shapes, tmp_path):
     net.load_state_dict(nhwc["ema"])
 
 
-def test_resume_ends_with_identical_weights(shapes, tmp_path):
+TEXT = ["--cond", "text", "--control", "phased", "--crop-scale", "0.7", "--max-len", "24"]
+
+
+@pytest.mark.parametrize("cond", [[], TEXT], ids=["class", "text"])
+def test_resume_ends_with_identical_weights(shapes, tmp_path, cond):
     common = ["--dropout", "0.1", "--eta", "0.05", "--corruption-mode", "resample", "--cep", "gaussian",
-              "--ckpt-every", "4", "--batch-size", "48"]  # 200 images: batches cross epoch boundaries
+              "--ckpt-every", "4", "--batch-size", "48", *cond]  # 200 images: batches cross epoch boundaries
     full = run_train(f"{shapes}/train", tmp_path / "full", "--steps", "8", *common)
     run_train(f"{shapes}/train", tmp_path / "cut", "--steps", "4", *common)
     with open(tmp_path / "cut/log.jsonl", "a") as f:  # a line the killed run wrote after its last checkpoint
@@ -87,9 +91,10 @@ def test_resume_ends_with_identical_weights(shapes, tmp_path):
     assert steps == [2, 4, 6, 8]
 
 
-def test_two_process_ddp_matches_one_process(shapes, tmp_path):
+@pytest.mark.parametrize("cond", [[], TEXT], ids=["class", "text"])
+def test_two_process_ddp_matches_one_process(shapes, tmp_path, cond):
     args = ["--data", f"{shapes}/train", "--preset", "tiny", "--batch-size", "16", "--steps", "3", "--warmup", "1",
-            "--lr", "1e-3", "--ckpt-every", "3", "--grid-steps", "1", "--eta", "0.1", "--cep", "uniform"]
+            "--lr", "1e-3", "--ckpt-every", "3", "--grid-steps", "1", "--eta", "0.1", "--cep", "uniform", *cond]
     one = cli(*args, "--out", tmp_path / "one")
     assert one.returncode == 0, one.stderr
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -151,3 +156,68 @@ def test_bench_mode_prints_figures_and_writes_nothing(shapes, tmp_path, capsys):
                     "8", "--bench", "3"])
     assert r["images_per_s"] > 0 and r["step_ms"] > 0 and r["gflop_per_image"] > 0 and r["mfu"] is None  # CPU
     assert "images/s" in capsys.readouterr().out and not (tmp_path / "b").exists()
+
+
+def test_text_model_loss_falls_and_run_folder_records_the_swap(shapes, tmp_path, capsys):
+    out = tmp_path / "text"
+    ckpt = run_train(f"{shapes}/train", out, "--steps", "60", "--log-every", "10", "--ckpt-every", "60",
+                     "--lr", "2e-3", "--eta", "0.3", "--cep", "uniform", "--cond", "text", "--control", "phased")
+    log = [json.loads(l) for l in open(out / "log.jsonl")]
+    assert log[-1]["loss"] < 0.5 * log[0]["loss"], log
+    printed = capsys.readouterr().out
+    assert "cond text" in printed and "60 captions swapped" in printed, printed
+    z = np.load(out / "corruption.npz")
+    assert z["mask"].sum() == 60 and str(z["kind"]) == "swap" and sorted(z["source"].tolist()) == list(range(200))
+    cfg = ckpt["config"]
+    assert cfg["model"]["cond"] == "text" and cfg["model"]["control"] == "phased" and cfg["data"]["control_size"] == [32, 32]
+    net, _ = model.build(cfg)
+    net.load_state_dict(ckpt["ema"])
+    assert any(k.startswith("text.") for k in ckpt["model"]) and any(k.startswith("control.") for k in ckpt["model"])
+
+
+def test_precomputed_caption_embeddings(shapes, tmp_path):
+    emb = np.random.default_rng(0).normal(size=(200, 3, 10)).astype(np.float32)  # any external encoder's output
+    np.save(tmp_path / "emb.npy", emb)
+    ckpt = run_train(f"{shapes}/train", tmp_path / "ext", "--steps", "2", "--ckpt-every", "2", "--cond", "text",
+                     "--text-emb", tmp_path / "emb.npy", "--eta", "0.1")
+    assert ckpt["config"]["model"]["ext_dim"] == 10 and ckpt["config"]["model"]["max_len"] == 3
+    np.save(tmp_path / "bad.npy", emb[:150])
+    r = cli("--data", f"{shapes}/train", "--out", tmp_path / "bad", "--preset", "tiny", "--cond", "text",
+            "--text-emb", tmp_path / "bad.npy")
+    assert r.returncode == 1 and "one row per image" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_init_from_a_lower_resolution(shapes, tmp_path):
+    low = tmp_path / "low"
+    low.mkdir()
+    images = np.load(f"{shapes}/train/images.npy")
+    np.save(low / "images.npy", images.reshape(200, 16, 2, 16, 2, 3).mean((2, 4)).astype(np.uint8))
+    for f in ("labels.npy", "meta.json"):
+        (low / f).write_bytes(open(f"{shapes}/train/{f}", "rb").read())
+    src = run_train(str(low), tmp_path / "r16", "--steps", "2", "--ckpt-every", "2")
+    # attention at 8x8 in a 16x16 run sits at the same level as 16x16 attention in a 32x32 run
+    dst = run_train(f"{shapes}/train", tmp_path / "r32", "--steps", "1", "--ckpt-every", "1", "--lr", "1e-30",
+                    "--init-from", tmp_path / "r16")
+    assert dst["config"]["model"]["attn_res"] == [8 * 2] and dst["config"]["diffusion"]["shift"] == 2.0
+    assert all(torch.allclose(src["ema"][k], dst["model"][k], atol=1e-6) for k in src["ema"])  # every weight
+    train.main(["--resume", str(tmp_path / "r32"), "--steps", "2"])  # resumes without the source run
+    r = cli("--data", f"{shapes}/train", "--out", tmp_path / "bad", "--preset", "tiny", "--cond", "text",
+            "--init-from", tmp_path / "r16")
+    assert r.returncode == 1 and "its weights do not fit this model" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_captions_file_that_does_not_match_the_images(shapes, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in ("images.npy", "labels.npy", "meta.json"):
+        (data / f).write_bytes(open(f"{shapes}/train/{f}", "rb").read())
+    lines = open(f"{shapes}/train/captions.jsonl", "rb").readlines()
+    (data / "captions.jsonl").write_bytes(b"".join(lines[:150]))
+    r = cli("--data", data, "--out", tmp_path / "r", "--preset", "tiny", "--cond", "text")
+    assert r.returncode == 1 and "has 150 lines for 200 images" in r.stderr and r.stderr.count("\n") == 1
+    (data / "captions.jsonl").write_bytes(b"".join(lines[:199]) + b'"caf\xe9"\n')
+    r = cli("--data", data, "--out", tmp_path / "r", "--preset", "tiny", "--cond", "text")
+    assert r.returncode == 1 and "line 200 is not a UTF-8 JSON caption" in r.stderr and r.stderr.count("\n") == 1
+    r = cli("--data", data, "--out", tmp_path / "r", "--preset", "tiny", "--cond", "text", "--corruption", "symmetric")
+    assert r.returncode == 1 and "does not go with --cond text" in r.stderr
+    assert not (tmp_path / "r").exists()
