@@ -1,11 +1,16 @@
 """Throughput of the three heavy stages on the GPU at hand, each against eager fp32 measured in the same run.
 
-    python bench.py [--presets cifar in64] [--train-steps 200] [--sample-batch 500] [--feature-images 10000]
+    python bench.py [--presets cifar in64] [--train-batch 128 16] [--train-steps 200] [--sample-batch 500]
+                    [--feature-images 10000] [--baseline DIR] [--profile]
 
-Training: train.py --bench (bf16 + torch.compile vs --no-bf16 --no-compile) on random images of the preset's size,
-the fast path with --channels-last, and the fast path under DDP at world size 1 (its overhead over the plain run).
+Training: each variant is `train.py --bench` in its own process, on random images of the preset's size. They compile
+in parallel and are timed one at a time (--bench-wait), so no timing shares the GPU or the CPU with a compile: the
+defaults (bf16, torch.compile with CUDA graphs, NCHW), eager fp32, the defaults without CUDA graphs, in NHWC,
+and under torchrun's environment at world size 1 (which adds the gradient all-reduce). --baseline DIR times the
+train.py of another checkout (an earlier commit, say) with its own defaults, after the others.
 Sampling: DDIM 50 steps with classifier-free guidance (scale 1.5) of a randomly initialised model.
 FID features: our Inception on random uint8 32x32 images, batch 500 on the GPU vs batch 50 converted on the host.
+--profile: the CUDA kernels of 20 training steps (defaults, first preset and batch), by total time.
 Random weights cost the same FLOPs as trained ones; nothing here is a quality figure.
 --device cpu runs every stage eagerly at toy sizes: a smoke test of this script, not a benchmark.
 """
@@ -13,7 +18,10 @@ import argparse
 import datetime
 import json
 import os
+import re
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from types import SimpleNamespace
@@ -27,6 +35,9 @@ import train
 from model import Denoiser, Diffusion
 
 RES = {"tiny": 32, "cifar": 32, "in64": 64}
+HERE = os.path.dirname(os.path.abspath(__file__))
+BENCH_LINE = re.compile(r"([\d.]+) images/s, ([\d.]+) ms/step, peak memory ([\d.]+) GiB, ([\d.]+) GFLOP/image "
+                        r"\(fwd\+bwd\), MFU (?:([\d.]+)%|n/a)")
 
 
 def fake_dataset(root, res, num_classes, n=4096):
@@ -58,27 +69,81 @@ def free_port():
         return str(s.getsockname()[1])
 
 
-def train_once(argv, ddp=False):
-    torch._dynamo.reset()  # each measurement compiles afresh, never near dynamo's recompile limit
-    if not ddp:
-        return train.main(argv)
-    env = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=free_port())
-    os.environ.update(env)  # what torchrun --nproc_per_node=1 would set: train.py takes its DDP path
-    try:
-        return train.main(argv)
-    finally:
-        for k in env:
-            del os.environ[k]
+def launch(argv, log, ddp=False, script=os.path.join(HERE, "train.py")):
+    """train.py in a process of its own, stderr (progress bars) to a file; ddp: with the environment torchrun
+    --nproc_per_node=1 would set."""
+    env = dict(os.environ)
+    if ddp:
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=free_port())
+    p = subprocess.Popen([sys.executable, script, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=open(log, "w"), text=True, env=env, cwd=os.path.dirname(script))
+    p.log = log
+    return p
 
 
-def bench_train(preset, steps, batch, tmp, device):
-    classes = 1000 if preset == "in64" else 10
-    data = fake_dataset(os.path.join(tmp, preset), RES[preset], classes)
-    common = ["--data", data, "--preset", preset, "--batch-size", str(batch), "--bench", str(steps),
-              "--device", device.type]
-    return dict(fast=train_once(common), eager=train_once(common + ["--no-compile", "--no-bf16"]),
-                nhwc=train_once(common + ["--channels-last"]), ddp=train_once(common, ddp=True))
+def result(proc, name, out=""):
+    out += proc.communicate()[0]
+    m = BENCH_LINE.search(out)
+    if proc.returncode or not m:
+        raise SystemExit(f"bench.py: error: variant {name} failed:\n{out[-2000:]}{open(proc.log).read()[-3000:]}")
+    ips, ms, mem, gflop, mfu = m.groups()
+    return dict(images_per_s=float(ips), step_ms=float(ms), peak_mem_gib=float(mem), gflop_per_image=float(gflop),
+                mfu=float(mfu) / 100 if mfu else None)
+
+
+def bench_train(preset, batches, steps, tmp, device, baseline=None, baseline_batches=(), extra=True):
+    """{(batch, variant): figures}: every variant compiles at once, then each is timed alone. The first batch also
+    times the defaults without CUDA graphs and in NHWC."""
+    data = fake_dataset(os.path.join(tmp, preset), RES[preset], 1000 if preset == "in64" else 10)
+    variants = {"fast": ([], False), "eager fp32": (["--no-compile", "--no-bf16"], False), "DDP world 1": ([], True)}
+    procs, printed = {}, {}
+    for batch in batches:
+        common = ["--data", data, "--preset", preset, "--batch-size", str(batch), "--bench", str(steps),
+                  "--device", device.type]
+        if device.type == "cuda" and batch == batches[0] and extra:
+            variants = {**variants, "no CUDA graphs": (["--no-cuda-graphs"], False),
+                        "NHWC": (["--channels-last"], False)}
+        elif batch != batches[0]:
+            variants = {k: v for k, v in variants.items() if k not in ("no CUDA graphs", "NHWC")}
+        for name, (flags, ddp) in variants.items():
+            log = os.path.join(tmp, f"{preset}-{batch}-{name.replace(' ', '_')}.log")
+            procs[batch, name] = launch(common + flags + ["--bench-wait"], log, ddp)
+    for key, p in procs.items():  # wait until every variant has compiled
+        printed[key] = ""
+        while "waiting" not in printed[key]:
+            line = p.stdout.readline()
+            if not line:
+                result(p, key, printed[key])  # it ended early: raises with its output
+            printed[key] += line
+    out = {}
+    for key, p in procs.items():  # then time them one at a time
+        p.stdin.write("\n")
+        p.stdin.flush()
+        out[key] = result(p, key)
+    for batch in baseline_batches if baseline else []:
+        common = ["--data", data, "--preset", preset, "--batch-size", str(batch), "--bench", str(steps)]
+        log = os.path.join(tmp, f"{preset}-{batch}-baseline.log")
+        out[batch, "baseline"] = result(launch(common, log, script=os.path.join(os.path.abspath(baseline), "train.py")),
+                                        "baseline")
+    return out
+
+
+def profile_train(preset, batch, tmp, device, top=15):
+    """The CUDA kernels of 20 steps of the default training path, by total time, and GPU time per step."""
+    from torch.profiler import ProfilerActivity, profile
+    data = fake_dataset(os.path.join(tmp, preset), RES[preset], 1000 if preset == "in64" else 10)
+    argv = ["--data", data, "--preset", preset, "--batch-size", str(batch), "--device", device.type]
+    train.main(argv + ["--bench", "3"])  # compile outside the profile (the cache serves the run below)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        r = train.main(argv + ["--bench", "20"])
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.self_device_time_total for e in events)
+    lines = [f"profile {preset} batch {batch}: wall {r['step_ms']:.1f} ms/step; GPU busy {total / 30 / 1000:.1f} ms "
+             f"per step (30 steps: 10 warm-up + 20)"]
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:top]:
+        lines.append(f"  {e.self_device_time_total / total:6.1%} {e.count:6d}x  {e.key[:110]}")
+    return lines
 
 
 def bench_sample(preset, batch, device, steps=50):
@@ -86,14 +151,14 @@ def bench_sample(preset, batch, device, steps=50):
     net = Denoiser(classes, RES[preset], 3, preset).to(device).eval().requires_grad_(False)
     diffusion = Diffusion().to(device)
     idx = np.arange(batch)
-    y = idx % classes
+    c = torch.from_numpy(idx % classes)
     args = SimpleNamespace(cfg_scale=1.5, sampler="ddim", steps=steps, ddim_eta=0.0)
     fast = device.type == "cuda"  # sample.py's defaults: compile and bf16 on CUDA only
     out = {}
     for name, fwd, bf16 in [("fast", torch.compile(net) if fast else net, fast), ("eager", net, False)]:
         torch._dynamo.reset()
-        dt = timed(lambda: sample.generate(fwd, diffusion, idx, y, 0, (3, RES[preset], RES[preset]), args, device,
-                                           bf16), device, warmup=1, reps=2)
+        dt = timed(lambda: sample.generate(fwd, diffusion, idx, c, None, 0, (3, RES[preset], RES[preset]), args,
+                                           device, bf16), device, warmup=1, reps=2)
         out[name] = batch / dt
     return out
 
@@ -111,14 +176,37 @@ def bench_features(n, device):
     return fast, slow
 
 
+def train_lines(preset, r, batches):
+    lines = []
+    for b in batches:
+        fast, ips = r[b, "fast"], {k: v["images_per_s"] for (bb, k), v in r.items() if bb == b}
+        mfu = f"{fast['mfu']:.1%}" if fast["mfu"] else "n/a"
+        line = (f"train {preset} batch {b}: {ips['fast']:.0f} images/s, {fast['step_ms']:.1f} ms/step, "
+                f"{fast['peak_mem_gib']:.1f} GiB, MFU {mfu} | eager fp32 {ips['eager fp32']:.0f} images/s, "
+                f"x{ips['fast'] / ips['eager fp32']:.2f}")
+        for name in ("no CUDA graphs", "NHWC", "baseline"):
+            if name in ips:
+                line += f" | {name} {ips[name]:.0f} images/s (fast x{ips['fast'] / ips[name]:.2f})"
+        lines.append(line + f" | DDP world 1 {ips['DDP world 1']:.0f} images/s, overhead "
+                            f"{1 - ips['DDP world 1'] / ips['fast']:.1%}")
+    return lines
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", nargs="+", default=["cifar", "in64"], choices=list(RES))
     p.add_argument("--train-steps", type=int, default=200)
-    p.add_argument("--train-batch", type=int, default=128)
+    p.add_argument("--train-batch", type=int, nargs="+", default=[128, 16],
+                   help="per-GPU batches (the paper's 128 over 8 GPUs is 16 each)")
     p.add_argument("--sample-batch", type=int, default=500, help="sample.py's GPU default")
     p.add_argument("--sample-steps", type=int, default=50)
-    p.add_argument("--feature-images", type=int, default=10000)
+    p.add_argument("--feature-images", type=int, default=10000, help="0: skip the FID features")
+    p.add_argument("--no-sample", action="store_true", help="skip sampling")
+    p.add_argument("--no-train", action="store_true", help="skip training")
+    p.add_argument("--no-variants", action="store_true", help="time only the defaults, eager fp32 and DDP world 1")
+    p.add_argument("--baseline", help="another checkout whose train.py to time too (its own defaults)")
+    p.add_argument("--baseline-batch", type=int, nargs="+", help="batches to time the baseline at (default: all)")
+    p.add_argument("--profile", action="store_true", help="print the kernels of the default training step")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     a = p.parse_args(argv)
     device = torch.device(a.device)
@@ -128,21 +216,22 @@ def main(argv=None):
     lines = [f"{name} | torch {torch.__version__} | {datetime.date.today()}"]
     with tempfile.TemporaryDirectory() as tmp:
         for preset in a.presets:
-            r = bench_train(preset, a.train_steps, a.train_batch, tmp, device)
-            fast, ips = r["fast"], {k: v["images_per_s"] for k, v in r.items()}
-            mfu = f"{fast['mfu']:.1%}" if fast["mfu"] else "n/a"
-            lines.append(f"train {preset} batch {a.train_batch}: {ips['fast']:.0f} images/s, {fast['step_ms']:.1f} "
-                         f"ms/step, {fast['peak_mem_gib']:.1f} GiB, MFU {mfu} | eager fp32 {ips['eager']:.0f} "
-                         f"images/s | x{ips['fast'] / ips['eager']:.2f} | channels_last {ips['nhwc']:.0f} images/s "
-                         f"(x{ips['nhwc'] / ips['fast']:.2f}) | DDP world 1: {ips['ddp']:.0f} images/s, overhead "
-                         f"{1 - ips['ddp'] / ips['fast']:.1%}")
-            s = bench_sample(preset, a.sample_batch, device, a.sample_steps)
-            lines.append(f"sample {preset} DDIM {a.sample_steps} steps, cfg 1.5, batch {a.sample_batch}: "
-                         f"{s['fast']:.0f} images/s (50k in {50000 / s['fast'] / 60:.1f} min) | eager fp32 "
-                         f"{s['eager']:.0f} images/s | x{s['fast'] / s['eager']:.2f}")
-    fast, slow = bench_features(a.feature_images, device)
-    lines.append(f"FID features 32x32, batch 500: {fast:.0f} images/s (50k in {50000 / fast:.0f} s) | batch 50 "
-                 f"host-converted {slow:.0f} images/s | x{fast / slow:.2f}")
+            if not a.no_train:
+                r = bench_train(preset, a.train_batch, a.train_steps, tmp, device, a.baseline,
+                                a.baseline_batch or a.train_batch, not a.no_variants)
+                lines += train_lines(preset, r, a.train_batch)
+                print("\n".join(lines), flush=True)
+            if not a.no_sample:
+                s = bench_sample(preset, a.sample_batch, device, a.sample_steps)
+                lines.append(f"sample {preset} DDIM {a.sample_steps} steps, cfg 1.5, batch {a.sample_batch}: "
+                             f"{s['fast']:.0f} images/s (50k in {50000 / s['fast'] / 60:.1f} min) | eager fp32 "
+                             f"{s['eager']:.0f} images/s | x{s['fast'] / s['eager']:.2f}")
+        if a.profile and not a.no_train:
+            lines += profile_train(a.presets[0], a.train_batch[0], tmp, device)
+    if a.feature_images:
+        fast, slow = bench_features(a.feature_images, device)
+        lines.append(f"FID features 32x32, batch 500: {fast:.0f} images/s (50k in {50000 / fast:.0f} s) | batch 50 "
+                     f"host-converted {slow:.0f} images/s | x{fast / slow:.2f}")
     print("\n".join(lines))
     return lines
 

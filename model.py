@@ -76,7 +76,10 @@ class Attention(nn.Module):
             self.kv_x, self.proj_x = nn.Linear(ctx_dim, 2 * ch), zero_init(nn.Conv2d(ch, ch, 1))
 
     def _attend(self, q, k, v, hw):
-        o = F.scaled_dot_product_attention(q, k, v)  # flash / memory-efficient kernels where available
+        # the fused kernels (flash, memory-efficient, cuDNN) need the head dimension at stride 1; an NCHW
+        # convolution's output has it at stride H*W, which would leave only the math path (measured on an H100)
+        q, k, v = (z if z.stride(-1) == 1 else z.contiguous() for z in (q, k, v))
+        o = F.scaled_dot_product_attention(q, k, v)
         return rearrange(o, "b h (y x) d -> b (h d) y x", y=hw[0])
 
     def forward(self, x, tokens=None):

@@ -171,6 +171,7 @@ def run(args, rank, world, ddp):
     device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # one batch shape: pick the fastest convolutions once
     use_bf16 = (args.bf16 if args.bf16 is not None else True) and device.type == "cuda"
     use_compile = args.compile if args.compile is not None else device.type == "cuda"
     args.batch = args.batch or (500 if device.type == "cuda" else 32)

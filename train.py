@@ -15,7 +15,6 @@ generators seeded by (seed, step), for the global batch, before it is split over
 for any number of GPUs at the same global batch, and the step number is the whole RNG state for --resume.
 """
 import argparse
-import contextlib
 import copy
 import json
 import math
@@ -28,7 +27,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import corrupt
@@ -36,8 +34,8 @@ from model import (CKPT_FORMAT, PRESETS, Denoiser, Diffusion, guided, load_check
                    save_atomic, resolve_device, save_grid, to_device, to_uint8, tokenize)
 
 # Flags a resumed run may change; every other flag must match the checkpoint's stored config.
-RESUMABLE = {"steps", "log_every", "ckpt_every", "snapshot_every", "compile", "batch_gpu", "device", "grid_cfg",
-             "grid_steps"}
+RESUMABLE = {"steps", "log_every", "ckpt_every", "snapshot_every", "compile", "cuda_graphs", "batch_gpu", "device",
+             "grid_cfg", "grid_steps"}
 LABEL_CORRUPTIONS = ("symmetric", "asymmetric")
 # Dense bf16 tensor-core peaks (FLOP/s) for MFU, from the vendors' data sheets.
 PEAK_BF16 = {"H100 SXM": 989.4e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989.4e12, "H200": 989.4e12,
@@ -98,8 +96,13 @@ def get_parser():
     a("--device", default="auto", help="auto, cpu or cuda")
     a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on CUDA)")
     a("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
-    a("--channels-last", action="store_true", help="NHWC weights and inputs (kept only where it measures faster)")
+    a("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+      help="CUDA graphs for the compiled step (torch.compile mode reduce-overhead; default: on with --compile on CUDA)")
+    a("--channels-last", action="store_true", help="NHWC weights and inputs (measured 8%% slower than NCHW on an H100 "
+                                                   "with CUDA graphs: see README; fixed for a run)")
     a("--bench", type=int, default=0, help="time N steps after warm-up, print images/s, memory, MFU, and exit")
+    a("--bench-wait", action="store_true", help="bench: after compiling, wait for a line on stdin (bench.py times "
+                                                "variants one at a time that compiled in parallel)")
     return p
 
 
@@ -174,9 +177,8 @@ def load_text(args, path, count):
 class Batches:
     """Global batch i = positions [i*B, (i+1)*B) of a stream of seeded per-epoch permutations (resumable by step)."""
 
-    def __init__(self, images, labels, index, device, seed, label_fn, in_memory, memory_format):
+    def __init__(self, images, labels, index, device, seed, label_fn, in_memory):
         self.n, self.seed, self.device, self.label_fn = len(labels), seed, device, label_fn
-        self.memory_format = memory_format
         self.index = index
         self.images = images
         if in_memory:  # small sets (CIFAR) live on the device: no loader workers needed
@@ -204,17 +206,14 @@ class Batches:
         return np.array(idx), torch.cat(lab)
 
     def images_at(self, idx):
-        """uint8 [b, H, W, C] -> float [-1, 1] [b, C, H, W] on the device."""
+        """uint8 [b, H, W, C] on the device (made float in the compiled step)."""
         if self.index is None:
-            x = self.images[to_device(torch.from_numpy(idx), self.device)]
-        else:
-            rows = self.index[idx]
-            order = np.argsort(rows)  # sorted reads from the mmap, then back to batch order
-            x = np.empty((len(rows),) + self.images.shape[1:], np.uint8)
-            x[order] = self.images[rows[order]]
-            x = to_device(torch.from_numpy(x), self.device)
-        # the permuted view is NHWC in memory; the layout the convolutions get is chosen here, not by accident
-        return (x.permute(0, 3, 1, 2).float() / 127.5 - 1).contiguous(memory_format=self.memory_format)
+            return self.images[to_device(torch.from_numpy(idx), self.device)]
+        rows = self.index[idx]
+        order = np.argsort(rows)  # sorted reads from the mmap, then back to batch order
+        x = np.empty((len(rows),) + self.images.shape[1:], np.uint8)
+        x[order] = self.images[rows[order]]
+        return to_device(torch.from_numpy(x), self.device)
 
 
 def make_label_fn(args, labels, num_classes, class_names):
@@ -255,6 +254,17 @@ def random_crop(x, top, left, side):
 
 
 # ----------------------------------------------------------------------------- helpers
+
+def average_gradients(params, world):
+    """Gradients averaged over the ranks in one all-reduce of all of them, flattened, after the backward pass. No
+    DistributedDataParallel: its per-bucket hooks split the compiled graph and keep CUDA graphs out, and at world
+    size 1 it cost 14% (issue 9); the price is no overlap of the all-reduce with the backward pass."""
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    torch._foreach_copy_(grads, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)])
+
 
 def ema_beta(args, nimg, batch):
     """Per-step EMA decay for a half-life in images, ramped up over the first images as in EDM."""
@@ -372,10 +382,12 @@ def run(args, rank, world, local_rank, ddp):
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # a run's convolution shapes never change: pick the fastest once
     elif ddp:  # several CPU ranks on one machine share its cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     use_compile = args.compile if args.compile is not None else device.type == "cuda"
     use_bf16 = (args.bf16 if args.bf16 is not None else True) and device.type == "cuda"
+    use_graphs = use_compile and device.type == "cuda" and args.cuda_graphs is not False
 
     # global batch = world x batch_gpu x accumulation
     batch_gpu = args.batch_gpu or args.batch_size // world
@@ -392,7 +404,7 @@ def run(args, rank, world, local_rank, ddp):
     label_fn, fixed_labels, mask = make_label_fn(args, clean_labels, num_classes, meta["class_names"])
     in_memory = len(index) * int(np.prod(images.shape[1:])) < 8 << 30
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    data = Batches(images, clean_labels, index, device, args.seed, label_fn, in_memory, memory_format)
+    data = Batches(images, clean_labels, index, device, args.seed, label_fn, in_memory)
 
     if ckpt is not None:  # the model and schedule a run started with, --init-from included
         model_cfg, diff_cfg = ckpt["config"]["model"], ckpt["config"]["diffusion"]
@@ -447,9 +459,20 @@ def run(args, rank, world, local_rank, ddp):
     flops_img = train_flops_per_image(net, diffusion, (ch, res, res), grid_c.repeat_interleave(2, 0), device) \
         if peak or args.bench else None
     mfu = lambda images_per_s: flops_img * images_per_s / (peak * world) if peak else None
-    wrapped = DDP(net, device_ids=[local_rank] if device.type == "cuda" else None, gradient_as_bucket_view=True) \
-        if ddp else net
-    fwd = torch.compile(wrapped) if use_compile else wrapped  # checkpoints are saved from `net`: no _orig_mod. keys
+    if ddp:  # every rank starts from rank 0's weights (they are equal already: same seed or checkpoint)
+        for p in net.parameters():
+            dist.broadcast(p.data, 0)
+
+    def micro_loss(x, flip, crop, c, t, noise, delta, ctrl):
+        """Per-sample loss of one micro-batch: uint8 NHWC images to [-1, 1] in the run's layout, crop, flip."""
+        x = (x.permute(0, 3, 1, 2).float() / 127.5 - 1).contiguous(memory_format=memory_format)
+        if crop is not None:
+            x = random_crop(x, *crop)
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        return diffusion.loss(net, x, c, t, noise, delta, ctrl)
+    # one compiled graph per micro-batch; with CUDA graphs its hundreds of kernels are one launch (the step was bound
+    # by the host launching them). Checkpoints are saved from `net`: no _orig_mod. keys.
+    loss_fn = torch.compile(micro_loss, mode="reduce-overhead" if use_graphs else None) if use_compile else micro_loss
     if master:
         n_params = sum(p.numel() for p in net.parameters())
         if args.cond == "class":
@@ -461,7 +484,7 @@ def run(args, rank, world, local_rank, ddp):
         print(f"{n_params / 1e6:.2f}M parameters | {len(index)} images, {num_classes} classes, cond {args.cond} | "
               f"eta {args.eta} ({int(mask.sum())} {what}, {args.corruption}/{args.corruption_mode}) | cep {args.cep} | "
               f"batch {args.batch_size} = {world} x {batch_gpu} x {accum} | {device} compile={use_compile} "
-              f"bf16={use_bf16} | {args.out}")
+              f"bf16={use_bf16} cuda_graphs={use_graphs} channels_last={args.channels_last} | {args.out}")
         if not args.bench:
             os.makedirs(args.out, exist_ok=True)
             with open(os.path.join(args.out, "config.json"), "w") as f:
@@ -495,6 +518,9 @@ def run(args, rank, world, local_rank, ddp):
     t_log, n_log, bench_t0 = time.perf_counter(), 0, None
     net.train()
     while step < end:
+        if args.bench_wait and step == end - args.bench - 9:  # compiled (first step): bench.py says when to go on
+            print("bench: compiled, waiting", flush=True)
+            sys.stdin.readline()
         if args.bench and step == end - args.bench:  # warm-up over: start the clock
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -524,19 +550,18 @@ def run(args, rank, world, local_rank, ddp):
             g["lr"] = lr
         for m in range(accum):
             sl = slice(rank * B // world + m * batch_gpu, rank * B // world + (m + 1) * batch_gpu)
-            x0 = data.images_at(idx[sl])
-            if args.crop_scale < 1:
-                x0 = random_crop(x0, top[sl], left[sl], side[sl])
-            if args.hflip:
-                x0 = torch.where(flip[sl, None, None, None], x0.flip(3), x0)
-            sync = contextlib.nullcontext() if not ddp or m == accum - 1 else wrapped.no_sync()
-            with sync, torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
-                losses = diffusion.loss(fwd, x0, c[sl], t[sl], noise[sl], None if delta is None else delta[sl],
-                                        None if ctrl is None else ctrl[sl])
+            if use_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            with torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
+                losses = loss_fn(data.images_at(idx[sl]), flip[sl], None if args.crop_scale == 1 else
+                                 (top[sl], left[sl], side[sl]), c[sl], t[sl], noise[sl],
+                                 None if delta is None else delta[sl], None if ctrl is None else ctrl[sl])
                 (losses.mean() / accum).backward()
             q = t[sl] * 4 // T
             loss_sum.index_add_(0, q, losses.detach().double())
             loss_cnt.index_add_(0, q, torch.ones_like(q, dtype=torch.float64))
+        if ddp:
+            average_gradients(params, world)
         if args.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         opt.step()
