@@ -152,7 +152,7 @@ def bench_sample(preset, batch, device, steps=50):
     diffusion = Diffusion().to(device)
     idx = np.arange(batch)
     c = torch.from_numpy(idx % classes)
-    args = SimpleNamespace(cfg_scale=1.5, sampler="ddim", steps=steps, ddim_eta=0.0)
+    args = SimpleNamespace(cfg_scale=1.5, sampler="ddim", steps=steps, ddim_eta=0.0, spacing="time")
     fast = device.type == "cuda"  # sample.py's defaults: compile and bf16 on CUDA only
     out = {}
     for name, fwd, bf16 in [("fast", torch.compile(net) if fast else net, fast), ("eager", net, False)]:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from model import resolve_device, save_atomic
+from model import PRESETS, resolve_device, save_atomic, save_npz
 
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                "pt_inception-2015-12-05-6726825d.pth")
@@ -381,15 +381,12 @@ def reference(ref, net, sha, resolution, need_images=True):
     mu_s, sigma_s = mean_cov(f["spatial"])
     out = dict(mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s, pool=f["pool"].astype(np.float32),
                count=len(images))
-    save_atomic(cache, lambda f: np.savez(f, **out))
+    save_npz(cache, **out)
     return out
 
 
 def write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    save_atomic(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
 # ----------------------------------------------------------------------------- commands
@@ -405,8 +402,8 @@ def cmd_metrics(a):
     ref = reference(a.ref, net, sha, images.shape[1:3])
     f = inception_features(net, images, a.batch, desc="sample features")
     if a.save_features:
-        save_atomic(a.save_features, lambda fh: np.savez(fh, pool=f["pool"].astype(np.float32),
-                                                         conditions=labels if labels is not None else np.zeros(0)))
+        save_npz(a.save_features, pool=f["pool"].astype(np.float32),
+                 conditions=labels if labels is not None else np.zeros(0))
     mu, sigma = mean_cov(f["pool"])
     m = dict(fid=frechet_distance(mu, sigma, ref["mu"], ref["sigma"]))
     if "mu_s" in ref:
@@ -429,16 +426,25 @@ def cmd_metrics(a):
 
 
 def feature_fn(a, device):
-    """(images -> L2-normalised features, dataset folder -> the same for its images).
-
-    Our Inception pool features (a dataset's come from its cache), or a TorchScript model (e.g. SSCD)."""
+    """(images -> L2-normalised features, (dataset folder, rows or None) -> the same for those of its images, name):
+    our Inception pool features (a dataset's come from its cached features), a TorchScript model (e.g. SSCD), or
+    `pixels`: each image's pixels minus their mean (a crude stand-in where no trained feature network is at hand)."""
+    rows_of = lambda f, rows: f if rows is None else f[rows]
     if not a.features:
         net, sha = load_inception(a.inception_weights, device)
         unit = lambda f: F.normalize(torch.from_numpy(np.asarray(f, dtype=np.float64)), dim=1)
+        name = "inception-pool" + ("" if sha.startswith(WEIGHTS_SHA_PREFIX) else " (NON-STANDARD weights)")
         return (lambda images: unit(inception_features(net, images, a.batch)["pool"]),
-                lambda folder, res: unit(reference(folder, net, sha, res)["pool"]))
+                lambda folder, rows: unit(rows_of(reference(folder, net, sha, None)["pool"], rows)), name)
+    dataset = lambda fn: lambda folder, rows: fn(rows_of(np.load(os.path.join(folder, "images.npy"), mmap_mode="r"),
+                                                          None if rows is None else np.sort(rows)))
+    if a.features == "pixels":
+        def pixels(images):
+            x = torch.from_numpy(np.array(images, dtype=np.float64)).flatten(1)
+            return F.normalize(x - x.mean(1, keepdim=True), dim=1)
+        return pixels, dataset(pixels), "pixels"
     if not os.path.isfile(a.features):
-        raise FileNotFoundError(f"--features {a.features} does not exist")
+        raise FileNotFoundError(f"--features {a.features} does not exist (a TorchScript file, or: pixels)")
     model = torch.jit.load(a.features, map_location=device).eval()
     mean, std = {"imagenet": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]), "none": ([0, 0, 0], [1, 1, 1]),
                  "minus1_1": ([0.5] * 3, [0.5] * 3)}[a.feat_norm]
@@ -453,43 +459,74 @@ def feature_fn(a, device):
                               align_corners=False, antialias=True)
             out.append(model((x - mean) / std).float().cpu())
         return F.normalize(torch.cat(out).double(), dim=1)
-    return fn, lambda folder, res: fn(np.load(os.path.join(folder, "images.npy"), mmap_mode="r"))
+    return fn, dataset(fn), os.path.basename(a.features)
 
 
 def cmd_repro(a):
-    """Reproducibility score (Zhang et al. 2024): fraction of index-matched pairs with cosine similarity > t."""
-    A, _, _ = load_samples(a.a)
-    B, _, _ = load_samples(a.b)
-    if len(A) != len(B):
-        raise ValueError(f"{a.a} has {len(A)} samples and {a.b} {len(B)}: repro compares sample i with sample i")
-    fn, _ = feature_fn(a, resolve_device(a.device))
-    sim = (fn(A) * fn(B)).sum(1)
-    r = dict(rp_score=(sim > a.threshold).double().mean().item(), mean_similarity=sim.mean().item(),
-             threshold=a.threshold, num=len(A), a=os.path.abspath(a.a), b=os.path.abspath(a.b),
-             features=a.features or "inception-pool")
-    print(f"reproducibility {r['rp_score']:.4f} (cosine > {a.threshold}), mean similarity "
-          f"{r['mean_similarity']:.4f}, {len(A)} pairs")
+    """Reproducibility score (Zhang et al. 2024): the fraction of index-matched pairs (same noise, same condition)
+    with cosine similarity > threshold, for every pair of the given sample sets."""
+    if len(a.samples) < 2:
+        raise ValueError("repro compares sample sets: give at least two samples.npz")
+    sets = [load_samples(p)[0] for p in a.samples]
+    for p, s in zip(a.samples[1:], sets[1:]):
+        if len(s) != len(sets[0]):
+            raise ValueError(f"{a.samples[0]} has {len(sets[0])} samples and {p} {len(s)}: repro compares sample i "
+                             f"with sample i")
+    fn, _, name = feature_fn(a, resolve_device(a.device))
+    feats = [fn(s) for s in sets]
+    k = len(sets)
+    rp, mean_sim = np.ones((k, k)), np.ones((k, k))
+    for i in range(k):
+        for j in range(i + 1, k):
+            sim = (feats[i] * feats[j]).sum(1)
+            rp[i, j] = rp[j, i] = (sim > a.threshold).double().mean().item()
+            mean_sim[i, j] = mean_sim[j, i] = sim.mean().item()
+    r = dict(rp_matrix=rp.tolist(), mean_similarity_matrix=mean_sim.tolist(), samples=[os.path.abspath(p) for p in
+             a.samples], threshold=a.threshold, num=len(sets[0]), features=name,
+             rp_score=rp[0, 1], mean_similarity=mean_sim[0, 1])  # the first pair (the only one for two sets)
+    if k == 2:
+        print(f"reproducibility {rp[0, 1]:.4f} (cosine > {a.threshold}), mean similarity {mean_sim[0, 1]:.4f}, "
+              f"{len(sets[0])} pairs | features: {name}")
+    else:
+        print(f"reproducibility (cosine > {a.threshold}, {len(sets[0])} pairs each; features: {name}):")
+        for i, p in enumerate(a.samples):
+            print(f"  [{i}] " + " ".join(f"{v:.3f}" for v in rp[i]) + f"  {p}")
     if a.out:
         write_json(a.out, r)
     return r
 
 
+def training_rows(ref):
+    """(dataset folder, rows or None) of --ref: a dataset folder (every image), or a run folder (the images it
+    trained on: its data path and the index of --subset in its corruption.npz)."""
+    if not os.path.isfile(os.path.join(ref, "config.json")):
+        return ref, None
+    folder = json.load(open(os.path.join(ref, "config.json")))["data"]["path"]
+    try:
+        return folder, np.load(os.path.join(ref, "corruption.npz"))["index"]
+    except (OSError, KeyError, ValueError) as e:
+        raise ValueError(f"--ref {ref}: cannot read the training rows from its corruption.npz ({type(e).__name__})") \
+            from None
+
+
 def cmd_memorization(a):
     """Highest similarity of each sample to any training image; memorized fraction above the threshold."""
     images, _, _ = load_samples(a.samples)
-    if not os.path.isfile(os.path.join(a.ref, "images.npy")):
-        raise FileNotFoundError(f"{a.ref}/images.npy missing: --ref must be the training set's dataset folder")
-    train = np.load(os.path.join(a.ref, "images.npy"), mmap_mode="r")
+    folder, rows = training_rows(a.ref)
+    if not os.path.isfile(os.path.join(folder, "images.npy")):
+        raise FileNotFoundError(f"{folder}/images.npy missing: --ref must be the training set's dataset folder or "
+                                f"the run folder")
+    if np.load(os.path.join(folder, "images.npy"), mmap_mode="r").shape[1:] != images.shape[1:]:
+        raise ValueError(f"{folder} holds images of another shape than {a.samples}")
     device = resolve_device(a.device)
-    fn, dataset_fn = feature_fn(a, device)
-    s, r = fn(images).float().to(device), dataset_fn(a.ref, images.shape[1:3]).float().to(device)
+    fn, dataset_fn, name = feature_fn(a, device)
+    s, r = fn(images).float().to(device), dataset_fn(folder, rows).float().to(device)
     best = torch.cat([(s[i:i + 4096] @ r.T).max(1).values for i in range(0, len(s), 4096)]).cpu()
     mem = (best > a.threshold).double().mean().item()
     out = dict(memorized_fraction=mem, generalization_score=1 - mem, threshold=a.threshold,
-               mean_max_similarity=best.mean().item(), num_samples=len(images), num_train=len(train),
-               features=a.features or "inception-pool")
-    print(f"memorized {mem:.4f}, generalization score {1 - mem:.4f} (max cosine to {len(train)} training images "
-          f"> {a.threshold})")
+               mean_max_similarity=best.mean().item(), num_samples=len(images), num_train=len(r), features=name)
+    print(f"memorized {mem:.4f}, generalization score {1 - mem:.4f} (max cosine to {len(r)} training images "
+          f"> {a.threshold}) | features: {name}")
     write_json(a.out or os.path.join(os.path.dirname(os.path.abspath(a.samples)), "memorization.json"), out)
     return out
 
@@ -567,23 +604,31 @@ def cmd_classify(a):
 # ----------------------------------------------------------------------------- report
 
 def collect(run_dirs):
-    rows = []
+    """(eta rows from metrics.json, study rows from memorization.json [+ repro.json]) of the run folders."""
+    rows, study = [], []
     for d in run_dirs:
-        mpath = os.path.join(d, "metrics.json")
-        if not os.path.isfile(mpath):
-            print(f"skipping {d}: no metrics.json", file=sys.stderr)
-            continue
-        m = json.load(open(mpath))
-        cfg = m.get("settings", {}).get("config") or json.load(open(os.path.join(d, "config.json")))
-        t = cfg["train"]
-        rows.append(dict(run=os.path.basename(os.path.normpath(d)), cond=t.get("cond", "class"), eta=t["eta"],
-                         corruption=t["corruption"],
-                         mode=t["corruption_mode"], cep=t["cep"], gamma=t["cep_gamma"] if t["cep"] != "none" else None,
-                         cfg=m.get("settings", {}).get("cfg_scale"), n=m["num_samples"],
-                         **{k: m.get(k) for k in ("fid", "sfid", "is_mean", "precision", "recall")}))
-    if not rows:
-        raise ValueError("no run folder with a metrics.json: run sample.py and evaluate.py first")
-    return sorted(rows, key=lambda r: (r["cond"], r["cep"], r["gamma"] or 0, r["corruption"], r["mode"], r["eta"]))
+        run, has = os.path.basename(os.path.normpath(d)), lambda f: os.path.isfile(os.path.join(d, f))
+        if has("metrics.json"):
+            m = json.load(open(os.path.join(d, "metrics.json")))
+            t = (m.get("settings", {}).get("config") or json.load(open(os.path.join(d, "config.json"))))["train"]
+            rows.append(dict(run=run, cond=t.get("cond", "class"), eta=t["eta"], corruption=t["corruption"],
+                             mode=t["corruption_mode"], cep=t["cep"], gamma=t["cep_gamma"] if t["cep"] != "none" else
+                             None, cfg=m.get("settings", {}).get("cfg_scale"), n=m["num_samples"],
+                             **{k: m.get(k) for k in ("fid", "sfid", "is_mean", "precision", "recall")}))
+        if has("memorization.json") and has("config.json"):  # the reproducibility study (Zhang et al.)
+            m, cfg = (json.load(open(os.path.join(d, f))) for f in ("memorization.json", "config.json"))
+            n = cfg["train"].get("subset") or cfg["data"]["count"]
+            rp = json.load(open(os.path.join(d, "repro.json")))["rp_score"] if has("repro.json") else None
+            study.append(dict(run=run, images=n, log2n=float(np.log2(n)), seed=cfg["train"]["seed"], rp=rp,
+                              width=cfg["model"].get("ch", PRESETS[cfg["model"]["preset"]]["ch"]),
+                              gl=m["generalization_score"], features=m["features"]))
+        if not has("metrics.json") and not has("memorization.json"):
+            print(f"skipping {d}: no metrics.json or memorization.json", file=sys.stderr)
+    if not rows and not study:
+        raise ValueError("no run folder with a metrics.json (or memorization.json): run sample.py and evaluate.py "
+                         "first")
+    return (sorted(rows, key=lambda r: (r["cond"], r["cep"], r["gamma"] or 0, r["corruption"], r["mode"], r["eta"])),
+            sorted(study, key=lambda r: (r["width"], r["images"], r["seed"])))
 
 
 def markdown_table(rows):
@@ -592,33 +637,41 @@ def markdown_table(rows):
              "|" + "---|" * 12]
     for r in rows:
         cep = r["cep"] if r["cep"] == "none" else f"{r['cep']} (gamma {r['gamma']:g})"
-        lines.append(f"| {r['run']} | {r['cond']} | {r['eta'] * 100:g} | {r['corruption']}/{r['mode']} | {cep} | {f(r['cfg'], 'g')} "
-                     f"| {r['n']} | {f(r['fid'], '.2f')} | {f(r['sfid'], '.2f')} | {f(r['is_mean'], '.2f')} | "
-                     f"{f(r['precision'], '.3f')} | {f(r['recall'], '.3f')} |")
+        lines.append(f"| {r['run']} | {r['cond']} | {r['eta'] * 100:g} | {r['corruption']}/{r['mode']} | {cep} | "
+                     f"{f(r['cfg'], 'g')} | {r['n']} | {f(r['fid'], '.2f')} | {f(r['sfid'], '.2f')} | "
+                     f"{f(r['is_mean'], '.2f')} | {f(r['precision'], '.3f')} | {f(r['recall'], '.3f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def study_table(rows):
+    f = lambda v: "-" if v is None else f"{v:.3f}"
+    lines = ["| run | training images | width | seed | reproducibility | generalization | features |", "|" + "---|" * 7]
+    lines += [f"| {r['run']} | {r['images']} | {r['width']} | {r['seed']} | {f(r['rp'])} | {f(r['gl'])} | "
+              f"{r['features']} |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75)]
 
 
-def plot(rows, path, w=420, h=300):
-    """FID, IS, precision and recall against eta (%), one series per CEP setting, drawn with pillow."""
+def plot(rows, path, x, xlabel, panels, series_of, w=420, h=300):
+    """One panel per (key, title) of `panels` against row[x], a line per series_of(row) through the mean of its
+    points at each x, drawn with pillow."""
     series = {}
     for r in rows:
-        name = "no CEP" if r["cep"] == "none" else f"CEP-{r['cep'][0].upper()} gamma {r['gamma']:g}"
-        series.setdefault(f"{r['cond']}, {name}, {r['corruption']}/{r['mode']}", []).append(r)
-    img = Image.new("RGB", (2 * w, 2 * h + 24 * (len(series) // 2 + 1)), "white")
+        series.setdefault(series_of(r), []).append(r)
+    nrow = -(-len(panels) // 2)
+    img = Image.new("RGB", (2 * w, nrow * h + 24 * (len(series) // 2 + 1)), "white")
     d = ImageDraw.Draw(img)
-    for p, (key, title) in enumerate([("fid", "FID"), ("is_mean", "IS"), ("precision", "precision"),
-                                      ("recall", "recall")]):
+    for p, (key, title) in enumerate(panels):
         ox, oy = (p % 2) * w, (p // 2) * h
         left, top, right, bottom = ox + 55, oy + 25, ox + w - 15, oy + h - 35
-        pts = [(r["eta"] * 100, r[key]) for r in rows if r[key] is not None]
+        pts = [(r[x], r[key]) for r in rows if r[key] is not None]
         d.text((ox + w // 2 - 20, oy + 6), title, fill="black")
         d.rectangle([left, top, right, bottom], outline="black")
         if not pts:
             continue
-        xs, ys = [x for x, _ in pts], [y for _, y in pts]
+        xs, ys = [v for v, _ in pts], [v for _, v in pts]
         x0, x1 = min(xs + [0.0]), max(xs + [1.0])
         y0, y1 = min(ys), max(ys)
         pad = (y1 - y0) * 0.1 or abs(y0) * 0.1 or 1.0
@@ -631,35 +684,49 @@ def plot(rows, path, w=420, h=300):
             d.text((ox + 4, Y(yv) - 6), f"{yv:.3g}", fill="black")
             d.line([X(xv), bottom, X(xv), bottom + 4], fill="black")
             d.text((X(xv) - 8, bottom + 6), f"{xv:.3g}", fill="black")
-        d.text((left + (right - left) // 2 - 20, bottom + 20), "eta (%)", fill="black")
+        d.text((left + (right - left) // 2 - 20, bottom + 20), xlabel, fill="black")
         for s, (name, rs) in enumerate(series.items()):
             c = COLOURS[s % len(COLOURS)]
-            xy = [(X(r["eta"] * 100), Y(r[key])) for r in sorted(rs, key=lambda r: r["eta"]) if r[key] is not None]
+            at = {}
+            for r in rs:
+                if r[key] is not None:
+                    at.setdefault(r[x], []).append(r[key])
+            xy = [(X(v), Y(float(np.mean(at[v])))) for v in sorted(at)]
             if len(xy) > 1:
                 d.line(xy, fill=c, width=2)
-            for x, y in xy:
-                (d.ellipse if s % 2 == 0 else d.rectangle)([x - 4, y - 4, x + 4, y + 4], fill=c)
+            for u, v in xy:
+                (d.ellipse if s % 2 == 0 else d.rectangle)([u - 4, v - 4, u + 4, v + 4], fill=c)
     for s, name in enumerate(series):
-        x, y = 20 + (s % 2) * w, 2 * h + 6 + (s // 2) * 24
+        u, v = 20 + (s % 2) * w, nrow * h + 6 + (s // 2) * 24
         c = COLOURS[s % len(COLOURS)]
-        (d.ellipse if s % 2 == 0 else d.rectangle)([x, y, x + 8, y + 8], fill=c)
-        d.text((x + 14, y - 2), name, fill="black")
+        (d.ellipse if s % 2 == 0 else d.rectangle)([u, v, u + 8, v + 8], fill=c)
+        d.text((u + 14, v - 2), name, fill="black")
     tmp = path + ".tmp.png"
     img.save(tmp)
     os.replace(tmp, path)
 
 
 def cmd_report(a):
+    """OUT.md: the eta table and the reproducibility-study table; OUT.png and OUT-study.png: their plots."""
     dirs = [d for pattern in a.runs for d in (sorted(glob.glob(pattern)) or [pattern]) if os.path.isdir(d)]
-    rows = collect(dirs)
-    table = markdown_table(rows)
-    tmp = a.out + ".md.tmp"
-    with open(tmp, "w") as f:
-        f.write(table)
-    os.replace(tmp, a.out + ".md")
-    plot(rows, a.out + ".png")
-    print(table + f"wrote {a.out}.md and {a.out}.png")
-    return rows
+    rows, study = collect(dirs)
+    table, wrote = "", []
+    if rows:
+        table += markdown_table(rows)
+        cep = lambda r: "no CEP" if r["cep"] == "none" else f"CEP-{r['cep'][0].upper()} gamma {r['gamma']:g}"
+        rows = [dict(r, eta_pct=r["eta"] * 100) for r in rows]
+        plot(rows, a.out + ".png", "eta_pct", "eta (%)", [("fid", "FID"), ("is_mean", "IS"),
+             ("precision", "precision"), ("recall", "recall")],
+             lambda r: f"{r['cond']}, {cep(r)}, {r['corruption']}/{r['mode']}")
+        wrote.append(a.out + ".png")
+    if study:
+        table += ("\n" if table else "") + study_table(study)
+        plot(study, a.out + "-study.png", "log2n", "log2 training images",
+             [("rp", "reproducibility (between seeds)"), ("gl", "generalization")], lambda r: f"width {r['width']}")
+        wrote.append(a.out + "-study.png")
+    save_atomic(a.out + ".md", lambda f: f.write(table.encode()))
+    print(table + f"wrote {a.out}.md, {' and '.join(wrote)}")
+    return rows + study
 
 
 # ----------------------------------------------------------------------------- main
@@ -671,7 +738,8 @@ def add_common(p):
 
 
 def add_features(p):
-    p.add_argument("--features", help="TorchScript feature model (e.g. SSCD); default Inception pool features")
+    p.add_argument("--features", help="TorchScript feature model (e.g. SSCD) or `pixels`; default Inception "
+                                      "pool features")
     p.add_argument("--feat-size", type=int, default=320, help="input size of --features")
     p.add_argument("--feat-norm", default="imagenet", choices=["imagenet", "none", "minus1_1"])
     p.add_argument("--threshold", type=float, default=0.6, help="cosine similarity threshold (paper: 0.6)")
@@ -696,14 +764,14 @@ def main(argv=None):
         return cmd_metrics(p.parse_args(argv))
     argv = argv[1:]
     if cmd == "repro":
-        p.add_argument("a")
-        p.add_argument("b")
+        p.add_argument("samples", nargs="+", help="two or more samples.npz of the same seed and conditions")
         add_common(p)
         add_features(p)
         return cmd_repro(p.parse_args(argv))
     if cmd == "memorization":
         p.add_argument("--samples", required=True)
-        p.add_argument("--ref", required=True, help="the training set's dataset folder")
+        p.add_argument("--ref", required=True, help="the training set's dataset folder, or the run folder (only "
+                                                    "the images that run trained on, e.g. its --subset)")
         add_common(p)
         add_features(p)
         return cmd_memorization(p.parse_args(argv))

@@ -7,6 +7,7 @@ tokens or control metadata can be added without touching the UNet:
 """
 import math
 import os
+import pickle
 
 import numpy as np
 import torch
@@ -380,15 +381,10 @@ class Diffusion:
         self.T, self.prediction = T, prediction
         betas = make_betas(schedule, T, shift)
         ac = np.cumprod(1.0 - betas)
-        ac_prev = np.append(1.0, ac[:-1])
-        self.ac_np = ac  # float64, for the host-side coefficients of DDIM (no device read-back per step)
         # float32 tensors indexed by integer t in [0, T); .to(device) once, so no step copies them
         self.betas = torch.tensor(betas, dtype=torch.float32)
         self.alphas_cumprod = torch.tensor(ac, dtype=torch.float32)
-        self.alphas_cumprod_prev = torch.tensor(ac_prev, dtype=torch.float32)
-        self.posterior_variance = torch.tensor(betas * (1 - ac_prev) / (1 - ac), dtype=torch.float32)
-        self.posterior_mean_coef1 = torch.tensor(betas * np.sqrt(ac_prev) / (1 - ac), dtype=torch.float32)
-        self.posterior_mean_coef2 = torch.tensor((1 - ac_prev) * np.sqrt(1 - betas) / (1 - ac), dtype=torch.float32)
+        self.log_sigmas = torch.tensor(0.5 * np.log((1 - ac) / ac), dtype=torch.float32)  # increasing in t
 
     def to(self, device):
         for k, v in vars(self).items():
@@ -414,16 +410,28 @@ class Diffusion:
         out = model(self.q_sample(x0, t, noise), t, c, cond_delta, ctrl)
         return (out.float() - self.target(x0, t, noise)).pow(2).flatten(1).mean(1)
 
-    def eps_x0(self, out, x_t, t):
-        """Network output -> (eps, x0); x0 clipped to the data range [-1, 1]."""
-        ac = self._at(self.alphas_cumprod, t, x_t)
-        out = out.float()
-        if self.prediction == "eps":
-            x0 = (x_t - (1 - ac).sqrt() * out) / ac.sqrt()
-        else:
-            x0 = ac.sqrt() * x_t - (1 - ac).sqrt() * out
-        x0 = x0.clamp(-1, 1)
-        return (x_t - ac.sqrt() * x0) / (1 - ac).sqrt(), x0  # eps made consistent with the clipped x0
+    # ------------------------------------------------------------------------- sampling
+    # The discrete-time network is wrapped once as a denoiser D(x, sigma) in variance-exploding coordinates,
+    # x = x_t / sqrt(alphas_cumprod), sigma = sqrt((1 - alphas_cumprod) / alphas_cumprod); each sampler walks a
+    # list of sigmas (as k-diffusion). DDIM is Euler on the probability-flow ODE in these coordinates.
+
+    def t_of(self, sigma):
+        """Timestep of noise level sigma, interpolated in log sigma between the trained integer timesteps: samplers
+        whose sigmas fall between them (Heun) give the network the exact noise level, its sinusoidal time embedding
+        being smooth in t; at a trained sigma it is that integer t (up to float round-off)."""
+        ls = self.log_sigmas
+        x = torch.as_tensor(sigma, dtype=torch.float32, device=ls.device).log().clamp(ls[0], ls[-1])
+        i = torch.searchsorted(ls, x.reshape(1)).clamp(1, len(ls) - 1)
+        return (i - 1 + (x - ls[i - 1]) / (ls[i] - ls[i - 1])).squeeze(0)
+
+    def denoiser(self, model_fn):
+        """D(x, sigma): the network's output turned into x0, clipped to the data range [-1, 1]."""
+        def D(x, sigma):
+            c_in = 1 / math.sqrt(1 + sigma ** 2)  # sqrt(alphas_cumprod): x_t = c_in * x
+            out = model_fn(x * c_in, self.t_of(sigma).expand(len(x))).float()
+            x0 = x - sigma * out if self.prediction == "eps" else c_in ** 2 * x - sigma * c_in * out
+            return x0.clamp(-1, 1)
+        return D
 
     def ddim_timesteps(self, steps):
         if not 1 <= steps <= self.T:
@@ -431,31 +439,71 @@ class Diffusion:
         # evenly spaced and ending at T-1, so that sampling starts from pure noise ("trailing", Lin et al. 2024)
         return np.unique(np.round(np.linspace(0, self.T - 1, steps)).astype(np.int64))[::-1].copy()
 
-    @torch.no_grad()
-    def ddim_sample(self, model_fn, x, steps=50, eta=0.0, noise_fn=None):
-        """DDIM (Song et al. 2021, Eq. 12); eta=0 is deterministic. noise_fn(k) gives the noise of step k."""
-        ts = self.ddim_timesteps(steps)
-        for k, t in enumerate(ts):
-            tt = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
-            eps, x0 = self.eps_x0(model_fn(x, tt), x, tt)
-            ac = self.ac_np[t]
-            ac_prev = self.ac_np[ts[k + 1]] if k + 1 < len(ts) else 1.0
-            sigma = eta * math.sqrt((1 - ac_prev) / (1 - ac) * (1 - ac / ac_prev))
-            x = math.sqrt(ac_prev) * x0 + math.sqrt(max(1 - ac_prev - sigma ** 2, 0.0)) * eps
-            if sigma > 0:
-                x = x + sigma * noise_fn(k)
-        return x
+    def sigmas(self, sampler, steps, spacing="time"):
+        """The descending noise levels a sampler walks, ending at 0."""
+        s = np.exp(self.log_sigmas.double().cpu().numpy())
+        if sampler == "heun":  # EDM (Karras et al. 2022, Eq. 5): rho = 7 over our model's sigma range
+            if steps < 2:
+                raise ValueError("heun needs at least 2 steps")
+            r = np.linspace(0, 1, steps)
+            sig = (s[-1] ** (1 / 7) + r * (s[0] ** (1 / 7) - s[-1] ** (1 / 7))) ** 7
+        elif spacing == "logsnr" and sampler != "ddpm":  # uniform in log sigma: DPM-Solver's advice for low resolution
+            sig = np.exp(np.linspace(np.log(s[-1]), np.log(s[0]), self.ddim_timesteps(steps).size))
+        else:  # uniform in t: DPM-Solver's "time_uniform", the spacing of LDM's DPMSolverSampler (the paper's LDM-4
+            # code base) and of DDIM; on our linear pixel-space schedule its last steps are very uneven in log sigma
+            sig = s[self.ddim_timesteps(self.T if sampler == "ddpm" else steps)]
+        return [float(v) for v in sig] + [0.0]
 
     @torch.no_grad()
-    def ddpm_sample(self, model_fn, x, noise_fn):
-        """Ancestral sampling (Ho et al. 2020, Alg. 2) with the posterior variance beta_tilde."""
-        for k, t in enumerate(range(self.T - 1, -1, -1)):
-            tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-            _, x0 = self.eps_x0(model_fn(x, tt), x, tt)
-            x = self._at(self.posterior_mean_coef1, tt, x) * x0 + self._at(self.posterior_mean_coef2, tt, x) * x
-            if t > 0:
-                x = x + self._at(self.posterior_variance, tt, x).sqrt() * noise_fn(k)
-        return x
+    def sample(self, model_fn, x, sampler="ddim", steps=50, eta=0.0, noise_fn=None, spacing="time"):
+        """Pure noise x ~ N(0, I) -> samples in [-1, 1]. noise_fn(k): fresh noise of step k (ddim with eta, ddpm)."""
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}: use {', '.join(SAMPLERS)}")
+        sigmas = self.sigmas(sampler, steps, spacing)
+        x = x.float() * math.sqrt(1 + sigmas[0] ** 2)
+        return SAMPLERS[sampler](self.denoiser(model_fn), x, sigmas, 1.0 if sampler == "ddpm" else eta, noise_fn)
+
+
+def sample_ddim(D, x, sigmas, eta=0.0, noise_fn=None):
+    """DDIM (Song et al. 2021, Eq. 12) as Euler steps in sigma; eta > 0 moves part of each step into fresh noise
+    (the ancestral split of k-diffusion, which equals DDIM's sigma_t(eta)); eta = 1 over all T steps is DDPM's
+    ancestral sampler with the posterior variance beta_tilde (Ho et al. 2020, Alg. 2)."""
+    for k, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        x0 = D(x, s)
+        up = min(s_next, eta * math.sqrt(s_next ** 2 * (s ** 2 - s_next ** 2) / s ** 2))
+        x = x0 + math.sqrt(s_next ** 2 - up ** 2) / s * (x - x0)
+        if up > 0:
+            x = x + up * noise_fn(k)
+    return x
+
+
+def sample_dpmpp_2m(D, x, sigmas, eta=0.0, noise_fn=None):
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): multistep, second order, data prediction, in lambda = -log sigma;
+    first order on the first step and on the last (sigma = 0), as in DPM-Solver's lower_order_final."""
+    x0_prev, h_prev = None, None
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        x0 = D(x, s)
+        if s_next == 0:
+            return x0
+        h = math.log(s / s_next)
+        d = x0 if x0_prev is None else (1 + h / (2 * h_prev)) * x0 - h / (2 * h_prev) * x0_prev
+        x = s_next / s * x - math.expm1(-h) * d
+        x0_prev, h_prev = x0, h
+    return x
+
+
+def sample_heun(D, x, sigmas, eta=0.0, noise_fn=None):
+    """EDM's deterministic Heun sampler (Karras et al. 2022, Alg. 1 without churn): 2N - 1 network evaluations."""
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        d = (x - D(x, s)) / s
+        x_next = x + (s_next - s) * d
+        if s_next > 0:
+            x_next = x + (s_next - s) * (d + (x_next - D(x_next, s_next)) / s_next) / 2
+        x = x_next
+    return x
+
+
+SAMPLERS = {"ddim": sample_ddim, "ddpm": sample_ddim, "dpm++": sample_dpmpp_2m, "heun": sample_heun}
 
 
 def guided(model, c, cfg_scale, ctrl=None):
@@ -528,15 +576,45 @@ def build(config):
 
 
 def save_atomic(path, write):
-    """write(f) into a temp file in the same folder, fsync, rename: a crash never leaves a half-written file.
+    """write(f) into a temp file in the same folder, fsync, rename: a crash never leaves a half-written file, and a
+    failed write (disk full) removes its temp file and leaves the previous file as it was.
 
-    e.g. save_atomic(path, lambda f: torch.save(state, f)) or save_atomic(path, lambda f: np.savez(f, x=x))."""
+    e.g. save_atomic(path, lambda f: torch.save(state, f)) or save_npz(path, x=x)."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise OSError(f"cannot write {path} ({e.strerror or e}); the previous file, if any, is unchanged: free "
+                      f"some space and run again") from None
+
+
+def save_npz(path, **arrays):
+    """np.savez, atomically and byte for byte the same for the same arrays (zip entries without a timestamp), so
+    a resumed run's file equals an uninterrupted one's."""
+    import zipfile
+
+    def write(f):
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+            for name, a in arrays.items():
+                with z.open(zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0)), "w",
+                            force_zip64=True) as fh:
+                    np.lib.format.write_array(fh, np.asanyarray(a), allow_pickle=False)
+    save_atomic(path, write)
+
+
+def load_weights(net, state, path):
+    """load_state_dict with a one-line error where the weights do not fit the model their config describes."""
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: its weights do not fit the model in its config ({str(e).splitlines()[1:2]}); "
+                         f"was it written by another version of slightdiff or edited?") from None
 
 
 def load_checkpoint(path):
@@ -547,9 +625,17 @@ def load_checkpoint(path):
         raise FileNotFoundError(f"checkpoint {path} not found: give a run folder or its ckpt.pt")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refuses anything but tensors and plain containers
+        what = next((l.split("error: ")[-1].split(".")[0] for l in str(e).splitlines() if "Unsupported" in l), "")
+        raise ValueError(f"refusing {path}: it holds pickled objects, which weights-only loading does not run "
+                         f"({what}); a slightdiff checkpoint holds only tensors and plain values") from None
     except Exception as e:
         raise ValueError(f"cannot read checkpoint {path} (truncated or not a torch file: "
                          f"{type(e).__name__}); use an earlier checkpoint or retrain") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise ValueError(f"{path} is not a slightdiff checkpoint (format {CKPT_FORMAT})")
+    missing = {"model", "ema", "opt", "step", "config"} - set(ckpt)
+    if missing or not {"model", "diffusion", "train", "data"} <= set(ckpt["config"]):
+        raise ValueError(f"{path} lacks {', '.join(sorted(missing)) or 'parts of its config'}: it was not written by "
+                         f"this version of slightdiff's train.py")
     return ckpt

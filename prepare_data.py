@@ -37,18 +37,23 @@ def write_split(out_dir, images, labels, meta, captions=None, sizes=None):
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    if isinstance(images, str):  # already a .npy file on disk (imagefolder): move it in
-        os.replace(images, os.path.join(tmp, "images.npy"))
-    else:
-        np.save(os.path.join(tmp, "images.npy"), np.ascontiguousarray(images, dtype=np.uint8))
-    np.save(os.path.join(tmp, "labels.npy"), np.asarray(labels, dtype=np.int64))
-    if captions is not None:
-        with open(os.path.join(tmp, "captions.jsonl"), "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(c, ensure_ascii=False) + "\n" for c in captions)
-    if sizes is not None:  # original (height, width) of each image: control metadata (Berrada et al. 2024)
-        np.save(os.path.join(tmp, "sizes.npy"), np.asarray(sizes, dtype=np.int64))
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=1)
+    try:
+        if isinstance(images, str):  # already a .npy file on disk (imagefolder): move it in
+            os.replace(images, os.path.join(tmp, "images.npy"))
+        else:
+            np.save(os.path.join(tmp, "images.npy"), np.ascontiguousarray(images, dtype=np.uint8))
+        np.save(os.path.join(tmp, "labels.npy"), np.asarray(labels, dtype=np.int64))
+        if captions is not None:
+            with open(os.path.join(tmp, "captions.jsonl"), "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(c, ensure_ascii=False) + "\n" for c in captions)
+        if sizes is not None:  # original (height, width) of each image: control metadata (Berrada et al. 2024)
+            np.save(os.path.join(tmp, "sizes.npy"), np.asarray(sizes, dtype=np.int64))
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+    except OSError as e:  # disk full: the previous dataset folder, if any, stays as it was
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(f"cannot write {out_dir} ({e.strerror or e}); nothing was changed: free some space and run "
+                      f"again") from None
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     print(f"wrote {out_dir}: {meta['count']} images {meta['resolution']}x{meta['resolution']}x{meta['channels']}, "
@@ -181,6 +186,9 @@ def read_cifar10(archive):
     with tarfile.open(archive, "r:gz") as tar:
         for m in tar.getmembers():
             base = os.path.basename(m.name)
+            if m.name.startswith("/") or ".." in m.name.split("/") or not (m.isfile() or m.isdir()):
+                raise ValueError(f"{archive} holds {m.name!r}, an absolute path, a path out of the archive or a "
+                                 f"link: not the CIFAR-10 tarball (nothing is extracted to disk; refusing anyway)")
             if base.startswith("data_batch_") or base == "test_batch":
                 parts[base] = read_cifar_batch(tar.extractfile(m).read())
     names = [f"data_batch_{i}" for i in range(1, 6)]

@@ -15,7 +15,10 @@ generators seeded by (seed, step), for the global batch, before it is split over
 for any number of GPUs at the same global batch, and the step number is the whole RNG state for --resume.
 """
 import argparse
+import contextlib
 import copy
+import datetime
+import glob
 import json
 import math
 import os
@@ -31,11 +34,11 @@ from tqdm import tqdm
 
 import corrupt
 from model import (CKPT_FORMAT, PRESETS, Denoiser, Diffusion, guided, load_checkpoint, neutral_control, sample_noise,
-                   save_atomic, resolve_device, save_grid, to_device, to_uint8, tokenize)
+                   load_weights, save_atomic, save_npz, resolve_device, save_grid, to_device, to_uint8, tokenize)
 
 # Flags a resumed run may change; every other flag must match the checkpoint's stored config.
 RESUMABLE = {"steps", "log_every", "ckpt_every", "snapshot_every", "compile", "cuda_graphs", "batch_gpu", "device",
-             "grid_cfg", "grid_steps"}
+             "grid_cfg", "grid_steps", "dist_timeout"}
 LABEL_CORRUPTIONS = ("symmetric", "asymmetric")
 # Dense bf16 tensor-core peaks (FLOP/s) for MFU, from the vendors' data sheets.
 PEAK_BF16 = {"H100 SXM": 989.4e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989.4e12, "H200": 989.4e12,
@@ -49,6 +52,7 @@ def get_parser():
     a("--out", help="run folder (default runs/<dataset>-<preset>-eta<eta>[-cep<kind>])")
     a("--resume", help="run folder or ckpt.pt of a run to continue with its stored config")
     a("--preset", default="cifar", choices=["tiny", "cifar", "in64"])
+    a("--channels", type=int, help="UNet base width over the preset's (Zhang et al.'s UNet-64/128/256)")
     a("--dropout", type=float, help="override the preset's dropout")
     a("--schedule", default="linear", choices=["linear", "cosine"], help="noise schedule (paper: linear)")
     a("--prediction", default="eps", choices=["eps", "v"])
@@ -94,6 +98,7 @@ def get_parser():
     a("--grid-cfg", type=float, default=1.0, help="guidance scale of the sample grid")
     a("--grid-steps", type=int, default=50, help="DDIM steps of the sample grid")
     a("--device", default="auto", help="auto, cpu or cuda")
+    a("--dist-timeout", type=float, default=600, help="seconds a rank waits for the others before it gives up")
     a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on CUDA)")
     a("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
     a("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
@@ -146,11 +151,21 @@ def load_dataset(path, subset, data_seed):
         if not os.path.isfile(os.path.join(path, f)):
             raise FileNotFoundError(f"{path}/{f} missing: build the dataset with prepare_data.py "
                                     f"(e.g. python prepare_data.py --dataset shapes)")
-    meta = json.load(open(os.path.join(path, "meta.json")))
-    images = np.load(os.path.join(path, "images.npy"), mmap_mode="r")
-    labels = np.load(os.path.join(path, "labels.npy"))
+    try:
+        meta = json.load(open(os.path.join(path, "meta.json")))
+        num_classes, names = int(meta["num_classes"]), list(meta["class_names"])
+        images = np.load(os.path.join(path, "images.npy"), mmap_mode="r")
+        labels = np.load(os.path.join(path, "labels.npy"))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: cannot read meta.json (with num_classes, class_names), images.npy or labels.npy "
+                         f"({type(e).__name__}: {str(e)[:80]}); rebuild the dataset with prepare_data.py") from None
     if images.dtype != np.uint8 or images.ndim != 4 or len(images) != len(labels) or labels.ndim != 1:
-        raise ValueError(f"{path}: images.npy must be uint8 [N, H, W, C] and labels.npy [N]")
+        raise ValueError(f"{path}: images.npy must be uint8 [N, H, W, C] and labels.npy [N], found {images.dtype} "
+                         f"{list(images.shape)} and {list(labels.shape)}; rebuild the dataset with prepare_data.py")
+    if len(names) != num_classes or images.shape[1] != images.shape[2] or meta.get("resolution") != images.shape[1] \
+            or not len(labels) or labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"{path}: meta.json does not describe its arrays (num_classes, class_names, resolution, "
+                         f"labels in [0, num_classes)); rebuild the dataset with prepare_data.py")
     index = np.arange(len(labels))
     if subset:
         if not 1 <= subset <= len(labels):
@@ -216,6 +231,24 @@ class Batches:
         return to_device(torch.from_numpy(x), self.device)
 
 
+def check_same_run(out, config, stored, **corruption):
+    """A resumed run must see the dataset and the corruption it started with, or it would silently train on
+    other data: compare the dataset's count and checksum, and the run folder's corruption.npz."""
+    for k in ("count", "checksum"):
+        if k in stored and stored[k] != config[k]:
+            raise ValueError(f"{config['path']} is not the dataset this run started with ({k} {config[k]} vs "
+                             f"{stored[k]}): rebuild it as it was, or start a new run")
+    path = os.path.join(out, "corruption.npz")
+    try:
+        old = np.load(path) if os.path.isfile(path) else {}
+        changed = [k for k, v in corruption.items() if k in old and not np.array_equal(old[k], v)]
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is unreadable ({type(e).__name__}): delete it and --resume again") from None
+    if changed:
+        raise ValueError(f"{path}: its {', '.join(changed)} differ from what this dataset and --data-seed give: the "
+                         f"dataset changed since the run started; rebuild it as it was, or start a new run")
+
+
 def make_label_fn(args, labels, num_classes, class_names):
     """epoch -> training labels (captions: the image whose caption each image gets); fixed corruption is computed
     once, resample mode per epoch (App. E.4)."""
@@ -254,6 +287,17 @@ def random_crop(x, top, left, side):
 
 
 # ----------------------------------------------------------------------------- helpers
+
+@contextlib.contextmanager
+def peers(rank):
+    """Around a collective: another rank's death (gloo: a RuntimeError; NCCL: an error or the --dist-timeout)
+    ends the run with one line instead of a traceback."""
+    try:
+        yield
+    except RuntimeError as e:
+        raise OSError(f"rank {rank} lost the other ranks ({str(e).splitlines()[0][:150]}): the run stops; continue "
+                      f"it with --resume") from None
+
 
 def average_gradients(params, world):
     """Gradients averaged over the ranks in one all-reduce of all of them, flattened, after the backward pass. No
@@ -310,7 +354,7 @@ def draw_grid(ema, diffusion, rows, captions, ctrl_size, shape, device, cfg_scal
     x = sample_noise(0, range(len(c)), shape).to(device)
     ctrl = neutral_control(len(c), shape[-1], ctrl_size, device) if ema.control_mode else None
     with torch.no_grad():
-        x = diffusion.ddim_sample(guided(ema, c, cfg_scale, ctrl), x, steps=steps)
+        x = diffusion.sample(guided(ema, c, cfg_scale, ctrl), x, "ddim", steps)
     save_grid(path, to_uint8(x), nrow=len(rows), captions=captions)
 
 
@@ -342,8 +386,9 @@ def trim_log(path, step):
 def main(argv=None):
     args = parse_args(argv)
     ddp = "RANK" in os.environ
-    if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
+    if ddp:  # a dead rank makes the others fail within --dist-timeout instead of waiting forever
+        dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo",
+                                timeout=datetime.timedelta(seconds=args.dist_timeout))
         rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
     else:
         rank, world, local_rank = 0, 1, 0
@@ -412,6 +457,8 @@ def run(args, rank, world, local_rank, ddp):
         model_cfg = dict(num_classes=num_classes, resolution=res, channels=ch, preset=args.preset, cond=args.cond)
         if args.dropout is not None:
             model_cfg["dropout"] = args.dropout
+        if args.channels:
+            model_cfg["ch"] = args.channels
         if args.cond == "text":
             model_cfg.update(text_dim=args.text_dim, text_layers=args.text_layers, replicate_pad=args.replicate_pad,
                              pad_noise=args.pad_noise, max_len=args.max_len if text_emb is None else text_emb.shape[1],
@@ -425,6 +472,7 @@ def run(args, rank, world, local_rank, ddp):
     control_size = np.median(sizes, 0).round().astype(int).tolist() if sizes is not None else [res, res]
     config = dict(model=model_cfg, diffusion=diff_cfg, train=train_cfg,
                   data=dict(path=os.path.abspath(args.data), control_size=control_size,
+                            checksum=meta.get("source_checksum"),
                             **{k: meta[k] for k in ("num_classes", "class_names", "resolution", "count")}))
     if args.out is None:
         dataset = os.path.basename(os.path.dirname(os.path.abspath(args.data)))
@@ -435,8 +483,10 @@ def run(args, rank, world, local_rank, ddp):
     net = Denoiser(**model_cfg).to(device, memory_format=memory_format)
     diffusion = Diffusion(**diff_cfg).to(device)
     step = 0
+    conds = dict(labels=fixed_labels, clean_labels=clean_labels) if args.cond == "class" else dict(source=fixed_labels)
     if ckpt is not None:
-        net.load_state_dict(ckpt["model"])
+        check_same_run(args.out, config["data"], ckpt["config"]["data"], mask=mask, index=index, **conds)
+        load_weights(net, ckpt["model"], args.resume)
     elif src is not None:
         try:
             net.load_state_dict(src["ema"])
@@ -448,7 +498,7 @@ def run(args, rank, world, local_rank, ddp):
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                             fused=device.type == "cuda")
     if ckpt is not None:
-        ema.load_state_dict(ckpt["ema"])
+        load_weights(ema, ckpt["ema"], args.resume)
         opt.load_state_dict(ckpt["opt"])
         step = ckpt["step"]
     elif not args.bench and os.path.exists(os.path.join(args.out, "ckpt.pt")):
@@ -487,13 +537,12 @@ def run(args, rank, world, local_rank, ddp):
               f"bf16={use_bf16} cuda_graphs={use_graphs} channels_last={args.channels_last} | {args.out}")
         if not args.bench:
             os.makedirs(args.out, exist_ok=True)
+            for f in glob.glob(os.path.join(args.out, "*.tmp*")):  # left by a process killed while writing
+                os.remove(f)
             with open(os.path.join(args.out, "config.json"), "w") as f:
                 json.dump(config, f, indent=1)
-            conds = dict(labels=fixed_labels, clean_labels=clean_labels) if args.cond == "class" else \
-                dict(source=fixed_labels)
-            save_atomic(os.path.join(args.out, "corruption.npz"), lambda f: np.savez(
-                f, mask=mask, index=index, seed=args.data_seed, eta=args.eta, kind=args.corruption,
-                mode=args.corruption_mode, **conds))
+            save_npz(os.path.join(args.out, "corruption.npz"), mask=mask, index=index, seed=args.data_seed,
+                     eta=args.eta, kind=args.corruption, mode=args.corruption_mode, **conds)
             trim_log(os.path.join(args.out, "log.jsonl"), step)
 
     def save(step):
@@ -561,7 +610,8 @@ def run(args, rank, world, local_rank, ddp):
             loss_sum.index_add_(0, q, losses.detach().double())
             loss_cnt.index_add_(0, q, torch.ones_like(q, dtype=torch.float64))
         if ddp:
-            average_gradients(params, world)
+            with peers(rank):
+                average_gradients(params, world)
         if args.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         opt.step()
@@ -577,8 +627,9 @@ def run(args, rank, world, local_rank, ddp):
         last = step == end
         if step % args.log_every == 0 or step % args.ckpt_every == 0 or last:  # the only host syncs of the loop
             if ddp:
-                dist.all_reduce(loss_sum)
-                dist.all_reduce(loss_cnt)
+                with peers(rank):
+                    dist.all_reduce(loss_sum)
+                    dist.all_reduce(loss_cnt)
             s, c = loss_sum.tolist(), loss_cnt.tolist()
             loss = sum(s) / max(sum(c), 1)
             if not math.isfinite(loss):
@@ -600,7 +651,8 @@ def run(args, rank, world, local_rank, ddp):
             if master:
                 save(step)
             if ddp:
-                dist.barrier()
+                with peers(rank):
+                    dist.barrier()
     bar.close()
 
     if args.bench:
@@ -626,3 +678,5 @@ if __name__ == "__main__":
         main()
     except (ValueError, OSError, FloatingPointError) as e:
         sys.exit(f"train.py: error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("train.py: interrupted; the last checkpoint is complete: continue with --resume")

@@ -54,3 +54,7 @@ def inception_weights(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("weights") / "random_inception.pth")
     torch.save(net.state_dict(), path)
     return path
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "faults: kill -9, disk-full and hostile-input tests (slower; part of CI)")

@@ -297,3 +297,57 @@ def test_report_shows_text_runs_beside_class_runs(tmp_path):
     evaluate.main(["report", *runs, "--out", str(tmp_path / "rep")])
     table = open(tmp_path / "rep.md").read()
     assert "| class | class | 5 | symmetric/fixed |" in table and "| text | text | 5 | swap/fixed |" in table
+
+
+def test_repro_matrix_of_several_sample_sets_with_pixel_features(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    b, c = a.copy(), rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    b[:2] = 255 - b[:2]  # two of eight pairs differ (negative pixel correlation)
+    paths = [write_samples(tmp_path / f"{n}.npz", x) for n, x in [("a", a), ("b", b), ("c", c)]]
+    r = evaluate.main(["repro", *paths, "--features", "pixels", "--out", str(tmp_path / "r.json")])
+    m = np.array(r["rp_matrix"])
+    assert m.shape == (3, 3) and np.allclose(m, m.T) and np.all(np.diag(m) == 1)
+    assert m[0, 1] == 0.75 and m[0, 2] == 0.0 and r["features"] == "pixels"  # unrelated noise images: ~0 correlation
+    printed = capsys.readouterr().out
+    assert "features: pixels" in printed and printed.count("\n  [") == 3
+    assert json.load(open(tmp_path / "r.json"))["rp_score"] == 0.75
+
+
+def test_memorization_against_the_images_a_run_trained_on(shapes, tmp_path):
+    import train
+    run = tmp_path / "run"
+    train.main(["--data", f"{shapes}/train", "--out", str(run), "--preset", "tiny", "--subset", "16", "--steps", "1",
+                "--batch-size", "4", "--grid-steps", "1"])
+    index = np.load(run / "corruption.npz")["index"]
+    images = np.load(f"{shapes}/train/images.npy")
+    inside = write_samples(tmp_path / "in.npz", images[index[:4]])
+    outside = write_samples(tmp_path / "out.npz", images[np.setdiff1d(np.arange(200), index)[:4]])
+    common = ["--ref", str(run), "--features", "pixels", "--threshold", "0.9999"]
+    m = evaluate.main(["memorization", "--samples", inside, *common])
+    assert m["memorized_fraction"] == 1.0 and m["num_train"] == 16 and m["features"] == "pixels"
+    assert evaluate.main(["memorization", "--samples", outside, *common])["memorized_fraction"] == 0.0
+    whole = evaluate.main(["memorization", "--samples", outside, "--ref", f"{shapes}/train", "--features", "pixels",
+                           "--threshold", "0.9999"])
+    assert whole["memorized_fraction"] == 1.0 and whole["num_train"] == 200  # the whole set holds them
+
+
+def test_report_draws_the_study(tmp_path):
+    runs = []
+    for n, width, seed, gl, rp in [(64, 32, 0, 0.0, 0.9), (64, 32, 1, 0.1, None), (1024, 32, 0, 0.8, 0.3),
+                                   (64, 64, 0, 0.05, 0.8), (1024, 64, 0, 0.7, 0.4)]:
+        d = tmp_path / f"n{n}-w{width}-s{seed}"
+        d.mkdir()
+        json.dump(dict(train=dict(subset=n, seed=seed), model=dict(preset="tiny", ch=width), data=dict(count=200)),
+                  open(d / "config.json", "w"))
+        json.dump(dict(generalization_score=gl, features="pixels"), open(d / "memorization.json", "w"))
+        if rp is not None:
+            json.dump(dict(rp_score=rp), open(d / "repro.json", "w"))
+        runs.append(str(d))
+    rows = evaluate.main(["report", *runs, "--out", str(tmp_path / "rep")])
+    assert [(r["images"], r["width"], r["seed"]) for r in rows][:3] == [(64, 32, 0), (64, 32, 1), (1024, 32, 0)]
+    table = open(tmp_path / "rep.md").read()
+    assert "| n64-w32-s1 | 64 | 32 | 1 | - | 0.100 | pixels |" in table and not os.path.exists(tmp_path / "rep.png")
+    from PIL import Image
+    img = np.asarray(Image.open(tmp_path / "rep-study.png"))
+    assert img.shape[1] == 840 and len(np.unique(img.reshape(-1, 3), axis=0)) > 4

@@ -143,3 +143,17 @@ def test_class_model_refuses_prompts(tiny_run):
     r = subprocess.run([sys.executable, f"{ROOT}/sample.py", "--ckpt", tiny_run, "--prompt", "a red disk"],
                        capture_output=True, text=True)
     assert r.returncode == 1 and "class-conditional model" in r.stderr and r.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("sampler,spacing", [("dpm++", "logsnr"), ("heun", "time")])
+def test_every_sampler_writes_samples_seeded_per_index(tiny_run, tmp_path, sampler, spacing):
+    args = ["--ckpt", tiny_run, "--num", "3", "--sampler", sampler, "--steps", "3", "--cfg-scale", "2", "--spacing",
+            spacing]
+    sample.main(args + ["--out", str(tmp_path / "a.npz")])
+    images, _, settings = load(tmp_path / "a.npz")
+    assert settings["sampler"] == sampler and settings["steps"] == 3 and settings["spacing"] == spacing
+    sample.main(args + ["--batch", "2", "--out", str(tmp_path / "b.npz")])
+    assert np.abs(images.astype(int) - load(tmp_path / "b.npz")[0].astype(int)).max() <= 1
+    r = subprocess.run([sys.executable, f"{ROOT}/sample.py", "--ckpt", tiny_run, "--sampler", "heun", "--ddim-eta",
+                        "0.5"], capture_output=True, text=True)
+    assert r.returncode == 1 and "--ddim-eta is for --sampler ddim" in r.stderr and r.stderr.count("\n") == 1

@@ -192,8 +192,8 @@ def test_init_from_a_lower_resolution(shapes, tmp_path):
     low.mkdir()
     images = np.load(f"{shapes}/train/images.npy")
     np.save(low / "images.npy", images.reshape(200, 16, 2, 16, 2, 3).mean((2, 4)).astype(np.uint8))
-    for f in ("labels.npy", "meta.json"):
-        (low / f).write_bytes(open(f"{shapes}/train/{f}", "rb").read())
+    (low / "labels.npy").write_bytes(open(f"{shapes}/train/labels.npy", "rb").read())
+    (low / "meta.json").write_text(json.dumps(dict(json.load(open(f"{shapes}/train/meta.json")), resolution=16)))
     src = run_train(str(low), tmp_path / "r16", "--steps", "2", "--ckpt-every", "2")
     # attention at 8x8 in a 16x16 run sits at the same level as 16x16 attention in a 32x32 run
     dst = run_train(f"{shapes}/train", tmp_path / "r32", "--steps", "1", "--ckpt-every", "1", "--lr", "1e-30",

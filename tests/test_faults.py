@@ -1,0 +1,279 @@
+"""Faults: kill -9 at any point, disk full, damaged and hostile inputs, NaN, a rank that dies. Each case ends in a
+complete earlier state and a one-line error, never a traceback or a silently wrong run."""
+import io
+import json
+import os
+import pickle
+import resource
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import model
+import prepare_data
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--preset", "tiny", "--batch-size", "8", "--warmup", "1", "--lr", "1e-3", "--grid-steps", "1",
+        "--dropout", "0.1", "--eta", "0.1", "--cep", "gaussian", "--log-every", "1"]
+
+
+def script(name, *args, limit=None, **kw):
+    """Run a stage script; limit: a file-size limit in bytes (RLIMIT_FSIZE), a disk that fills up."""
+    pre = (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))) if limit else None
+    return subprocess.run([sys.executable, f"{ROOT}/{name}", *map(str, args)], capture_output=True, text=True,
+                          preexec_fn=pre, env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"), **kw)
+
+
+def one_line_error(r, script_name, *words):
+    last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
+    assert r.returncode == 1 and "Traceback" not in r.stderr and last.startswith(f"{script_name}: error:"), r.stderr
+    for w in words:
+        assert w in last, last
+
+
+def equal_states(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
+
+
+def finish(cmd_fresh, cmd_resume, out, kill_after=None, env=None):
+    """Run cmd (fresh, or --resume once a checkpoint exists) until it exits; kill_after: SIGKILL its whole process
+    group after that many seconds."""
+    cmd = cmd_resume if os.path.exists(os.path.join(out, "ckpt.pt")) else cmd_fresh
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, env=env)
+    try:
+        p.wait(timeout=kill_after)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        return False
+    assert p.returncode == 0, p.stderr.read().decode()[-2000:]
+    return True
+
+
+@pytest.mark.faults
+def test_kill_9_at_random_points_then_resume_gives_the_uninterrupted_weights(shapes, tmp_path):
+    args = ["--data", f"{shapes}/train", *TINY, "--steps", "12", "--ckpt-every", "3"]
+    train.main(args + ["--out", str(tmp_path / "ref")])
+    ref = model.load_checkpoint(str(tmp_path / "ref"))
+    out = str(tmp_path / "killed")
+    fresh = [sys.executable, f"{ROOT}/train.py", *args, "--out", out]
+    resume = [sys.executable, f"{ROOT}/train.py", "--resume", out]
+    kills = 0
+    for delay in [4.5, 6.0, 2.0, 5.0, None]:  # seconds after a (re)start; the last run finishes
+        kills += not finish(fresh, resume, out, delay)
+    got = model.load_checkpoint(out)
+    assert kills >= 3 and got["step"] == 12
+    assert equal_states(ref["model"], got["model"]) and equal_states(ref["ema"], got["ema"])
+    assert [json.loads(l)["step"] for l in open(os.path.join(out, "log.jsonl"))] == list(range(1, 13))
+    assert not [f for f in os.listdir(out) if ".tmp" in f]
+
+
+@pytest.mark.faults
+def test_kill_9_while_writing_a_checkpoint(shapes, tmp_path):
+    args = ["--data", f"{shapes}/train", *TINY, "--steps", "6", "--ckpt-every", "2"]
+    train.main(args + ["--out", str(tmp_path / "ref")])
+    out = str(tmp_path / "killed")
+    # the second checkpoint write dies half way through its bytes, as a power cut would leave it
+    code = (f"import os, signal, sys; sys.path.insert(0, {ROOT!r}); import train\n"
+            "real, calls = train.save_atomic, []\n"
+            "def dying(path, write):\n"
+            "    calls.append(path)\n"
+            "    if path.endswith('ckpt.pt') and len([c for c in calls if c.endswith('ckpt.pt')]) == 2:\n"
+            "        def half(f):\n"
+            "            write(f); f.truncate(f.tell() // 2); f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
+            "        return real(path, half)\n"
+            "    return real(path, write)\n"
+            "train.save_atomic = dying\n"
+            f"train.main({args + ['--out', out]!r})\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == -signal.SIGKILL
+    assert model.load_checkpoint(out)["step"] == 2 and any(".tmp" in f for f in os.listdir(out))  # the half file
+    train.main(["--resume", out])
+    ref, got = model.load_checkpoint(str(tmp_path / "ref")), model.load_checkpoint(out)
+    assert got["step"] == 6 and equal_states(ref["model"], got["model"]) and equal_states(ref["ema"], got["ema"])
+    assert not [f for f in os.listdir(out) if ".tmp" in f]  # the resumed run swept the half-written file
+
+
+@pytest.mark.faults
+def test_kill_9_of_a_two_process_torchrun_then_resume(shapes, tmp_path):
+    args = ["--data", f"{shapes}/train", *TINY, "--steps", "8", "--ckpt-every", "2", "--batch-gpu", "2"]
+    run = lambda out: [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                       f"{ROOT}/train.py", *args, "--out", out]
+    resume = lambda out: [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          f"{ROOT}/train.py", "--resume", out]
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "killed")
+    assert finish(run(ref), resume(ref), ref)
+    killed = not finish(run(out), resume(out), out, kill_after=9.0)
+    assert finish(run(out), resume(out), out)
+    a, b = model.load_checkpoint(ref), model.load_checkpoint(out)
+    assert killed and b["step"] == 8 and equal_states(a["model"], b["model"]) and equal_states(a["ema"], b["ema"])
+
+
+@pytest.mark.faults
+def test_kill_9_of_sample_py_then_rerun_gives_the_same_bytes(tiny_run, tmp_path):
+    args = ["--ckpt", tiny_run, "--num", "12", "--steps", "2", "--shard-size", "2", "--batch", "2"]
+    assert script("sample.py", *args, "--out", tmp_path / "ref.npz").returncode == 0
+    out = tmp_path / "s.npz"
+    p = subprocess.Popen([sys.executable, f"{ROOT}/sample.py", *args, "--out", str(out)], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    shards = lambda: [f for d in tmp_path.iterdir() if ".shards-" in d.name for f in os.listdir(d)
+                      if f.endswith(".npy")]
+    deadline = time.time() + 60
+    while len(shards()) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    p.kill()
+    p.wait()
+    assert 2 <= len(shards()) < 6 and not out.exists()
+    assert script("sample.py", *args, "--out", out).returncode == 0
+    assert out.read_bytes() == (tmp_path / "ref.npz").read_bytes()
+
+
+@pytest.mark.faults
+def test_disk_full_leaves_the_previous_files_and_says_so_in_one_line(shapes, tiny_run, tmp_path):
+    # a checkpoint: the step-2 one stays loadable when writing the step-4 one fails
+    run = tmp_path / "run"
+    train.main(["--data", f"{shapes}/train", *TINY, "--steps", "2", "--ckpt-every", "2", "--out", str(run)])
+    r = script("train.py", "--resume", run, "--steps", "4", limit=1 << 20)
+    one_line_error(r, "train.py", "cannot write", "ckpt.pt", "File too large", "unchanged")
+    assert model.load_checkpoint(str(run))["step"] == 2 and not [f for f in os.listdir(run) if ".tmp" in f]
+    # a sample shard (and so samples.npz, written the same way)
+    r = script("sample.py", "--ckpt", tiny_run, "--num", "4", "--steps", "1", "--out", tmp_path / "s.npz", limit=4000)
+    one_line_error(r, "sample.py", "cannot write", "000000.npy", "unchanged")
+    assert not (tmp_path / "s.npz").exists() and not any(".tmp" in f for _, _, fs in os.walk(tmp_path) for f in fs)
+    # an evaluate.py JSON (metrics.json, repro.json, memorization.json: one writer)
+    images = np.load(f"{shapes}/test/images.npy")[:4]
+    np.savez(tmp_path / "a.npz", arr_0=images)
+    (tmp_path / "r.json").write_text("{}")
+    r = script("evaluate.py", "repro", tmp_path / "a.npz", tmp_path / "a.npz", "--features", "pixels", "--out",
+               tmp_path / "r.json", limit=64)
+    one_line_error(r, "evaluate.py", "cannot write", "r.json")
+    assert (tmp_path / "r.json").read_text() == "{}"
+    # a dataset folder: the previous one stays
+    prepare_data.prepare_shapes(str(tmp_path / "data"), 20, 10)
+    before = (tmp_path / "data/shapes/train/images.npy").read_bytes()
+    r = script("prepare_data.py", "--dataset", "shapes", "--count", "200", "--out", tmp_path / "data", limit=100_000)
+    one_line_error(r, "prepare_data.py", "cannot write", "nothing was changed")
+    assert (tmp_path / "data/shapes/train/images.npy").read_bytes() == before
+    assert sorted(os.listdir(tmp_path / "data/shapes")) == ["test", "train"]
+
+
+@pytest.mark.faults
+def test_damaged_run_and_dataset_files_give_one_line_errors(shapes, tmp_path):
+    run = tmp_path / "run"
+    train.main(["--data", f"{shapes}/train", *TINY, "--steps", "2", "--ckpt-every", "2", "--out", str(run)])
+    ckpt = model.load_checkpoint(str(run))
+    # weights of another model under this run's config (another preset, another code version)
+    other = model.Denoiser(10, 32, 3, "tiny", ch=16).state_dict()
+    torch.save(dict(ckpt, model=other, ema=other), run / "other.pt")
+    one_line_error(script("sample.py", "--ckpt", run / "other.pt"), "sample.py", "do not fit the model")
+    # the dataset changed under a run: another corruption.npz, another images.npy
+    z = dict(np.load(run / "corruption.npz"))
+    np.savez(run / "corruption.npz", **dict(z, mask=~z["mask"]))
+    one_line_error(script("train.py", "--resume", run, "--steps", "4"), "train.py", "corruption.npz", "mask")
+    np.savez(run / "corruption.npz", **z)
+    data = tmp_path / "data"
+    prepare_data.prepare_shapes(str(data), 100, 10)
+    torch.save(dict(ckpt, config=dict(ckpt["config"], data=dict(ckpt["config"]["data"], path=f"{data}/shapes/train"))),
+               run / "ckpt.pt")
+    one_line_error(script("train.py", "--resume", run, "--data", data / "shapes/train", "--steps", "4"), "train.py",
+                   "--data differs")
+    # a dataset folder whose files disagree
+    broken = tmp_path / "broken"
+    for case, fix in [("lengths", lambda d: np.save(d / "labels.npy", np.zeros(150, np.int64))),
+                      ("classes", lambda d: (d / "meta.json").write_text(json.dumps(
+                          dict(json.load(open(d / "meta.json")), num_classes=12)))),
+                      ("resolution", lambda d: (d / "meta.json").write_text(json.dumps(
+                          dict(json.load(open(d / "meta.json")), resolution=64)))),
+                      ("json", lambda d: (d / "meta.json").write_text("{num_classes: 10")),
+                      ("truncated", lambda d: (d / "images.npy").write_bytes((d / "images.npy").read_bytes()[:5000]))]:
+        broken.mkdir(exist_ok=True)
+        for f in ("images.npy", "labels.npy", "meta.json"):
+            (broken / f).write_bytes(open(f"{shapes}/train/{f}", "rb").read())
+        fix(broken)
+        r = script("train.py", "--data", broken, "--out", tmp_path / case, "--preset", "tiny", "--steps", "1")
+        one_line_error(r, "train.py", "rebuild the dataset")
+        assert not (tmp_path / case).exists(), case
+
+
+def evil_batch():
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, ("touch exploited",))
+    return pickle.dumps({b"data": Exploit(), b"labels": [0]}, protocol=2)
+
+
+@pytest.mark.faults
+def test_hostile_archives_and_images(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name, member in [("evil", "cifar-10-batches-py/data_batch_1"), ("escape", "../../data_batch_1")]:
+        archive = tmp_path / f"{name}.tar.gz"
+        with tarfile.open(archive, "w:gz") as tar:
+            blob = evil_batch()
+            info = tarfile.TarInfo(member)
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+        with pytest.raises((pickle.UnpicklingError, ValueError), match="refusing"):
+            prepare_data.prepare_cifar10(str(tmp_path / "data"), str(archive), prepare_data.md5sum(archive))
+    assert not (tmp_path / "exploited").exists() and not (tmp_path / "data/cifar10").exists()
+    # an image folder with files that are not images, a zero-byte one and one claiming 100000 x 100000 pixels
+    src = tmp_path / "src/cls"
+    src.mkdir(parents=True)
+    Image.new("RGB", (40, 30), (200, 0, 0)).save(src / "ok.png")
+    (src / "text.jpg").write_text("not an image")
+    (src / "empty.png").write_bytes(b"")
+    png = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(png, "PNG")
+    head = bytearray(png.getvalue())
+    head[16:24] = (100000).to_bytes(4, "big") * 2  # IHDR width and height (its CRC is not checked on open)
+    (src / "huge.png").write_bytes(bytes(head))
+    prepare_data.prepare_imagefolder(str(tmp_path / "src"), str(tmp_path / "data"), "toy", "train", 16, 2)
+    meta = json.load(open(tmp_path / "data/toy/train/meta.json"))
+    assert meta["count"] == 1 and sorted(s.split(":")[0].split("/")[-1] for s in meta["skipped"]) == [
+        "empty.png", "huge.png", "text.jpg"]
+
+
+@pytest.mark.faults
+def test_injected_nan_stops_the_run_and_keeps_the_last_good_checkpoint(shapes, tmp_path, monkeypatch):
+    real, calls = model.Diffusion.loss, []
+
+    def poisoned(self, *a, **k):
+        calls.append(1)
+        out = real(self, *a, **k)
+        return out * float("nan") if len(calls) == 5 else out  # step 5 of 8
+    monkeypatch.setattr(model.Diffusion, "loss", poisoned)
+    with pytest.raises(FloatingPointError, match="loss is nan at step 5"):
+        train.main(["--data", f"{shapes}/train", *TINY, "--steps", "8", "--ckpt-every", "2", "--out",
+                    str(tmp_path / "run")])
+    ckpt = model.load_checkpoint(str(tmp_path / "run"))
+    assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+@pytest.mark.faults
+def test_a_dead_rank_stops_the_other_instead_of_hanging(shapes, tmp_path):
+    port = __import__("bench").free_port()
+    out = tmp_path / "run"
+    procs = []
+    for rank in (0, 1):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen([sys.executable, f"{ROOT}/train.py", "--data", f"{shapes}/train", *TINY,
+                                       "--steps", "100000", "--ckpt-every", "100000", "--dist-timeout", "30",
+                                       "--out", str(out)], env=env, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True))
+    deadline = time.time() + 90
+    while not (out / "log.jsonl").exists() and time.time() < deadline:  # both ranks are training
+        time.sleep(0.1)
+    procs[1].kill()
+    t0 = time.time()
+    err = procs[0].communicate(timeout=60)[1]
+    assert time.time() - t0 < 60 and procs[0].returncode == 1
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("train.py: error: rank 0 lost the other ranks") and "--resume" in last, err[-2000:]
