@@ -11,6 +11,9 @@ asymmetric: only samples whose label lies in --classes are candidates (round(eta
             that overlap CIFAR-100).
 swap:       exactly round(eta * N) images, paired at random, each pair swapping its captions (CC3M in the paper);
             with an odd count the last three rotate theirs, so no image keeps its own.
+Input: a dataset folder (labels.npy, meta.json; captions.jsonl for swap). Output: an npz (--out) with the new labels,
+or the caption source of each image, and the mask of corrupted samples; a summary on stdout. Training needs none
+of this: train.py corrupts by the same rules and writes its own corruption.npz.
 The result is fixed by (labels, eta, kind, classes, seed). train.py's `resample` mode draws it anew every epoch
 with seed (seed, epoch), the paper's App. E.4 "random data corruption".
 """

@@ -5,8 +5,8 @@
     torchrun --nproc_per_node=8 sample.py --ckpt runs/NAME --num-samples 50000
     python sample.py --ckpt runs/TEXT --prompt "a red disk" --num 100     # or --prompts FILE (one per line)
 
-Input: a run folder or checkpoint. Output: samples.npz (arr_0 uint8 [N, H, W, C], arr_1 labels or captions, the
-settings as JSON) and samples.png beside it (a caption under each row for text models).
+Input: a run folder or checkpoint. Output: samples.npz (arr_0 uint8 [N, H, W, C]; arr_1 labels, or captions for text
+models; the settings as JSON) and samples.png beside it (a caption under each row for text models).
 
 The model and diffusion settings come from the checkpoint. The initial noise and every noise draw of sample i
 depend only on (seed, i), so a sample is the same for any batch size and any number of GPUs, and two models
@@ -195,8 +195,8 @@ def run(args, rank, world, ddp):
     ctrl = control(args, m, cfg.get("data", {}))
     settings = dict(ckpt=os.path.abspath(args.ckpt), step=ckpt["step"], weights=args.weights, num=args.num,
                     sampler=args.sampler, steps=diffusion.T if args.sampler == "ddpm" else args.steps,
-                    ddim_eta=args.ddim_eta, spacing=args.spacing, cfg_scale=args.cfg_scale, seed=args.seed, labels=args.labels,
-                    conditions=hashlib.sha256(next(iter(stored.values())).tobytes()).hexdigest()[:16],
+                    ddim_eta=args.ddim_eta, spacing=args.spacing, cfg_scale=args.cfg_scale, seed=args.seed,
+                    labels=args.labels, conditions=hashlib.sha256(next(iter(stored.values())).tobytes()).hexdigest()[:16],
                     control=None if ctrl is None else ctrl[0].tolist(), config=cfg)
     # shards of a different setting never mix: their folder is keyed by the settings
     key = hashlib.sha256(json.dumps({k: v for k, v in settings.items() if k != "config"},

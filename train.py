@@ -245,7 +245,7 @@ def check_same_run(out, config, stored, **corruption):
     except (OSError, ValueError) as e:
         raise ValueError(f"{path} is unreadable ({type(e).__name__}): delete it and --resume again") from None
     if changed:
-        raise ValueError(f"{path}: its {', '.join(changed)} differ from what this dataset and --data-seed give: the "
+        raise ValueError(f"{path} does not match what this dataset and --data-seed give ({', '.join(changed)}): the "
                          f"dataset changed since the run started; rebuild it as it was, or start a new run")
 
 
@@ -451,6 +451,7 @@ def run(args, rank, world, local_rank, ddp):
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     data = Batches(images, clean_labels, index, device, args.seed, label_fn, in_memory)
 
+    src = None
     if ckpt is not None:  # the model and schedule a run started with, --init-from included
         model_cfg, diff_cfg = ckpt["config"]["model"], ckpt["config"]["diffusion"]
     else:
@@ -530,7 +531,8 @@ def run(args, rank, world, local_rank, ddp):
         elif captions is None:
             what = "caption embeddings swapped"
         else:  # a swap between two identical captions changes nothing
-            what = f"captions swapped, {sum(captions[index[i]] != captions[index[j]] for i, j in enumerate(fixed_labels))} changed"
+            changed = sum(captions[index[i]] != captions[index[j]] for i, j in enumerate(fixed_labels))
+            what = f"captions swapped, {changed} changed"
         print(f"{n_params / 1e6:.2f}M parameters | {len(index)} images, {num_classes} classes, cond {args.cond} | "
               f"eta {args.eta} ({int(mask.sum())} {what}, {args.corruption}/{args.corruption_mode}) | cep {args.cep} | "
               f"batch {args.batch_size} = {world} x {batch_gpu} x {accum} | {device} compile={use_compile} "
@@ -539,8 +541,7 @@ def run(args, rank, world, local_rank, ddp):
             os.makedirs(args.out, exist_ok=True)
             for f in glob.glob(os.path.join(args.out, "*.tmp*")):  # left by a process killed while writing
                 os.remove(f)
-            with open(os.path.join(args.out, "config.json"), "w") as f:
-                json.dump(config, f, indent=1)
+            save_atomic(os.path.join(args.out, "config.json"), lambda f: f.write(json.dumps(config, indent=1).encode()))
             save_npz(os.path.join(args.out, "corruption.npz"), mask=mask, index=index, seed=args.data_seed,
                      eta=args.eta, kind=args.corruption, mode=args.corruption_mode, **conds)
             trim_log(os.path.join(args.out, "log.jsonl"), step)

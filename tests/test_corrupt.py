@@ -93,13 +93,15 @@ def test_cli_writes_labels_and_mask(shapes, tmp_path, capsys):
 def test_caption_swap_counts_and_no_self_swaps(n, eta):
     source, mask = corrupt.corrupt_captions(n, eta, seed=0)
     k = round(eta * n)
-    assert mask.sum() == k and np.all(source[mask] != np.flatnonzero(mask)) and np.all(source[~mask] == np.flatnonzero(~mask))
+    assert mask.sum() == k and np.all(source[mask] != np.flatnonzero(mask))
+    assert np.all(source[~mask] == np.flatnonzero(~mask))
     assert sorted(source.tolist()) == list(range(n))  # a permutation: every caption is used exactly once
     swapped = np.flatnonzero(mask)
     pairs = swapped[source[source[swapped]] == swapped]  # two images that took each other's caption
     assert len(pairs) == (k if k % 2 == 0 else k - 3)  # an odd count leaves one rotation of three
     again = corrupt.corrupt_captions(n, eta, seed=0)[0]
-    assert np.array_equal(source, again) and (k < 2 or not np.array_equal(source, corrupt.corrupt_captions(n, eta, 1)[0]))
+    assert np.array_equal(source, again)
+    assert k < 2 or not np.array_equal(source, corrupt.corrupt_captions(n, eta, seed=1)[0])
 
 
 def test_caption_swap_resample_mode_and_impossible_counts():

@@ -43,17 +43,24 @@ def equal_states(a, b):
     return all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
 
 
-def finish(cmd_fresh, cmd_resume, out, kill_after=None, env=None):
-    """Run cmd (fresh, or --resume once a checkpoint exists) until it exits; kill_after: SIGKILL its whole process
-    group after that many seconds."""
-    cmd = cmd_resume if os.path.exists(os.path.join(out, "ckpt.pt")) else cmd_fresh
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, env=env)
+def logged_step(out):
     try:
-        p.wait(timeout=kill_after)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
-        return False
+        return json.loads(open(os.path.join(out, "log.jsonl")).read().strip().splitlines()[-1])["step"]
+    except (OSError, IndexError, ValueError):  # no log yet, or a line being written
+        return 0
+
+
+def finish(cmd_fresh, cmd_resume, out, kill_at=None):
+    """Run cmd (fresh, or --resume once a checkpoint exists) until it exits, or SIGKILL its whole process group once
+    its log reaches step kill_at. Returns True if it ran to the end."""
+    cmd = cmd_resume if os.path.exists(os.path.join(out, "ckpt.pt")) else cmd_fresh
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    while p.poll() is None:
+        if kill_at is not None and logged_step(out) >= kill_at:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+            return False
+        time.sleep(0.01)
     assert p.returncode == 0, p.stderr.read().decode()[-2000:]
     return True
 
@@ -66,12 +73,14 @@ def test_kill_9_at_random_points_then_resume_gives_the_uninterrupted_weights(sha
     out = str(tmp_path / "killed")
     fresh = [sys.executable, f"{ROOT}/train.py", *args, "--out", out]
     resume = [sys.executable, f"{ROOT}/train.py", "--resume", out]
-    kills = 0
-    for delay in [4.5, 6.0, 2.0, 5.0, None]:  # seconds after a (re)start; the last run finishes
-        kills += not finish(fresh, resume, out, delay)
+    rng = np.random.default_rng()
+    points = [int(rng.integers(lo, lo + 3)) for lo in (1, 5, 9)]  # one in each third; before 12, so it is still running
+    for at in points:
+        assert not finish(fresh, resume, out, at), points  # killed there
+    assert finish(fresh, resume, out)
     got = model.load_checkpoint(out)
-    assert kills >= 3 and got["step"] == 12
-    assert equal_states(ref["model"], got["model"]) and equal_states(ref["ema"], got["ema"])
+    assert got["step"] == 12, points
+    assert equal_states(ref["model"], got["model"]) and equal_states(ref["ema"], got["ema"]), points
     assert [json.loads(l)["step"] for l in open(os.path.join(out, "log.jsonl"))] == list(range(1, 13))
     assert not [f for f in os.listdir(out) if ".tmp" in f]
 
@@ -111,10 +120,11 @@ def test_kill_9_of_a_two_process_torchrun_then_resume(shapes, tmp_path):
                           f"{ROOT}/train.py", "--resume", out]
     ref, out = str(tmp_path / "ref"), str(tmp_path / "killed")
     assert finish(run(ref), resume(ref), ref)
-    killed = not finish(run(out), resume(out), out, kill_after=9.0)
+    at = int(np.random.default_rng().integers(3, 7))
+    assert not finish(run(out), resume(out), out, kill_at=at)  # torchrun, its agent and both ranks
     assert finish(run(out), resume(out), out)
     a, b = model.load_checkpoint(ref), model.load_checkpoint(out)
-    assert killed and b["step"] == 8 and equal_states(a["model"], b["model"]) and equal_states(a["ema"], b["ema"])
+    assert b["step"] == 8 and equal_states(a["model"], b["model"]) and equal_states(a["ema"], b["ema"]), at
 
 
 @pytest.mark.faults
@@ -167,29 +177,30 @@ def test_disk_full_leaves_the_previous_files_and_says_so_in_one_line(shapes, tin
 
 @pytest.mark.faults
 def test_damaged_run_and_dataset_files_give_one_line_errors(shapes, tmp_path):
-    run = tmp_path / "run"
-    train.main(["--data", f"{shapes}/train", *TINY, "--steps", "2", "--ckpt-every", "2", "--out", str(run)])
+    data, run = tmp_path / "data", tmp_path / "run"
+    prepare_data.prepare_shapes(str(data), 100, 10)
+    train.main(["--data", f"{data}/shapes/train", *TINY, "--steps", "2", "--ckpt-every", "2", "--out", str(run)])
     ckpt = model.load_checkpoint(str(run))
     # weights of another model under this run's config (another preset, another code version)
     other = model.Denoiser(10, 32, 3, "tiny", ch=16).state_dict()
     torch.save(dict(ckpt, model=other, ema=other), run / "other.pt")
     one_line_error(script("sample.py", "--ckpt", run / "other.pt"), "sample.py", "do not fit the model")
-    # the dataset changed under a run: another corruption.npz, another images.npy
+    # a corruption.npz that no longer matches what the dataset and seed give
     z = dict(np.load(run / "corruption.npz"))
     np.savez(run / "corruption.npz", **dict(z, mask=~z["mask"]))
-    one_line_error(script("train.py", "--resume", run, "--steps", "4"), "train.py", "corruption.npz", "mask")
+    with pytest.raises(ValueError, match=r"corruption.npz does not match .* \(mask\)"):
+        train.main(["--resume", str(run), "--steps", "4"])
     np.savez(run / "corruption.npz", **z)
-    data = tmp_path / "data"
-    prepare_data.prepare_shapes(str(data), 100, 10)
-    torch.save(dict(ckpt, config=dict(ckpt["config"], data=dict(ckpt["config"]["data"], path=f"{data}/shapes/train"))),
-               run / "ckpt.pt")
-    one_line_error(script("train.py", "--resume", run, "--data", data / "shapes/train", "--steps", "4"), "train.py",
-                   "--data differs")
-    # a dataset folder whose files disagree
+    # the dataset rebuilt under the run with another count
+    prepare_data.prepare_shapes(str(data), 120, 10)
+    one_line_error(script("train.py", "--resume", run, "--steps", "4"), "train.py", "not the dataset this run started")
+    assert model.load_checkpoint(str(run))["step"] == 2
+    # dataset folders whose files disagree
     broken = tmp_path / "broken"
     for case, fix in [("lengths", lambda d: np.save(d / "labels.npy", np.zeros(150, np.int64))),
                       ("classes", lambda d: (d / "meta.json").write_text(json.dumps(
                           dict(json.load(open(d / "meta.json")), num_classes=12)))),
+                      ("labels", lambda d: np.save(d / "labels.npy", np.full(200, 10, np.int64))),
                       ("resolution", lambda d: (d / "meta.json").write_text(json.dumps(
                           dict(json.load(open(d / "meta.json")), resolution=64)))),
                       ("json", lambda d: (d / "meta.json").write_text("{num_classes: 10")),
@@ -198,9 +209,11 @@ def test_damaged_run_and_dataset_files_give_one_line_errors(shapes, tmp_path):
         for f in ("images.npy", "labels.npy", "meta.json"):
             (broken / f).write_bytes(open(f"{shapes}/train/{f}", "rb").read())
         fix(broken)
-        r = script("train.py", "--data", broken, "--out", tmp_path / case, "--preset", "tiny", "--steps", "1")
-        one_line_error(r, "train.py", "rebuild the dataset")
-        assert not (tmp_path / case).exists(), case
+        with pytest.raises(ValueError, match="rebuild the dataset"):
+            train.load_dataset(str(broken), None, 0)
+    r = script("train.py", "--data", broken, "--out", tmp_path / "r", "--preset", "tiny", "--steps", "1")
+    one_line_error(r, "train.py", "rebuild the dataset")
+    assert not (tmp_path / "r").exists()
 
 
 def evil_batch():
