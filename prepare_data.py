@@ -121,11 +121,11 @@ def make_shapes(count, seed, res=32):
     return np.stack([img for img, _ in drawn]), labels, captions
 
 
-def prepare_shapes(out, train_count, test_count):
+def prepare_shapes(out, train_count, test_count, res=32):
     for split, count, seed in [("train", train_count, 0), ("test", test_count, 1)]:
-        images, labels, captions = make_shapes(count, seed)
+        images, labels, captions = make_shapes(count, seed, res)
         checksum = "sha256:" + hashlib.sha256(images.tobytes()).hexdigest()
-        meta = make_meta(SHAPES_CLASSES, 32, count, f"shapes (synthetic, seed {seed})", checksum)
+        meta = make_meta(SHAPES_CLASSES, res, count, f"shapes (synthetic, seed {seed})", checksum)
         write_split(os.path.join(out, "shapes", split), images, labels, meta, captions)
 
 

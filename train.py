@@ -563,12 +563,13 @@ def run(args, rank, world, local_rank, ddp):
     loss_sum = torch.zeros(4, device=device, dtype=torch.float64)  # per timestep quartile
     loss_cnt = torch.zeros(4, device=device, dtype=torch.float64)
     params, ema_params = list(net.parameters()), list(ema.parameters())
-    end = step + args.bench + 10 if args.bench else args.steps
+    warmup = min(10, args.bench)  # compile, graph capture, cudnn's search: none of it is timed
+    end = step + warmup + args.bench if args.bench else args.steps
     bar = tqdm(total=end, initial=step, disable=not master, dynamic_ncols=True, unit="step")
     t_log, n_log, bench_t0 = time.perf_counter(), 0, None
     net.train()
     while step < end:
-        if args.bench_wait and step == end - args.bench - 9:  # compiled (first step): bench.py says when to go on
+        if args.bench_wait and step == end - args.bench - warmup + 1:  # compiled (first step): bench.py says when to go on
             print("bench: compiled, waiting", flush=True)
             sys.stdin.readline()
         if args.bench and step == end - args.bench:  # warm-up over: start the clock

@@ -11,9 +11,17 @@ import prepare_data  # noqa: E402
 
 @pytest.fixture(scope="session")
 def shapes(tmp_path_factory):
-    """A small shapes dataset (200 train / 50 test images) built by the project itself."""
+    """A small shapes dataset (200 train / 24 test images) built by the project itself."""
     root = tmp_path_factory.mktemp("data")
-    prepare_data.prepare_shapes(str(root), 200, 50)
+    prepare_data.prepare_shapes(str(root), 200, 24)
+    return os.path.join(str(root), "shapes")
+
+
+@pytest.fixture(scope="session")
+def shapes16(tmp_path_factory):
+    """The same set drawn at 16x16: a quarter of the compute, for tests that train for many steps."""
+    root = tmp_path_factory.mktemp("data16")
+    prepare_data.prepare_shapes(str(root), 200, 24, res=16)
     return os.path.join(str(root), "shapes")
 
 

@@ -66,8 +66,8 @@ def finish(cmd_fresh, cmd_resume, out, kill_at=None):
 
 
 @pytest.mark.faults
-def test_kill_9_at_random_points_then_resume_gives_the_uninterrupted_weights(shapes, tmp_path):
-    args = ["--data", f"{shapes}/train", *TINY, "--steps", "12", "--ckpt-every", "3"]
+def test_kill_9_at_random_points_then_resume_gives_the_uninterrupted_weights(shapes16, tmp_path):
+    args = ["--data", f"{shapes16}/train", *TINY, "--steps", "12", "--ckpt-every", "3"]
     train.main(args + ["--out", str(tmp_path / "ref")])
     ref = model.load_checkpoint(str(tmp_path / "ref"))
     out = str(tmp_path / "killed")
@@ -86,8 +86,8 @@ def test_kill_9_at_random_points_then_resume_gives_the_uninterrupted_weights(sha
 
 
 @pytest.mark.faults
-def test_kill_9_while_writing_a_checkpoint(shapes, tmp_path):
-    args = ["--data", f"{shapes}/train", *TINY, "--steps", "6", "--ckpt-every", "2"]
+def test_kill_9_while_writing_a_checkpoint(shapes16, tmp_path):
+    args = ["--data", f"{shapes16}/train", *TINY, "--steps", "6", "--ckpt-every", "2"]
     train.main(args + ["--out", str(tmp_path / "ref")])
     out = str(tmp_path / "killed")
     # the second checkpoint write dies half way through its bytes, as a power cut would leave it
@@ -112,8 +112,8 @@ def test_kill_9_while_writing_a_checkpoint(shapes, tmp_path):
 
 
 @pytest.mark.faults
-def test_kill_9_of_a_two_process_torchrun_then_resume(shapes, tmp_path):
-    args = ["--data", f"{shapes}/train", *TINY, "--steps", "8", "--ckpt-every", "2", "--batch-gpu", "2"]
+def test_kill_9_of_a_two_process_torchrun_then_resume(shapes16, tmp_path):
+    args = ["--data", f"{shapes16}/train", *TINY, "--steps", "8", "--ckpt-every", "2", "--batch-gpu", "2"]
     run = lambda out: [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                        f"{ROOT}/train.py", *args, "--out", out]
     resume = lambda out: [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -29,9 +29,9 @@ def states_equal(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_loss_falls_on_shapes_and_run_folder_is_complete(shapes, tmp_path, capsys):
+def test_loss_falls_on_shapes_and_run_folder_is_complete(shapes16, tmp_path, capsys):
     out = tmp_path / "run"
-    ckpt = run_train(f"{shapes}/train", out, "--steps", "60", "--log-every", "10", "--ckpt-every", "30",
+    ckpt = run_train(f"{shapes16}/train", out, "--steps", "60", "--log-every", "10", "--ckpt-every", "30",
                      "--lr", "2e-3", "--eta", "0.1", "--cep", "uniform")
     log = [json.loads(l) for l in open(out / "log.jsonl")]
     assert [r["step"] for r in log] == [10, 20, 30, 40, 50, 60]
@@ -76,11 +76,11 @@ TEXT = ["--cond", "text", "--control", "phased", "--crop-scale", "0.7", "--max-l
 
 
 @pytest.mark.parametrize("cond", [[], TEXT], ids=["class", "text"])
-def test_resume_ends_with_identical_weights(shapes, tmp_path, cond):
+def test_resume_ends_with_identical_weights(shapes16, tmp_path, cond):
     common = ["--dropout", "0.1", "--eta", "0.05", "--corruption-mode", "resample", "--cep", "gaussian",
               "--ckpt-every", "4", "--batch-size", "48", *cond]  # 200 images: batches cross epoch boundaries
-    full = run_train(f"{shapes}/train", tmp_path / "full", "--steps", "8", *common)
-    run_train(f"{shapes}/train", tmp_path / "cut", "--steps", "4", *common)
+    full = run_train(f"{shapes16}/train", tmp_path / "full", "--steps", "8", *common)
+    run_train(f"{shapes16}/train", tmp_path / "cut", "--steps", "4", *common)
     with open(tmp_path / "cut/log.jsonl", "a") as f:  # a line the killed run wrote after its last checkpoint
         f.write(json.dumps({"step": 5, "loss": 1.0}) + "\n")
     train.main(["--resume", str(tmp_path / "cut"), "--steps", "8"])
@@ -92,8 +92,8 @@ def test_resume_ends_with_identical_weights(shapes, tmp_path, cond):
 
 
 @pytest.mark.parametrize("cond", [[], TEXT], ids=["class", "text"])
-def test_two_process_ddp_matches_one_process(shapes, tmp_path, cond):
-    args = ["--data", f"{shapes}/train", "--preset", "tiny", "--batch-size", "16", "--steps", "3", "--warmup", "1",
+def test_two_process_ddp_matches_one_process(shapes16, tmp_path, cond):
+    args = ["--data", f"{shapes16}/train", "--preset", "tiny", "--batch-size", "16", "--steps", "3", "--warmup", "1",
             "--lr", "1e-3", "--ckpt-every", "3", "--grid-steps", "1", "--eta", "0.1", "--cep", "uniform", *cond]
     train.main(args + ["--out", str(tmp_path / "one")])
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -162,9 +162,9 @@ def test_bench_mode_prints_figures_and_writes_nothing(shapes, tmp_path, capsys):
     assert "images/s" in capsys.readouterr().out and not (tmp_path / "b").exists()
 
 
-def test_text_model_loss_falls_and_run_folder_records_the_swap(shapes, tmp_path, capsys):
+def test_text_model_loss_falls_and_run_folder_records_the_swap(shapes16, tmp_path, capsys):
     out = tmp_path / "text"
-    ckpt = run_train(f"{shapes}/train", out, "--steps", "60", "--log-every", "10", "--ckpt-every", "60",
+    ckpt = run_train(f"{shapes16}/train", out, "--steps", "60", "--log-every", "10", "--ckpt-every", "60",
                      "--lr", "2e-3", "--eta", "0.3", "--cep", "uniform", "--cond", "text", "--control", "phased")
     log = [json.loads(l) for l in open(out / "log.jsonl")]
     assert log[-1]["loss"] < 0.5 * log[0]["loss"], log
@@ -174,7 +174,7 @@ def test_text_model_loss_falls_and_run_folder_records_the_swap(shapes, tmp_path,
     assert z["mask"].sum() == 60 and str(z["kind"]) == "swap" and sorted(z["source"].tolist()) == list(range(200))
     cfg = ckpt["config"]
     assert cfg["model"]["cond"] == "text" and cfg["model"]["control"] == "phased"
-    assert cfg["data"]["control_size"] == [32, 32]
+    assert cfg["data"]["control_size"] == [16, 16]
     net, _ = model.build(cfg)
     net.load_state_dict(ckpt["ema"])
     assert any(k.startswith("text.") for k in ckpt["model"]) and any(k.startswith("control.") for k in ckpt["model"])
