@@ -196,7 +196,8 @@ def run(args, rank, world, ddp):
     settings = dict(ckpt=os.path.abspath(args.ckpt), step=ckpt["step"], weights=args.weights, num=args.num,
                     sampler=args.sampler, steps=diffusion.T if args.sampler == "ddpm" else args.steps,
                     ddim_eta=args.ddim_eta, spacing=args.spacing, cfg_scale=args.cfg_scale, seed=args.seed,
-                    labels=args.labels, conditions=hashlib.sha256(next(iter(stored.values())).tobytes()).hexdigest()[:16],
+                    labels=args.labels,
+                    conditions=hashlib.sha256(next(iter(stored.values())).tobytes()).hexdigest()[:16],
                     control=None if ctrl is None else ctrl[0].tolist(), config=cfg)
     # shards of a different setting never mix: their folder is keyed by the settings
     key = hashlib.sha256(json.dumps({k: v for k, v in settings.items() if k != "config"},

@@ -569,7 +569,7 @@ def run(args, rank, world, local_rank, ddp):
     t_log, n_log, bench_t0 = time.perf_counter(), 0, None
     net.train()
     while step < end:
-        if args.bench_wait and step == end - args.bench - warmup + 1:  # compiled (first step): bench.py says when to go on
+        if args.bench_wait and step == end - args.bench - warmup + 1:  # compiled (first step): bench.py says go on
             print("bench: compiled, waiting", flush=True)
             sys.stdin.readline()
         if args.bench and step == end - args.bench:  # warm-up over: start the clock
