@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from model import PRESETS, resolve_device, save_atomic, save_npz
+from model import PRESETS, resolve_device, save_atomic, save_json, save_npz
 
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                "pt_inception-2015-12-05-6726825d.pth")
@@ -385,10 +385,6 @@ def reference(ref, net, sha, resolution, need_images=True):
     return out
 
 
-def write_json(path, obj):
-    save_atomic(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
-
-
 # ----------------------------------------------------------------------------- commands
 
 def cmd_metrics(a):
@@ -416,7 +412,7 @@ def cmd_metrics(a):
              samples=os.path.abspath(a.samples), ref=os.path.abspath(a.ref), inception_sha256=sha,
              standard_weights=standard, small=small, settings=settings)
     out = a.out or os.path.join(os.path.dirname(os.path.abspath(a.samples)), "metrics.json")
-    write_json(out, m)
+    save_json(out, m)
     fmt = lambda k, p=".4f": f"{m[k]:{p}}" if k in m else "n/a"
     print(f"FID {m['fid']:.3f} | sFID {fmt('sfid', '.3f')} | IS {m['is_mean']:.3f} +- {m['is_std']:.3f} | "
           f"precision {fmt('precision')} | recall {fmt('recall')} | {len(images)} samples vs {a.ref}"
@@ -492,7 +488,7 @@ def cmd_repro(a):
         for i, p in enumerate(a.samples):
             print(f"  [{i}] " + " ".join(f"{v:.3f}" for v in rp[i]) + f"  {p}")
     if a.out:
-        write_json(a.out, r)
+        save_json(a.out, r)
     return r
 
 
@@ -527,7 +523,7 @@ def cmd_memorization(a):
                mean_max_similarity=best.mean().item(), num_samples=len(images), num_train=len(r), features=name)
     print(f"memorized {mem:.4f}, generalization score {1 - mem:.4f} (max cosine to {len(r)} training images "
           f"> {a.threshold}) | features: {name}")
-    write_json(a.out or os.path.join(os.path.dirname(os.path.abspath(a.samples)), "memorization.json"), out)
+    save_json(a.out or os.path.join(os.path.dirname(os.path.abspath(a.samples)), "memorization.json"), out)
     return out
 
 
@@ -597,7 +593,7 @@ def cmd_classify(a):
     print(f"conditioning accuracy {r['accuracy']:.3f}: {int((got == want[known]).sum())} of {r['judged']} samples "
           f"read as the class they were asked for ({len(images) - r['judged']} named no single class) | classifier "
           f"held-out accuracy {held_acc:.3f} on {a.ref}")
-    write_json(a.out or os.path.join(os.path.dirname(os.path.abspath(a.samples)), "classify.json"), r)
+    save_json(a.out or os.path.join(os.path.dirname(os.path.abspath(a.samples)), "classify.json"), r)
     return r
 
 
@@ -701,9 +697,7 @@ def plot(rows, path, x, xlabel, panels, series_of, w=420, h=300):
         c = COLOURS[s % len(COLOURS)]
         (d.ellipse if s % 2 == 0 else d.rectangle)([u, v, u + 8, v + 8], fill=c)
         d.text((u + 14, v - 2), name, fill="black")
-    tmp = path + ".tmp.png"
-    img.save(tmp)
-    os.replace(tmp, path)
+    save_atomic(path, lambda f: img.save(f, "PNG"))
 
 
 def cmd_report(a):

@@ -5,12 +5,15 @@ tokens or control metadata can be added without touching the UNet:
   c_vec    [B, emb_dim]      added to the time embedding; drives each ResBlock's (scale-shift) norm;
   c_tokens [B, L, ctx_dim]   attended to by cross-attention at the attention resolutions (if ctx_dim is set).
 """
+import datetime
+import json
 import math
 import os
 import pickle
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
@@ -382,7 +385,6 @@ class Diffusion:
         betas = make_betas(schedule, T, shift)
         ac = np.cumprod(1.0 - betas)
         # float32 tensors indexed by integer t in [0, T); .to(device) once, so no step copies them
-        self.betas = torch.tensor(betas, dtype=torch.float32)
         self.alphas_cumprod = torch.tensor(ac, dtype=torch.float32)
         self.log_sigmas = torch.tensor(0.5 * np.log((1 - ac) / ac), dtype=torch.float32)  # increasing in t
 
@@ -537,6 +539,14 @@ def resolve_device(name, local_rank=0):
     return torch.device(f"cuda:{local_rank}" if kind == "cuda" else kind)
 
 
+def init_distributed(device_name, timeout_s):
+    """Join the torchrun process group: NCCL on GPUs, gloo on the CPU; a dead rank makes the others fail within
+    timeout_s instead of waiting forever. Returns (rank, world size)."""
+    backend = "nccl" if torch.cuda.is_available() and device_name != "cpu" else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.get_rank(), dist.get_world_size()
+
+
 def to_device(t, device):
     """Host tensor -> device without a stream sync: a pageable host-to-device copy waits for the GPU."""
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
@@ -548,7 +558,7 @@ def to_uint8(x):
 
 
 def save_grid(path, images, nrow, captions=None):
-    """uint8 [N, H, W, C] -> one PNG with nrow rows, each with its caption under it if given (temp file, rename)."""
+    """uint8 [N, H, W, C] -> one PNG with nrow rows, each with its caption under it if given."""
     from PIL import Image, ImageDraw
     n, h, w, c = images.shape
     ncol, rh = math.ceil(n / nrow), h + (12 if captions else 0)
@@ -559,9 +569,7 @@ def save_grid(path, images, nrow, captions=None):
     img = Image.fromarray(grid.squeeze(-1) if c == 1 else grid)
     for r, caption in enumerate(captions or []):
         ImageDraw.Draw(img).text((2, r * rh + h), caption[:ncol * w // 6], fill=255 if c == 1 else (255, 255, 255))
-    tmp = path + ".tmp.png"
-    img.save(tmp)
-    os.replace(tmp, path)
+    save_atomic(path, lambda f: img.save(f, "PNG"))
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -606,6 +614,10 @@ def save_npz(path, **arrays):
                             force_zip64=True) as fh:
                     np.lib.format.write_array(fh, np.asanyarray(a), allow_pickle=False)
     save_atomic(path, write)
+
+
+def save_json(path, obj):
+    save_atomic(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
 def load_weights(net, state, path):

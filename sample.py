@@ -14,7 +14,6 @@ given the same seed can be compared image by image (Zhang et al. 2024). Work is 
 --shard-size samples written as they finish; an interrupted run skips the shards it already has.
 """
 import argparse
-import datetime
 import hashlib
 import json
 import os
@@ -27,8 +26,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from model import (build, guided, load_checkpoint, load_weights, neutral_control, resolve_device, sample_noise,
-                   save_atomic, save_grid, save_npz, to_device, to_uint8, tokenize)
+from model import (build, guided, init_distributed, load_checkpoint, load_weights, neutral_control, resolve_device,
+                   sample_noise, save_atomic, save_grid, save_npz, to_device, to_uint8, tokenize)
 
 
 def get_parser():
@@ -160,10 +159,7 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     check_args(args)
     ddp = "RANK" in os.environ
-    if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo",
-                                timeout=datetime.timedelta(seconds=args.dist_timeout))
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    rank, world = init_distributed(args.device, args.dist_timeout) if ddp else (0, 1)
     try:
         run(args, rank, world, ddp)
     finally:

@@ -17,7 +17,6 @@ for any number of GPUs at the same global batch, and the step number is the whol
 import argparse
 import contextlib
 import copy
-import datetime
 import glob
 import json
 import math
@@ -33,8 +32,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import corrupt
-from model import (CKPT_FORMAT, PRESETS, Denoiser, Diffusion, guided, load_checkpoint, neutral_control, sample_noise,
-                   load_weights, save_atomic, save_npz, resolve_device, save_grid, to_device, to_uint8, tokenize)
+from model import (CKPT_FORMAT, PRESETS, Denoiser, Diffusion, guided, init_distributed, load_checkpoint, load_weights,
+                   neutral_control, resolve_device, sample_noise, save_atomic, save_grid, save_json, save_npz, to_device,
+                   to_uint8, tokenize)
 
 # Flags a resumed run may change; every other flag must match the checkpoint's stored config.
 RESUMABLE = {"steps", "log_every", "ckpt_every", "snapshot_every", "compile", "cuda_graphs", "batch_gpu", "device",
@@ -376,9 +376,7 @@ def trim_log(path, step):
     """Drop log lines past the checkpoint a resumed run restarts from."""
     if os.path.exists(path):
         keep = [l for l in open(path) if l.strip() and json.loads(l)["step"] <= step]
-        with open(path + ".tmp", "w") as f:
-            f.writelines(keep)
-        os.replace(path + ".tmp", path)
+        save_atomic(path, lambda f: f.write("".join(keep).encode()))
 
 
 # ----------------------------------------------------------------------------- main
@@ -386,12 +384,8 @@ def trim_log(path, step):
 def main(argv=None):
     args = parse_args(argv)
     ddp = "RANK" in os.environ
-    if ddp:  # a dead rank makes the others fail within --dist-timeout instead of waiting forever
-        dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo",
-                                timeout=datetime.timedelta(seconds=args.dist_timeout))
-        rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
-    else:
-        rank, world, local_rank = 0, 1, 0
+    rank, world = init_distributed(args.device, args.dist_timeout) if ddp else (0, 1)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0)) if ddp else 0
     try:
         return run(args, rank, world, local_rank, ddp)
     finally:
@@ -541,7 +535,7 @@ def run(args, rank, world, local_rank, ddp):
             os.makedirs(args.out, exist_ok=True)
             for f in glob.glob(os.path.join(args.out, "*.tmp*")):  # left by a process killed while writing
                 os.remove(f)
-            save_atomic(os.path.join(args.out, "config.json"), lambda f: f.write(json.dumps(config, indent=1).encode()))
+            save_json(os.path.join(args.out, "config.json"), config)
             save_npz(os.path.join(args.out, "corruption.npz"), mask=mask, index=index, seed=args.data_seed,
                      eta=args.eta, kind=args.corruption, mode=args.corruption_mode, **conds)
             trim_log(os.path.join(args.out, "log.jsonl"), step)
