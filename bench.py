@@ -3,11 +3,12 @@
     python bench.py [--presets cifar in64] [--train-batch 128 16] [--train-steps 200] [--sample-batch 500]
                     [--feature-images 10000] [--baseline DIR] [--profile]
 
-Training: each variant is `train.py --bench` in its own process, on random images of the preset's size. They compile
-in parallel and are timed one at a time (--bench-wait), so no timing shares the GPU or the CPU with a compile: the
-defaults (bf16, torch.compile with CUDA graphs, NCHW), eager fp32, the defaults without CUDA graphs, in NHWC,
-and under torchrun's environment at world size 1 (which adds the gradient all-reduce). --baseline DIR times the
-train.py of another checkout (an earlier commit, say) with its own defaults, after the others.
+Training: each variant is `train.py --bench` in its own process, on random images of the preset's size. On the GPU
+they first compile in parallel (a one-step run each, which fills torch.compile's on-disk caches), then are timed one
+at a time, so no timing shares the GPU or the CPU with a compile: the defaults (bf16, torch.compile with CUDA graphs,
+NCHW), eager fp32, the defaults without CUDA graphs, in NHWC, and under torchrun's environment at world size 1 (which
+adds the gradient all-reduce). train.py --bench times the step function its training loop calls (time_training).
+--baseline DIR times the train.py of another checkout (an earlier commit, say) with its own defaults, after the others.
 Sampling: DDIM 50 steps with classifier-free guidance (scale 1.5) of a randomly initialised model.
 FID features: our Inception on random uint8 32x32 images, batch 500 on the GPU vs batch 50 converted on the host.
 --profile: the CUDA kernels of 20 training steps (defaults, first preset and batch), by total time.
@@ -19,18 +20,18 @@ import datetime
 import json
 import os
 import re
+import resource
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 import evaluate
-import sample
+import model
 import train
 from model import Denoiser, Diffusion
 
@@ -51,16 +52,36 @@ def fake_dataset(root, res, num_classes, n=4096):
     return root
 
 
-def timed(fn, device, warmup=1, reps=3):
+def timed(fn, device, warmup=1, reps=3, reset_memory=False):
+    """Seconds per call of fn, after warmup untimed calls (and, reset_memory, with the peak memory counted anew)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         fn()
     sync()
+    if reset_memory and device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(reps):
         fn()
     sync()
     return (time.perf_counter() - t0) / reps
+
+
+def time_training(step_fn, step, n, batch, device, flops_img, peak, world, what, use_compile, use_bf16, rank=0):
+    """train.py --bench: n steps of the training step function after min(n, 10) untimed ones (compile, graph
+    capture, cuDNN's search); prints images/s, ms/step, peak memory, GFLOP/image and MFU (BENCH_LINE)."""
+    steps = iter(range(step, step + min(10, n) + n))
+    dt = timed(lambda: step_fn(next(steps)), device, warmup=min(10, n), reps=n, reset_memory=True)
+    mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    r = dict(images_per_s=batch / dt, step_ms=dt * 1000, peak_mem_gib=mem, gflop_per_image=flops_img / 1e9,
+             mfu=flops_img * batch / dt / (peak * world) if peak else None)
+    if rank == 0:
+        print(f"bench {what} {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} "
+              f"compile={use_compile} bf16={use_bf16}: {r['images_per_s']:.1f} images/s, {r['step_ms']:.1f} ms/step, "
+              f"peak memory {mem:.2f} GiB, {r['gflop_per_image']:.2f} GFLOP/image (fwd+bwd), MFU "
+              + (f"{r['mfu']:.1%} of bf16 dense peak" if peak else "n/a (peak unknown)"))
+    return r
 
 
 def free_port():
@@ -76,14 +97,14 @@ def launch(argv, log, ddp=False, script=os.path.join(HERE, "train.py")):
     if ddp:
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=free_port())
-    p = subprocess.Popen([sys.executable, script, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         stderr=open(log, "w"), text=True, env=env, cwd=os.path.dirname(script))
+    p = subprocess.Popen([sys.executable, script, *argv], stdout=subprocess.PIPE, stderr=open(log, "w"), text=True,
+                         env=env, cwd=os.path.dirname(script))
     p.log = log
     return p
 
 
-def result(proc, name, out=""):
-    out += proc.communicate()[0]
+def result(proc, name):
+    out = proc.communicate()[0]
     m = BENCH_LINE.search(out)
     if proc.returncode or not m:
         raise SystemExit(f"bench.py: error: variant {name} failed:\n{out[-2000:]}{open(proc.log).read()[-3000:]}")
@@ -93,34 +114,26 @@ def result(proc, name, out=""):
 
 
 def bench_train(preset, batches, steps, tmp, device, baseline=None, baseline_batches=(), extra=True):
-    """{(batch, variant): figures}: every variant compiles at once, then each is timed alone. The first batch also
-    times the defaults without CUDA graphs and in NHWC."""
+    """{(batch, variant): figures}: every variant compiles at once (GPU), then each is timed alone. The first batch
+    also times the defaults without CUDA graphs and in NHWC."""
     data = fake_dataset(os.path.join(tmp, preset), RES[preset], 1000 if preset == "in64" else 10)
     variants = {"fast": ([], False), "eager fp32": (["--no-compile", "--no-bf16"], False), "DDP world 1": ([], True)}
-    procs, printed = {}, {}
+    runs = {}
     for batch in batches:
-        common = ["--data", data, "--preset", preset, "--batch-size", str(batch), "--bench", str(steps),
-                  "--device", device.type]
+        common = ["--data", data, "--preset", preset, "--batch-size", str(batch), "--device", device.type]
         if device.type == "cuda" and batch == batches[0] and extra:
             variants = {**variants, "no CUDA graphs": (["--no-cuda-graphs"], False),
                         "NHWC": (["--channels-last"], False)}
         elif batch != batches[0]:
             variants = {k: v for k, v in variants.items() if k not in ("no CUDA graphs", "NHWC")}
         for name, (flags, ddp) in variants.items():
-            log = os.path.join(tmp, f"{preset}-{batch}-{name.replace(' ', '_')}.log")
-            procs[batch, name] = launch(common + flags + ["--bench-wait"], log, ddp)
-    for key, p in procs.items():  # wait until every variant has compiled
-        printed[key] = ""
-        while "waiting" not in printed[key]:
-            line = p.stdout.readline()
-            if not line:
-                result(p, key, printed[key])  # it ended early: raises with its output
-            printed[key] += line
-    out = {}
-    for key, p in procs.items():  # then time them one at a time
-        p.stdin.write("\n")
-        p.stdin.flush()
-        out[key] = result(p, key)
+            runs[batch, name] = (common + flags, ddp, os.path.join(tmp, f"{preset}-{batch}-{name.replace(' ', '_')}"))
+    if device.type == "cuda":  # compile every variant at once; the timed runs below find the compiled code cached
+        warm = {k: launch(argv + ["--bench", "1"], log + "-warm.log", ddp) for k, (argv, ddp, log) in runs.items()}
+        for key, p in warm.items():
+            result(p, key)
+    out = {key: result(launch(argv + ["--bench", str(steps)], log + ".log", ddp), key)
+           for key, (argv, ddp, log) in runs.items()}
     for batch in baseline_batches if baseline else []:
         common = ["--data", data, "--preset", preset, "--batch-size", str(batch), "--bench", str(steps)]
         log = os.path.join(tmp, f"{preset}-{batch}-baseline.log")
@@ -152,13 +165,12 @@ def bench_sample(preset, batch, device, steps=50):
     diffusion = Diffusion().to(device)
     idx = np.arange(batch)
     c = torch.from_numpy(idx % classes)
-    args = SimpleNamespace(cfg_scale=1.5, sampler="ddim", steps=steps, ddim_eta=0.0, spacing="time")
     fast = device.type == "cuda"  # sample.py's defaults: compile and bf16 on CUDA only
     out = {}
     for name, fwd, bf16 in [("fast", torch.compile(net) if fast else net, fast), ("eager", net, False)]:
         torch._dynamo.reset()
-        dt = timed(lambda: sample.generate(fwd, diffusion, idx, c, None, 0, (3, RES[preset], RES[preset]), args,
-                                           device, bf16), device, warmup=1, reps=2)
+        dt = timed(lambda: model.generate(fwd, diffusion, idx, c, None, 0, (3, RES[preset], RES[preset]), device,
+                                           bf16, "ddim", steps, cfg_scale=1.5), device, warmup=1, reps=2)
         out[name] = batch / dt
     return out
 

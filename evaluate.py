@@ -17,13 +17,11 @@ the ADM evaluation suite.
 import argparse
 import contextlib
 import glob
-import hashlib
 import json
 import os
 import re
 import sys
 import time
-import urllib.request
 
 import numpy as np
 import torch
@@ -32,7 +30,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from model import PRESETS, resolve_device, save_atomic, save_json, save_npz
+from model import PRESETS, download, file_hash, resolve_device, save_atomic, save_json, save_npz
 
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                "pt_inception-2015-12-05-6726825d.pth")
@@ -181,14 +179,6 @@ class FIDInception(nn.Module):
         return pool, F.linear(pool, self.fc.weight), spatial
 
 
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def weights_path(path=None):
     """--inception-weights, else the cache (downloaded on first use, checked against the sha256 in its name)."""
     if path:
@@ -198,26 +188,15 @@ def weights_path(path=None):
     cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "slightdiff")
     dest = os.path.join(cache, WEIGHTS_NAME)
     if not os.path.isfile(dest):
-        os.makedirs(cache, exist_ok=True)
-        tmp = dest + f".part{os.getpid()}"
-        try:
-            urllib.request.urlretrieve(WEIGHTS_URL, tmp)
-        except OSError as e:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise OSError(f"cannot download the FID Inception weights ({e}); put {WEIGHTS_NAME} from {WEIGHTS_URL} "
-                          f"at {dest} or pass --inception-weights PATH") from None
-        if not file_sha256(tmp).startswith(WEIGHTS_SHA_PREFIX):
-            os.remove(tmp)
-            raise ValueError(f"downloaded {WEIGHTS_NAME} fails its sha256 check; download it again")
-        os.replace(tmp, dest)
+        download(WEIGHTS_URL, dest, "sha256", WEIGHTS_SHA_PREFIX,
+                 f"put {WEIGHTS_NAME} from {WEIGHTS_URL} at {dest} or pass --inception-weights PATH")
     return dest
 
 
 def load_inception(path, device):
     """(network, sha256 of the weights file)."""
     path = weights_path(path)
-    sha = file_sha256(path)
+    sha = file_hash(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         with torch.device("meta"):  # no random initialisation: every tensor comes from the file

@@ -5,11 +5,14 @@ tokens or control metadata can be added without touching the UNet:
   c_vec    [B, emb_dim]      added to the time embedding; drives each ResBlock's (scale-shift) norm;
   c_tokens [B, L, ctx_dim]   attended to by cross-attention at the attention resolutions (if ctx_dim is set).
 """
+import contextlib
 import datetime
+import hashlib
 import json
 import math
 import os
 import pickle
+import urllib.request
 
 import numpy as np
 import torch
@@ -28,6 +31,7 @@ PRESETS = {
     "in64": dict(ch=192, ch_mult=(1, 2, 3, 4), num_res_blocks=3, attn_res=(32, 16, 8), dropout=0.1, head_ch=64,
                  scale_shift=True),
 }
+T = 1000  # diffusion timesteps of every schedule here: the network's time input and the control phase-in span [0, T)
 
 
 def timestep_embedding(t, dim, max_period=10000.0):
@@ -75,7 +79,8 @@ class Attention(nn.Module):
         super().__init__()
         self.heads = max(1, ch // head_ch)
         self.norm, self.qkv, self.proj = norm(ch), nn.Conv2d(ch, 3 * ch, 1), zero_init(nn.Conv2d(ch, ch, 1))
-        if ctx_dim:
+        self.cross = bool(ctx_dim)
+        if self.cross:
             self.norm_x, self.q_x = norm(ch), nn.Conv2d(ch, ch, 1)
             self.kv_x, self.proj_x = nn.Linear(ctx_dim, 2 * ch), zero_init(nn.Conv2d(ch, ch, 1))
 
@@ -90,7 +95,7 @@ class Attention(nn.Module):
         hw = x.shape[2:]
         q, k, v = rearrange(self.qkv(self.norm(x)), "b (n h d) y x -> n b h (y x) d", n=3, h=self.heads)
         x = x + self.proj(self._attend(q, k, v, hw))
-        if tokens is not None and hasattr(self, "kv_x"):
+        if tokens is not None and self.cross:
             q = rearrange(self.q_x(self.norm_x(x)), "b (h d) y x -> b h (y x) d", h=self.heads)
             k, v = rearrange(self.kv_x(tokens).to(q.dtype), "b l (n h d) -> n b h l d", n=2, h=self.heads)
             x = x + self.proj_x(self._attend(q, k, v, hw))
@@ -115,7 +120,7 @@ class Downsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
 
-    def forward(self, h, emb=None, tokens=None):
+    def forward(self, h):
         return self.conv(h)
 
 
@@ -124,7 +129,7 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, padding=1)
 
-    def forward(self, h, emb=None, tokens=None):
+    def forward(self, h):
         return self.conv(F.interpolate(h, scale_factor=2, mode="nearest"))
 
 
@@ -167,12 +172,12 @@ class UNet(nn.Module):
         h = self.conv_in(x)
         hs = [h]
         for m in self.down:
-            h = m(h, emb, c_tokens)
+            h = m(h) if isinstance(m, Downsample) else m(h, emb, c_tokens)
             hs.append(h)
         for m in self.mid:
             h = m(h, emb, c_tokens)
         for m in self.up:
-            h = m(h, emb, c_tokens) if isinstance(m, Upsample) else m(torch.cat([h, hs.pop()], 1), emb, c_tokens)
+            h = m(h) if isinstance(m, Upsample) else m(torch.cat([h, hs.pop()], 1), emb, c_tokens)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -183,7 +188,6 @@ class ClassEmbedder(nn.Module):
 
     def __init__(self, num_classes, dim):
         super().__init__()
-        self.num_classes = num_classes
         self.embed = nn.Embedding(num_classes + 1, dim)
 
     def forward(self, y, delta=None):
@@ -268,7 +272,7 @@ def neutral_control(n, resolution, size=None, device=None):
     return torch.tensor([[0.0, 0.0, 1.0, 1.0, h, w, 0.0]], device=device).repeat(n, 1)
 
 
-def control_weight(t, T):
+def control_weight(t):
     """Phase-in of the control embedding over the noise level: 1 at t = 0, 0 at t = T - 1 (Berrada et al. use a
     cosine schedule; its exact form is unconfirmed, no code: we take cos^2(pi/2 t / (T - 1)))."""
     return torch.cos(0.5 * math.pi * t.float() / (T - 1)) ** 2
@@ -309,13 +313,13 @@ class Denoiser(nn.Module):
 
     def __init__(self, num_classes, resolution=32, channels=3, preset="tiny", cond="class", text_dim=None,
                  text_layers=None, max_len=64, ext_dim=None, replicate_pad=True, pad_noise=0.1, control=None,
-                 T=1000, **overrides):
+                 **overrides):
         super().__init__()
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
         cfg = {**PRESETS[preset], **overrides}
         self.num_classes, self.cond, self.resolution = num_classes, cond, resolution
-        self.pad_noise, self.control_mode, self.T = pad_noise, control, T
+        self.pad_noise, self.control_mode = pad_noise, control
         if cond == "text":
             text_dim, text_layers = text_dim or TEXT_PRESETS[preset][0], text_layers or TEXT_PRESETS[preset][1]
             cfg["ctx_dim"] = text_dim
@@ -332,7 +336,7 @@ class Denoiser(nn.Module):
         if self.control_mode:
             e = self.control(neutral_control(len(x), self.resolution, device=x.device) if ctrl is None else ctrl)
             # "phased": Berrada et al.'s phase-in, control acts mostly at low noise; "sum": the baseline
-            c_vec = c_vec + (e * control_weight(t, self.T)[:, None] if self.control_mode == "phased" else e)
+            c_vec = c_vec + (e * control_weight(t)[:, None] if self.control_mode == "phased" else e)
         return self.unet(x, t, c_vec=c_vec, c_tokens=c_tokens)
 
     def null_cond(self, c):
@@ -378,7 +382,7 @@ def make_betas(schedule, T, shift=1.0):
 
 
 class Diffusion:
-    def __init__(self, schedule="linear", T=1000, prediction="eps", shift=1.0):
+    def __init__(self, schedule="linear", T=T, prediction="eps", shift=1.0):
         if prediction not in ("eps", "v"):
             raise ValueError(f"unknown prediction {prediction!r}: use eps or v")
         self.T, self.prediction = T, prediction
@@ -449,21 +453,29 @@ class Diffusion:
                 raise ValueError("heun needs at least 2 steps")
             r = np.linspace(0, 1, steps)
             sig = (s[-1] ** (1 / 7) + r * (s[0] ** (1 / 7) - s[-1] ** (1 / 7))) ** 7
-        elif spacing == "logsnr" and sampler != "ddpm":  # uniform in log sigma: DPM-Solver's advice for low resolution
+        elif spacing == "logsnr":  # uniform in log sigma: DPM-Solver's advice for low resolution
             sig = np.exp(np.linspace(np.log(s[-1]), np.log(s[0]), self.ddim_timesteps(steps).size))
         else:  # uniform in t: DPM-Solver's "time_uniform", the spacing of LDM's DPMSolverSampler (the paper's LDM-4
             # code base) and of DDIM; on our linear pixel-space schedule its last steps are very uneven in log sigma
-            sig = s[self.ddim_timesteps(self.T if sampler == "ddpm" else steps)]
+            sig = s[self.ddim_timesteps(steps)]
         return [float(v) for v in sig] + [0.0]
+
+    def resolve_sampler(self, sampler, steps, eta=0.0, spacing="time"):
+        """(sampler, steps, eta, spacing) as walked: DDPM is DDIM with eta 1 over all T steps, spaced in t."""
+        if sampler not in SAMPLERS and sampler != "ddpm":
+            raise ValueError(f"unknown sampler {sampler!r}: use ddpm, {', '.join(SAMPLERS)}")
+        if eta and sampler != "ddim":
+            raise ValueError(f"eta is for ddim; {sampler} is deterministic")
+        return ("ddim", self.T, 1.0, "time") if sampler == "ddpm" else (sampler, steps, eta, spacing)
 
     @torch.no_grad()
     def sample(self, model_fn, x, sampler="ddim", steps=50, eta=0.0, noise_fn=None, spacing="time"):
-        """Pure noise x ~ N(0, I) -> samples in [-1, 1]. noise_fn(k): fresh noise of step k (ddim with eta, ddpm)."""
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}: use {', '.join(SAMPLERS)}")
+        """Pure noise x ~ N(0, I) -> samples in [-1, 1]. noise_fn(k): fresh noise of step k (ddim with eta > 0)."""
+        sampler, steps, eta, spacing = self.resolve_sampler(sampler, steps, eta, spacing)
         sigmas = self.sigmas(sampler, steps, spacing)
         x = x.float() * math.sqrt(1 + sigmas[0] ** 2)
-        return SAMPLERS[sampler](self.denoiser(model_fn), x, sigmas, 1.0 if sampler == "ddpm" else eta, noise_fn)
+        extra = dict(eta=eta, noise_fn=noise_fn) if eta else {}
+        return SAMPLERS[sampler](self.denoiser(model_fn), x, sigmas, **extra)
 
 
 def sample_ddim(D, x, sigmas, eta=0.0, noise_fn=None):
@@ -479,7 +491,7 @@ def sample_ddim(D, x, sigmas, eta=0.0, noise_fn=None):
     return x
 
 
-def sample_dpmpp_2m(D, x, sigmas, eta=0.0, noise_fn=None):
+def sample_dpmpp_2m(D, x, sigmas):
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): multistep, second order, data prediction, in lambda = -log sigma;
     first order on the first step and on the last (sigma = 0), as in DPM-Solver's lower_order_final."""
     x0_prev, h_prev = None, None
@@ -494,7 +506,7 @@ def sample_dpmpp_2m(D, x, sigmas, eta=0.0, noise_fn=None):
     return x
 
 
-def sample_heun(D, x, sigmas, eta=0.0, noise_fn=None):
+def sample_heun(D, x, sigmas):
     """EDM's deterministic Heun sampler (Karras et al. 2022, Alg. 1 without churn): 2N - 1 network evaluations."""
     for s, s_next in zip(sigmas[:-1], sigmas[1:]):
         d = (x - D(x, s)) / s
@@ -505,7 +517,7 @@ def sample_heun(D, x, sigmas, eta=0.0, noise_fn=None):
     return x
 
 
-SAMPLERS = {"ddim": sample_ddim, "ddpm": sample_ddim, "dpm++": sample_dpmpp_2m, "heun": sample_heun}
+SAMPLERS = {"ddim": sample_ddim, "dpm++": sample_dpmpp_2m, "heun": sample_heun}  # and ddpm: resolve_sampler
 
 
 def guided(model, c, cfg_scale, ctrl=None):
@@ -522,15 +534,34 @@ def guided(model, c, cfg_scale, ctrl=None):
     return fn
 
 
+def generate(net, diffusion, idx, c, ctrl, seed, shape, device, use_bf16, sampler="ddim", steps=50, eta=0.0,
+             spacing="time", cfg_scale=1.0):
+    """Samples for global indices idx with conditions c and control metadata ctrl [1, 7] or None -> uint8
+    [b, H, W, C]; sample i's noise depends only on (seed, i)."""
+    x = to_device(sample_noise(seed, idx, shape), device)
+    noise_fn = lambda k: to_device(sample_noise(seed, idx, shape, step=k), device)
+    ctrl = None if ctrl is None else ctrl.to(device).expand(len(idx), -1)
+    model_fn = guided(net, to_device(c, device), cfg_scale, ctrl)
+    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
+        x = diffusion.sample(model_fn, x, sampler, steps, eta, noise_fn, spacing)
+    return to_uint8(x)
+
+
 def sample_noise(seed, indices, shape, step=None):
     """Standard normal noise whose row j depends only on (seed, indices[j], step): a sample's noise is the same
     for any batch size and any number of GPUs (what lets two models be compared image by image)."""
     out = torch.empty(len(indices), *shape)
     for j, i in enumerate(indices):
-        key = [seed, int(i)] + ([] if step is None else [step + 1])
-        g = torch.Generator().manual_seed(int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0] >> 1))
+        g = torch.Generator().manual_seed(seed_of(seed, int(i), *([] if step is None else [step + 1])))
         out[j] = torch.randn(shape, generator=g)
     return out
+
+
+# ----------------------------------------------------------------------------- device, ranks, seeds
+
+def seed_of(*key):
+    """A 63-bit seed for a tuple of integers (run seed, step, sample index, ...): independent streams per key."""
+    return int(np.random.SeedSequence(list(key)).generate_state(1, np.uint64)[0] >> 1)
 
 
 def resolve_device(name, local_rank=0):
@@ -539,12 +570,43 @@ def resolve_device(name, local_rank=0):
     return torch.device(f"cuda:{local_rank}" if kind == "cuda" else kind)
 
 
-def init_distributed(device_name, timeout_s):
-    """Join the torchrun process group: NCCL on GPUs, gloo on the CPU; a dead rank makes the others fail within
-    timeout_s instead of waiting forever. Returns (rank, world size)."""
+def setup_device(name, local_rank, compile=None, bf16=None, tf32=False):
+    """(device, use_compile, use_bf16): torch.compile and bf16 autocast default to on where CUDA is, off elsewhere
+    (bf16 only ever on CUDA); cuDNN picks its fastest kernels once, as a run's shapes never change."""
+    device = resolve_device(name, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+        if tf32:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    use_compile = compile if compile is not None else device.type == "cuda"
+    return device, use_compile, (bf16 if bf16 is not None else True) and device.type == "cuda"
+
+
+@contextlib.contextmanager
+def distributed(device_name, timeout_s):
+    """Under torchrun (RANK set): join the process group (NCCL on GPUs, gloo on the CPU; a dead rank makes the
+    others fail within timeout_s) and leave it at the end. Yields (ddp, rank, world size, local rank)."""
+    if "RANK" not in os.environ:
+        yield False, 0, 1, 0
+        return
     backend = "nccl" if torch.cuda.is_available() and device_name != "cpu" else "gloo"
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-    return dist.get_rank(), dist.get_world_size()
+    try:
+        yield True, dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    finally:
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def peers(rank, then="continue it with --resume"):
+    """Around a collective: another rank's death (gloo: a RuntimeError; NCCL: an error or the --dist-timeout)
+    ends the run with one line instead of a traceback; `then` says how to go on."""
+    try:
+        yield
+    except RuntimeError as e:
+        raise OSError(f"rank {rank} lost the other ranks ({str(e).splitlines()[0][:150]}): the run stops; "
+                      f"{then}") from None
 
 
 def to_device(t, device):
@@ -595,9 +657,11 @@ def save_atomic(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:  # a failed check inside write() (ValueError, Ctrl-C) leaves no temp file either
         if os.path.exists(tmp):
             os.remove(tmp)
+        if not isinstance(e, OSError):
+            raise
         raise OSError(f"cannot write {path} ({e.strerror or e}); the previous file, if any, is unchanged: free "
                       f"some space and run again") from None
 
@@ -620,19 +684,56 @@ def save_json(path, obj):
     save_atomic(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
-def load_weights(net, state, path):
-    """load_state_dict with a one-line error where the weights do not fit the model their config describes."""
+def load_weights(net, state, path, fits="the model in its config",
+                 hint="was it written by another version of slightdiff or edited?"):
+    """load_state_dict with a one-line error where the weights do not fit the model."""
     try:
         net.load_state_dict(state)
     except RuntimeError as e:
-        raise ValueError(f"{path}: its weights do not fit the model in its config ({str(e).splitlines()[1:2]}); "
-                         f"was it written by another version of slightdiff or edited?") from None
+        detail = "; ".join(l.strip() for l in str(e).splitlines()[1:2])
+        raise ValueError(f"{path}: its weights do not fit {fits} ({detail}); {hint}") from None
+
+
+def download(url, dest, algo, digest, hint):
+    """Fetch url to dest through save_atomic, hashing as it streams: a file whose algo hexdigest does not start with
+    digest is never renamed into place. hint: what to do without a network."""
+    from tqdm import tqdm
+    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+    try:
+        r = urllib.request.urlopen(url, timeout=60)
+    except OSError as e:
+        raise OSError(f"cannot download {url} ({e}); {hint}") from None
+
+    def write(f):
+        h = hashlib.new(algo)
+        with r, tqdm(total=int(r.headers.get("Content-Length", 0)) or None, unit="B", unit_scale=True,
+                     desc=os.path.basename(dest)) as bar:
+            for chunk in iter(lambda: r.read(1 << 20), b""):
+                f.write(chunk)
+                h.update(chunk)
+                bar.update(len(chunk))
+        if not h.hexdigest().startswith(digest):
+            raise ValueError(f"downloaded {os.path.basename(dest)} fails its {algo} check; download it again")
+    save_atomic(dest, write)
+    return dest
+
+
+def file_hash(path, algo="sha256"):
+    h = hashlib.new(algo)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def ckpt_path(path):
+    """A run folder or a checkpoint file -> the checkpoint file (its folder is the run folder)."""
+    return os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
 
 
 def load_checkpoint(path):
     """Load a slightdiff checkpoint with weights_only=True; a missing, truncated or foreign file is a ValueError."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "ckpt.pt")
+    path = ckpt_path(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} not found: give a run folder or its ckpt.pt")
     try:

@@ -18,7 +18,6 @@ import pickle
 import shutil
 import sys
 import tarfile
-import urllib.request
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -132,33 +131,17 @@ def prepare_shapes(out, train_count, test_count, res=32):
 # ----------------------------------------------------------------------------- CIFAR-10
 
 def md5sum(path):
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from model import file_hash  # imported here only: decode workers import this file and need no torch
+    return file_hash(path, "md5")
 
 
 def download(url, dest, md5):
-    """Fetch url to dest over HTTPS (temp file, then rename) unless a file with the right md5 is already there."""
+    """Fetch url to dest over HTTPS, checked, unless a file with the right md5 is already there."""
     if os.path.exists(dest) and md5sum(dest) == md5:
         return dest
-    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
-    tmp = dest + ".part"
-    try:
-        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-            total = int(r.headers.get("Content-Length", 0)) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(dest)) as bar:
-                for chunk in iter(lambda: r.read(1 << 20), b""):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise OSError(f"cannot download {url} ({e}); with no network, fetch it elsewhere and pass --archive PATH "
-                      f"(or put it at {dest})") from None
-    os.replace(tmp, dest)
-    return dest
+    from model import download as fetch
+    return fetch(url, dest, "md5", md5, f"with no network, fetch it elsewhere and pass --archive PATH (or put it at "
+                                        f"{dest})")
 
 
 class CifarUnpickler(pickle.Unpickler):

@@ -26,8 +26,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from model import (build, guided, init_distributed, load_checkpoint, load_weights, neutral_control, resolve_device,
-                   sample_noise, save_atomic, save_grid, save_npz, to_device, to_uint8, tokenize)
+from model import (build, ckpt_path, distributed, generate, load_checkpoint, load_weights, neutral_control, peers,
+                   save_atomic, save_grid, save_npz, setup_device, tokenize)
+
+
+RERUN = "run sample.py again: the shards it finished are kept"
 
 
 def get_parser():
@@ -134,17 +137,6 @@ def control(args, m, data):
     return ctrl
 
 
-def generate(net, diffusion, idx, c, ctrl, seed, shape, args, device, use_bf16):
-    """Samples for global indices idx with conditions c (and control metadata) -> uint8 [b, H, W, C]."""
-    x = to_device(sample_noise(seed, idx, shape), device)
-    noise_fn = lambda k: to_device(sample_noise(seed, idx, shape, step=k), device)
-    ctrl = None if ctrl is None else ctrl.to(device).expand(len(idx), -1)
-    model_fn = guided(net, to_device(c, device), args.cfg_scale, ctrl)
-    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
-        x = diffusion.sample(model_fn, x, args.sampler, args.steps, args.ddim_eta, noise_fn, args.spacing)
-    return to_uint8(x)
-
-
 def check_args(a):
     if a.num < 1 or (a.batch is not None and a.batch < 1) or a.shard_size < 1:
         raise ValueError("--num, --batch and --shard-size must be at least 1")
@@ -158,26 +150,15 @@ def check_args(a):
 def main(argv=None):
     args = get_parser().parse_args(argv)
     check_args(args)
-    ddp = "RANK" in os.environ
-    rank, world = init_distributed(args.device, args.dist_timeout) if ddp else (0, 1)
-    try:
-        run(args, rank, world, ddp)
-    finally:
-        if ddp:
-            dist.destroy_process_group()
+    with distributed(args.device, args.dist_timeout) as (ddp, rank, world, local_rank):
+        run(args, ddp, rank, world, local_rank)
 
 
-def run(args, rank, world, ddp):
+def run(args, ddp, rank, world, local_rank):
     ckpt = load_checkpoint(args.ckpt)
-    run_dir = os.path.dirname(os.path.join(args.ckpt, "ckpt.pt") if os.path.isdir(args.ckpt) else args.ckpt)
-    out = args.out or os.path.join(run_dir, "samples.npz")
-    device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True  # one batch shape: pick the fastest convolutions once
-    use_bf16 = (args.bf16 if args.bf16 is not None else True) and device.type == "cuda"
-    use_compile = args.compile if args.compile is not None else device.type == "cuda"
-    args.batch = args.batch or (500 if device.type == "cuda" else 32)
+    out = args.out or os.path.join(os.path.dirname(ckpt_path(args.ckpt)), "samples.npz")
+    device, use_compile, use_bf16 = setup_device(args.device, local_rank, args.compile, args.bf16)
+    batch = args.batch or (500 if device.type == "cuda" else 32)
 
     cfg = ckpt["config"]
     net, diffusion = build(cfg)
@@ -189,8 +170,9 @@ def run(args, rank, world, ddp):
     shape = (m["channels"], m["resolution"], m["resolution"])
     cond, stored, captions = conditions(args, m, args.num)
     ctrl = control(args, m, cfg.get("data", {}))
+    walk = diffusion.resolve_sampler(args.sampler, args.steps, args.ddim_eta, args.spacing)
     settings = dict(ckpt=os.path.abspath(args.ckpt), step=ckpt["step"], weights=args.weights, num=args.num,
-                    sampler=args.sampler, steps=diffusion.T if args.sampler == "ddpm" else args.steps,
+                    sampler=args.sampler, steps=walk[1],
                     ddim_eta=args.ddim_eta, spacing=args.spacing, cfg_scale=args.cfg_scale, seed=args.seed,
                     labels=args.labels,
                     conditions=hashlib.sha256(next(iter(stored.values())).tobytes()).hexdigest()[:16],
@@ -205,7 +187,8 @@ def run(args, rank, world, ddp):
     missing = [s for s in range(n_shards) if not os.path.exists(shard_path(s))]
     todo = missing[rank::world]
     if ddp:  # every rank lists the shards before any rank writes one
-        dist.barrier()
+        with peers(rank, then=RERUN):
+            dist.barrier()
     if rank == 0:
         print(f"{args.num} samples, {args.sampler} {settings['steps']} steps, cfg {args.cfg_scale}, seed {args.seed}, "
               f"{args.weights} weights at step {ckpt['step']} | {len(missing)} of {n_shards} shards to do on "
@@ -216,11 +199,12 @@ def run(args, rank, world, ddp):
     for s in todo:
         lo, hi = s * args.shard_size, min((s + 1) * args.shard_size, args.num)
         parts = []
-        for b in range(lo, hi, args.batch):
-            idx = np.arange(b, min(b + args.batch, hi))
+        for b in range(lo, hi, batch):
+            idx = np.arange(b, min(b + batch, hi))
             # a compiled model sees one batch shape (no recompile for a short last batch): pad, then drop the extra
-            padded = np.pad(idx, (0, args.batch - len(idx)), mode="edge") if use_compile else idx
-            images = generate(fwd, diffusion, padded, cond[padded], ctrl, args.seed, shape, args, device, use_bf16)
+            padded = np.pad(idx, (0, batch - len(idx)), mode="edge") if use_compile else idx
+            images = generate(fwd, diffusion, padded, cond[padded], ctrl, args.seed, shape, device, use_bf16, *walk,
+                              cfg_scale=args.cfg_scale)
             parts.append(images[:len(idx)])
             bar.update(len(idx))
             done += len(idx)
@@ -232,7 +216,8 @@ def run(args, rank, world, ddp):
         dt = time.perf_counter() - t0
         print(f"rank {rank}: {done} samples in {dt:.1f} s, {done / dt:.1f} images/s")
     if ddp:
-        dist.barrier()
+        with peers(rank, then=RERUN):
+            dist.barrier()
     if rank == 0:
         images = np.concatenate([np.load(shard_path(s)) for s in range(n_shards)])
         save_npz(out, arr_0=images, settings=np.array(json.dumps(settings)), **stored)

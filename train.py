@@ -15,15 +15,16 @@ generators seeded by (seed, step), for the global batch, before it is split over
 for any number of GPUs at the same global batch, and the step number is the whole RNG state for --resume.
 """
 import argparse
-import contextlib
+import collections
 import copy
+import functools
 import glob
 import json
 import math
 import os
-import resource
 import sys
 import time
+import types
 
 import numpy as np
 import torch
@@ -32,14 +33,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import corrupt
-from model import (CKPT_FORMAT, PRESETS, Denoiser, Diffusion, guided, init_distributed, load_checkpoint, load_weights,
-                   neutral_control, resolve_device, sample_noise, save_atomic, save_grid, save_json, save_npz, to_device,
-                   to_uint8, tokenize)
+from model import (CKPT_FORMAT, PRESETS, T, Denoiser, Diffusion, ckpt_path, distributed, generate, load_checkpoint,
+                   load_weights, neutral_control, peers, save_atomic, save_grid, save_json, save_npz, seed_of,
+                   setup_device, to_device, tokenize)
 
 # Flags a resumed run may change; every other flag must match the checkpoint's stored config.
 RESUMABLE = {"steps", "log_every", "ckpt_every", "snapshot_every", "compile", "cuda_graphs", "batch_gpu", "device",
              "grid_cfg", "grid_steps", "dist_timeout"}
-LABEL_CORRUPTIONS = ("symmetric", "asymmetric")
 # Dense bf16 tensor-core peaks (FLOP/s) for MFU, from the vendors' data sheets.
 PEAK_BF16 = {"H100 SXM": 989.4e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989.4e12, "H200": 989.4e12,
              "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165.2e12}
@@ -106,8 +106,6 @@ def get_parser():
     a("--channels-last", action="store_true", help="NHWC weights and inputs (measured 8%% slower than NCHW on an H100 "
                                                    "with CUDA graphs: see README; fixed for a run)")
     a("--bench", type=int, default=0, help="time N steps after warm-up, print images/s, memory, MFU, and exit")
-    a("--bench-wait", action="store_true", help="bench: after compiling, wait for a line on stdin (bench.py times "
-                                                "variants one at a time that compiled in parallel)")
     return p
 
 
@@ -119,9 +117,45 @@ def parse_args(argv=None):
     return args
 
 
+# ----------------------------------------------------------------------------- configuration
+
+def resolve_config(args, world):
+    """Flags -> the run's config, read-only (a named tuple), and the checkpoint of --resume (or None). A resumed run
+    takes its stored config (only the RESUMABLE flags may change); then the defaults that depend on other flags
+    (corruption kind, run folder, per-rank batch) are filled in, and everything is checked before any work starts."""
+    flags, ckpt = {k: v for k, v in vars(args).items() if k != "given"}, None
+    if args.resume:
+        ckpt = load_checkpoint(args.resume)
+        stored = ckpt["config"]["train"]
+        for k in args.given:
+            if k not in RESUMABLE | {"resume", "out"} and flags[k] != stored.get(k):
+                raise ValueError(f"--{k.replace('_', '-')} differs from the checkpoint's stored value "
+                                 f"{stored.get(k)!r}; a resumed run keeps its config (only "
+                                 f"{', '.join(sorted(RESUMABLE))} may change)")
+        flags.update({k: v for k, v in stored.items() if k in flags},
+                     **{k: flags[k] for k in args.given if k in RESUMABLE})
+        flags["out"] = args.out if "out" in args.given else os.path.dirname(ckpt_path(args.resume))
+    flags["corruption"] = flags["corruption"] or ("swap" if flags["cond"] == "text" else "symmetric")
+    if flags["out"] is None:
+        dataset = os.path.basename(os.path.dirname(os.path.abspath(flags["data"])))
+        cep = "" if flags["cep"] == "none" else f"-cep{flags['cep']}"
+        text = "-text" if flags["cond"] == "text" else ""
+        flags["out"] = os.path.join("runs", f"{dataset}-{flags['preset']}{text}-eta{flags['eta']:g}{cep}")
+    check_args(types.SimpleNamespace(**flags))
+    # global batch = world x batch_gpu x accumulation
+    batch_gpu = flags["batch_gpu"] or flags["batch_size"] // world
+    if flags["batch_size"] % world or batch_gpu < 1 or (flags["batch_size"] // world) % batch_gpu:
+        raise ValueError(f"--batch-size {flags['batch_size']} must split into {world} ranks x --batch-gpu "
+                         f"{batch_gpu} x a whole number of accumulation steps")
+    flags.update(batch_gpu=batch_gpu, world_size=world, accum=flags["batch_size"] // world // batch_gpu)
+    cfg = collections.namedtuple("Config", flags)(**flags)
+    if not cfg.resume and not cfg.bench and os.path.exists(os.path.join(cfg.out, "ckpt.pt")):
+        raise ValueError(f"{cfg.out} already holds a run: continue it with --resume {cfg.out} or pick another --out")
+    return cfg, ckpt
+
+
 def check_args(a):
     corrupt.check_eta(a.eta)
-    a.corruption = a.corruption or ("swap" if a.cond == "text" else "symmetric")
     if (a.corruption == "swap") != (a.cond == "text"):
         raise ValueError(f"--corruption {a.corruption} does not go with --cond {a.cond}: labels are flipped "
                          f"(symmetric, asymmetric), captions swapped (swap)")
@@ -138,10 +172,6 @@ def check_args(a):
         raise ValueError("--cep-gamma, --warmup and --ema-halflife-kimg must be >= 0 and --lr > 0")
     if a.corruption == "asymmetric" and not a.corrupt_classes:
         raise ValueError("--corruption asymmetric needs --corrupt-classes")
-
-
-def seed_of(*key):
-    return int(np.random.SeedSequence(list(key)).generate_state(1, np.uint64)[0] >> 1)
 
 
 # ----------------------------------------------------------------------------- data
@@ -175,16 +205,16 @@ def load_dataset(path, subset, data_seed):
     return images, labels.astype(np.int64), index, meta
 
 
-def load_text(args, path, count):
+def load_text(path, count, text_emb=None):
     """(captions, embeddings): the dataset's captions.jsonl, or --text-emb [N, L, D] (memory-mapped)."""
-    if not args.text_emb:
+    if not text_emb:
         return corrupt.read_captions(path, count), None
     try:
-        emb = np.load(args.text_emb, mmap_mode="r")
+        emb = np.load(text_emb, mmap_mode="r")
     except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read --text-emb {args.text_emb} as .npy ({type(e).__name__})") from None
+        raise ValueError(f"cannot read --text-emb {text_emb} as .npy ({type(e).__name__})") from None
     if emb.ndim not in (2, 3) or len(emb) != count or not np.issubdtype(emb.dtype, np.floating):
-        raise ValueError(f"--text-emb {args.text_emb} is {emb.dtype} {list(emb.shape)}: want float [{count}, D] or "
+        raise ValueError(f"--text-emb {text_emb} is {emb.dtype} {list(emb.shape)}: want float [{count}, D] or "
                          f"[{count}, L, D], one row per image in images.npy order")
     return None, emb.reshape(count, -1, emb.shape[-1])
 
@@ -192,33 +222,32 @@ def load_text(args, path, count):
 class Batches:
     """Global batch i = positions [i*B, (i+1)*B) of a stream of seeded per-epoch permutations (resumable by step)."""
 
-    def __init__(self, images, labels, index, device, seed, label_fn, in_memory):
-        self.n, self.seed, self.device, self.label_fn = len(labels), seed, device, label_fn
-        self.index = index
-        self.images = images
+    def __init__(self, images, index, device, seed, label_fn, in_memory):
+        self.n, self.seed, self.device, self.label_fn = len(index), seed, device, label_fn
+        self.index, self.images = index, images
         if in_memory:  # small sets (CIFAR) live on the device: no loader workers needed
             self.images = torch.from_numpy(np.ascontiguousarray(images[index])).to(device)
             self.index = None
-        self._epoch, self._perm, self._labels = None, None, None
+        self._epoch, self._perm, self._cond_ids = None, None, None
 
     def _epoch_data(self, e):
         if e != self._epoch:
             self._epoch, self._perm = e, np.random.default_rng([self.seed, 2, e]).permutation(self.n)
-            self._labels = torch.from_numpy(self.label_fn(e))
-        return self._perm, self._labels
+            self._cond_ids = torch.from_numpy(self.label_fn(e))
+        return self._perm, self._cond_ids
 
     def indices(self, step, batch):
-        """Positions in the (subset) dataset and their (possibly corrupted) labels for global batch `step`."""
-        idx, lab = [], []
+        """Positions in the (subset) dataset of global batch `step`, and their condition ids (see make_label_fn)."""
+        idx, ids = [], []
         pos = step * batch
         while len(idx) < batch:
             e, off = divmod(pos, self.n)
-            perm, labels = self._epoch_data(e)
+            perm, cond_ids = self._epoch_data(e)
             take = perm[off:off + batch - len(idx)]
             idx.extend(take)
-            lab.append(labels[take])
+            ids.append(cond_ids[take])
             pos += len(take)
-        return np.array(idx), torch.cat(lab)
+        return np.array(idx), torch.cat(ids)
 
     def images_at(self, idx):
         """uint8 [b, H, W, C] on the device (made float in the compiled step)."""
@@ -229,6 +258,130 @@ class Batches:
         x = np.empty((len(rows),) + self.images.shape[1:], np.uint8)
         x[order] = self.images[rows[order]]
         return to_device(torch.from_numpy(x), self.device)
+
+
+def make_label_fn(kind, mode, eta, data_seed, labels, num_classes, class_names, corrupt_classes=None):
+    """(epoch -> condition ids, the fixed ids, the corruption mask). A condition id is the (possibly flipped) class
+    label, or for captions the image whose caption each image gets. Fixed corruption is computed once, resample
+    mode per epoch (App. E.4)."""
+    if kind == "swap":
+        draw = lambda e=None: corrupt.corrupt_captions(len(labels), eta, data_seed, epoch=e)
+    else:
+        classes = corrupt.parse_classes(corrupt_classes, class_names) if kind == "asymmetric" else None
+        draw = lambda e=None: corrupt.corrupt_labels(labels, eta, num_classes, data_seed, classes, epoch=e)
+    fixed, mask = draw()
+    return ((lambda e: fixed) if mode == "fixed" else (lambda e: draw(e)[0])), fixed, mask
+
+
+def make_cond(cond, cond_ids, index, captions, text_emb, seed, step, max_len):
+    """Host-side condition of a global batch: class labels, byte tokens of one caption per image (which one is
+    drawn by (seed, step)), or precomputed caption embeddings."""
+    if cond == "class":
+        return cond_ids
+    rows = index[cond_ids.numpy()]
+    if text_emb is not None:
+        return torch.from_numpy(np.asarray(text_emb[rows], dtype=np.float32))
+    rng = np.random.default_rng([seed, step, 4])
+    return tokenize([captions[r][rng.integers(len(captions[r]))] for r in rows], max_len)
+
+
+def load_data(cfg, device):
+    """The dataset, its (corrupted) conditions and the batch stream, as one namespace."""
+    images, clean_labels, index, meta = load_dataset(cfg.data, cfg.subset, cfg.data_seed)
+    captions, text_emb = load_text(cfg.data, len(images), cfg.text_emb) if cfg.cond == "text" else (None, None)
+    sizes_path = os.path.join(cfg.data, "sizes.npy")
+    sizes = np.load(sizes_path) if cfg.control != "none" and os.path.isfile(sizes_path) else None
+    label_fn, fixed_ids, mask = make_label_fn(cfg.corruption, cfg.corruption_mode, cfg.eta, cfg.data_seed, clean_labels,
+                                              meta["num_classes"], meta["class_names"], cfg.corrupt_classes)
+    in_memory = len(index) * int(np.prod(images.shape[1:])) < 8 << 30
+    conds = dict(labels=fixed_ids, clean_labels=clean_labels) if cfg.cond == "class" else dict(source=fixed_ids)
+    return types.SimpleNamespace(
+        meta=meta, index=index, num_classes=meta["num_classes"], res=images.shape[1], ch=images.shape[3],
+        captions=captions, text_emb=text_emb, mask=mask, fixed_ids=fixed_ids,
+        corruption=dict(mask=mask, index=index, **conds),
+        sizes=None if sizes is None else sizes[index],  # original sizes by position in the (subset) dataset
+        control_size=np.median(sizes, 0).round().astype(int).tolist() if sizes is not None else [images.shape[1]] * 2,
+        batches=Batches(images, index, device, cfg.seed, label_fn, in_memory),
+        cond_of=functools.partial(make_cond, cfg.cond, index=index, captions=captions, text_emb=text_emb,
+                                  seed=cfg.seed, max_len=cfg.max_len))
+
+
+def random_crop(x, top, left, side):
+    """Crop the box (top, left, side x side, fractions of the image) of each image and resize it to full size."""
+    zero = torch.zeros_like(side)
+    theta = torch.stack([torch.stack([side, zero, 2 * left + side - 1], 1),
+                         torch.stack([zero, side, 2 * top + side - 1], 1)], 1)
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+# ----------------------------------------------------------------------------- model and state
+
+def model_config(cfg, data, ckpt):
+    """(model config, diffusion config, the --init-from checkpoint or None): a resumed run's as stored, else from
+    the flags and the dataset."""
+    if ckpt is not None:
+        return ckpt["config"]["model"], ckpt["config"]["diffusion"], None
+    model_cfg = dict(num_classes=data.num_classes, resolution=data.res, channels=data.ch, preset=cfg.preset,
+                     cond=cfg.cond)
+    if cfg.dropout is not None:
+        model_cfg["dropout"] = cfg.dropout
+    if cfg.channels:
+        model_cfg["ch"] = cfg.channels
+    if cfg.cond == "text":
+        emb = data.text_emb
+        model_cfg.update(text_dim=cfg.text_dim, text_layers=cfg.text_layers, replicate_pad=cfg.replicate_pad,
+                         pad_noise=cfg.pad_noise, max_len=cfg.max_len if emb is None else emb.shape[1],
+                         ext_dim=None if emb is None else emb.shape[2])
+    if cfg.control != "none":
+        model_cfg["control"] = cfg.control
+    diff_cfg = dict(schedule=cfg.schedule, T=T, prediction=cfg.prediction, shift=cfg.schedule_shift or 1.0)
+    src = load_checkpoint(cfg.init_from) if cfg.init_from else None
+    if src is not None:  # resolution transfer (Berrada et al. 2024) from a run at a lower resolution
+        # every UNet weight is independent of the image size: attention stays at the same levels (attn_res scaled by
+        # new / old resolution) and the SNR is divided by (new / old)^2 unless --schedule-shift says otherwise
+        old = src["config"]["model"]
+        ratio = model_cfg["resolution"] / old["resolution"]
+        model_cfg["attn_res"] = [round(r * ratio) for r in old.get("attn_res", PRESETS[old["preset"]]["attn_res"])]
+        if cfg.schedule_shift is None:
+            diff_cfg["shift"] = src["config"]["diffusion"].get("shift", 1.0) * ratio
+    return model_cfg, diff_cfg, src
+
+
+def build_state(cfg, model_cfg, diff_cfg, ckpt, src, device, ddp):
+    """Model, EMA, optimizer and step: fresh (seeded by --seed), from --resume's checkpoint, or from --init-from's
+    EMA weights. Every rank starts from rank 0's weights."""
+    torch.manual_seed(cfg.seed)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    net = Denoiser(**model_cfg).to(device, memory_format=memory_format)
+    if ckpt is not None:
+        load_weights(net, ckpt["model"], cfg.resume)
+    elif src is not None:
+        load_weights(net, src["ema"], f"--init-from {cfg.init_from}", "this model",
+                     "give the --preset, --cond and text/control flags of that run")
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    if ckpt is not None:
+        load_weights(ema, ckpt["ema"], cfg.resume)
+        opt.load_state_dict(ckpt["opt"])
+    if ddp:  # equal already (same seed or checkpoint); the broadcast makes sure
+        for p in net.parameters():
+            dist.broadcast(p.data, 0)
+    return types.SimpleNamespace(net=net, ema=ema, opt=opt, diffusion=Diffusion(**diff_cfg).to(device),
+                                 step=0 if ckpt is None else ckpt["step"], memory_format=memory_format)
+
+
+def prepare_run_folder(out, config, corruption, step):
+    """config.json, corruption.npz, and log.jsonl cut back to the step the run (re)starts from."""
+    os.makedirs(out, exist_ok=True)
+    for f in glob.glob(os.path.join(out, "*.tmp*")):  # left by a process killed while writing
+        os.remove(f)
+    save_json(os.path.join(out, "config.json"), config)
+    save_npz(os.path.join(out, "corruption.npz"), **corruption)
+    path = os.path.join(out, "log.jsonl")
+    if os.path.exists(path):
+        keep = [l for l in open(path) if l.strip() and json.loads(l)["step"] <= step]
+        save_atomic(path, lambda f: f.write("".join(keep).encode()))
 
 
 def check_same_run(out, config, stored, **corruption):
@@ -249,54 +402,73 @@ def check_same_run(out, config, stored, **corruption):
                          f"dataset changed since the run started; rebuild it as it was, or start a new run")
 
 
-def make_label_fn(args, labels, num_classes, class_names):
-    """epoch -> training labels (captions: the image whose caption each image gets); fixed corruption is computed
-    once, resample mode per epoch (App. E.4)."""
-    if args.corruption == "swap":
-        fixed, mask = corrupt.corrupt_captions(len(labels), args.eta, args.data_seed)
-        if args.corruption_mode == "fixed":
-            return (lambda e: fixed), fixed, mask
-        return (lambda e: corrupt.corrupt_captions(len(labels), args.eta, args.data_seed, epoch=e)[0]), fixed, mask
-    classes = corrupt.parse_classes(args.corrupt_classes, class_names) if args.corruption == "asymmetric" else None
-    fixed, mask = corrupt.corrupt_labels(labels, args.eta, num_classes, args.data_seed, classes)
-    if args.corruption_mode == "fixed":
-        return (lambda e: fixed), fixed, mask
-    return (lambda e: corrupt.corrupt_labels(labels, args.eta, num_classes, args.data_seed, classes, epoch=e)[0]), \
-        fixed, mask
+# ----------------------------------------------------------------------------- one training step
+
+def draw_step(step, *, seed, batch, data, net, shape, device, label_dropout, hflip, cep, cep_gamma, crop_scale,
+              control, rank=0, world=1):
+    """Everything random in a step, drawn from (seed, step) for the global batch and then cut to this rank's share:
+    the run is the same for any number of ranks at the same global batch, and the step is the whole RNG state."""
+    gen = torch.Generator(device=device).manual_seed(seed_of(seed, step))
+    idx, cond_ids = data.batches.indices(step, batch)
+    t = torch.randint(0, T, (batch,), generator=gen, device=device)
+    noise = torch.randn(batch, *shape, generator=gen, device=device)
+    cond = to_device(data.cond_of(cond_ids, step=step), device)
+    drop = torch.rand(batch, generator=gen, device=device) < label_dropout  # the null condition, for CFG
+    cond = torch.where(drop.view(-1, *[1] * (cond.dim() - 1)), net.null_cond(cond), cond)
+    flip = (torch.rand(batch, generator=gen, device=device) < 0.5) & hflip
+    delta = net.cond_noise(cond, cep, cep_gamma, gen)  # CEP, and the replicate-padding noise
+    top, left = torch.zeros(batch, device=device), torch.zeros(batch, device=device)
+    side = torch.ones(batch, device=device)
+    if crop_scale < 1:
+        side = crop_scale + (1 - crop_scale) * torch.rand(batch, generator=gen, device=device)
+        top, left = (torch.rand(2, batch, generator=gen, device=device) * (1 - side)).unbind()
+    ctrl = None
+    if control != "none":  # what was done to each image: the crop box, its original size, the flip
+        hw = torch.full((batch, 2), float(shape[-1]), device=device) if data.sizes is None else \
+            to_device(torch.from_numpy(data.sizes[idx]), device).float()
+        ctrl = torch.cat([torch.stack([top, left, side, side], 1), hw, flip[:, None].float()], 1)
+    share = slice(rank * batch // world, (rank + 1) * batch // world)
+    cut = lambda v: None if v is None else v[share]
+    return types.SimpleNamespace(
+        idx=idx[share], t=t[share], noise=noise[share], cond=cond[share], flip=flip[share], delta=cut(delta),
+        crop=None if crop_scale == 1 else (top[share], left[share], side[share]), ctrl=cut(ctrl),
+        dropout_seed=seed_of(seed, step, rank, 3))  # dropout masks: per rank, not part of the global draw
 
 
-def make_cond(args, y, index, captions, text_emb, step):
-    """Host-side condition of a global batch: class labels, byte tokens of one caption per image (which one is
-    drawn by (seed, step)), or precomputed caption embeddings. For captions y holds the (swapped) caption's image."""
-    if args.cond == "class":
-        return y
-    rows = index[y.numpy()]
-    if text_emb is not None:
-        return torch.from_numpy(np.asarray(text_emb[rows], dtype=np.float32))
-    rng = np.random.default_rng([args.seed, step, 4])
-    return tokenize([captions[r][rng.integers(len(captions[r]))] for r in rows], args.max_len)
+def micro_loss(net, diffusion, memory_format, x, flip, crop, cond, t, noise, delta, ctrl):
+    """Per-sample loss of one micro-batch: uint8 NHWC images to [-1, 1] in the run's layout, crop, flip."""
+    x = (x.permute(0, 3, 1, 2).float() / 127.5 - 1).contiguous(memory_format=memory_format)
+    if crop is not None:
+        x = random_crop(x, *crop)
+    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    return diffusion.loss(net, x, cond, t, noise, delta, ctrl)
 
 
-def random_crop(x, top, left, side):
-    """Crop the box (top, left, side x side, fractions of the image) of each image and resize it to full size."""
-    zero = torch.zeros_like(side)
-    theta = torch.stack([torch.stack([side, zero, 2 * left + side - 1], 1),
-                         torch.stack([zero, side, 2 * top + side - 1], 1)], 1)
-    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
-# ----------------------------------------------------------------------------- helpers
-
-@contextlib.contextmanager
-def peers(rank):
-    """Around a collective: another rank's death (gloo: a RuntimeError; NCCL: an error or the --dist-timeout)
-    ends the run with one line instead of a traceback."""
-    try:
-        yield
-    except RuntimeError as e:
-        raise OSError(f"rank {rank} lost the other ranks ({str(e).splitlines()[0][:150]}): the run stops; continue "
-                      f"it with --resume") from None
+def train_step(d, *, loss_fn, images_at, opt, params, lr, accum, meter, grad_clip, ddp, rank, world, use_bf16,
+               use_graphs, device_type):
+    """One optimizer step on this rank's share d of the draws: accumulate gradients over the micro-batches, average
+    them over the ranks, clip, Adam."""
+    torch.manual_seed(d.dropout_seed)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    n = len(d.t) // accum
+    for m in range(accum):
+        mb = slice(m * n, (m + 1) * n)
+        if use_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        with torch.autocast(device_type, torch.bfloat16, enabled=use_bf16):
+            losses = loss_fn(images_at(d.idx[mb]), d.flip[mb], None if d.crop is None else [c[mb] for c in d.crop],
+                             d.cond[mb], d.t[mb], d.noise[mb], None if d.delta is None else d.delta[mb],
+                             None if d.ctrl is None else d.ctrl[mb])
+            (losses.mean() / accum).backward()
+        meter.add(losses.detach(), d.t[mb])
+    if ddp:
+        with peers(rank):
+            average_gradients(params, world)
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
 
 
 def average_gradients(params, world):
@@ -310,19 +482,94 @@ def average_gradients(params, world):
     torch._foreach_copy_(grads, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)])
 
 
-def ema_beta(args, nimg, batch):
+def ema_beta(halflife_kimg, rampup, nimg, batch):
     """Per-step EMA decay for a half-life in images, ramped up over the first images as in EDM."""
-    halflife = args.ema_halflife_kimg * 1000
-    if args.ema_rampup:
-        halflife = min(halflife, nimg * args.ema_rampup)
+    halflife = halflife_kimg * 1000
+    if rampup:
+        halflife = min(halflife, nimg * rampup)
     return 0.5 ** (batch / max(halflife, 1e-8))
 
 
-def peak_flops(device):
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+def make_step_fn(cfg, data, s, device, rank, world, ddp, use_compile, use_graphs, use_bf16):
+    """step -> lr: draw, optimizer step, EMA update; the function the training loop and --bench both call."""
+    loss_fn = functools.partial(micro_loss, s.net, s.diffusion, s.memory_format)
+    # one compiled graph per micro-batch; with CUDA graphs its hundreds of kernels are one launch (the step was bound
+    # by the host launching them). Checkpoints are saved from `net`: no _orig_mod. keys.
+    loss_fn = torch.compile(loss_fn, mode="reduce-overhead" if use_graphs else None) if use_compile else loss_fn
+    draw = functools.partial(
+        draw_step, seed=cfg.seed, batch=cfg.batch_size, data=data, net=s.net, shape=(data.ch, data.res, data.res),
+        device=device, label_dropout=cfg.label_dropout, hflip=cfg.hflip, cep=cfg.cep, cep_gamma=cfg.cep_gamma,
+        crop_scale=cfg.crop_scale, control=cfg.control, rank=rank, world=world)
+    params, ema_params = list(s.net.parameters()), list(s.ema.parameters())
+    optimize = functools.partial(
+        train_step, loss_fn=loss_fn, images_at=data.batches.images_at, opt=s.opt, params=params, accum=cfg.accum,
+        meter=s.meter, grad_clip=cfg.grad_clip, ddp=ddp, rank=rank, world=world, use_bf16=use_bf16,
+        use_graphs=use_graphs, device_type=device.type)
+
+    def step_fn(step):
+        lr = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
+        optimize(draw(step), lr=lr)
+        with torch.no_grad():
+            beta = ema_beta(cfg.ema_halflife_kimg, cfg.ema_rampup, (step + 1) * cfg.batch_size, cfg.batch_size)
+            torch._foreach_lerp_(ema_params, params, 1 - beta)
+        return lr
+    return step_fn
+
+
+# ----------------------------------------------------------------------------- logging, checkpoints, grids
+
+class LossMeter:
+    """Per-sample losses summed by timestep quartile on the device; read (the loop's only host sync) at log steps."""
+
+    def __init__(self, device):
+        self.acc = torch.zeros(2, 4, device=device, dtype=torch.float64)  # loss sums and counts per quartile
+        self.t0, self.images = time.perf_counter(), 0
+
+    def add(self, losses, t):
+        losses = losses.double()
+        self.acc.index_add_(1, t * 4 // T, torch.stack([losses, torch.ones_like(losses)]))
+
+    def read(self, ddp, rank):
+        """(mean loss, mean per quartile, images/s) since the last read, over all ranks; then start again."""
+        if ddp:
+            with peers(rank):
+                dist.all_reduce(self.acc)
+        (sums, counts), images_per_s = self.acc.tolist(), self.images / (time.perf_counter() - self.t0)
+        self.acc.zero_()
+        self.t0, self.images = time.perf_counter(), 0
+        return sum(sums) / max(sum(counts), 1), [a / b if b else None for a, b in zip(sums, counts)], images_per_s
+
+
+def save_checkpoint(out, s, config, step, batch_size, snapshot_every):
+    """ckpt.pt (and ckpt-<step>.pt every snapshot_every steps), refused if a weight is not finite."""
+    if not all(torch.isfinite(p).all() for p in s.net.parameters()):
+        raise FloatingPointError(f"non-finite weights at step {step}: stopped; {out}/ckpt.pt keeps the last "
+                                 f"good state (try a lower --lr, then --resume)")
+    state = dict(format=CKPT_FORMAT, model=s.net.state_dict(), ema=s.ema.state_dict(), opt=s.opt.state_dict(),
+                 step=step, nimg=step * batch_size, config=config)
+    save_atomic(os.path.join(out, "ckpt.pt"), lambda f: torch.save(state, f))
+    if snapshot_every and step % snapshot_every == 0:
+        save_atomic(os.path.join(out, f"ckpt-{step:07d}.pt"), lambda f: torch.save(state, f))
+
+
+def grid_rows(cond, num_classes, captions, text_emb, max_len):
+    """(condition of each row, captions to print under them): up to 16 classes evenly spaced, or the (first)
+    captions of the dataset's first 8 images."""
+    if cond == "class":
+        classes = np.unique(np.linspace(0, num_classes - 1, min(num_classes, 16)).round().astype(np.int64))
+        return torch.from_numpy(classes), None
+    if text_emb is not None:
+        return torch.from_numpy(np.array(text_emb[:8], dtype=np.float32)), None
+    prompts = [c[0] for c in captions[:8]]
+    return tokenize(prompts, max_len), prompts
+
+
+def draw_grid(ema, diffusion, rows, captions, ctrl_size, shape, device, cfg_scale, steps, path, ncol=8):
+    """ncol samples per row condition, fixed noise, DDIM from the EMA weights, no crop and no flip."""
+    ctrl = neutral_control(1, shape[-1], ctrl_size) if ema.control_mode else None
+    x = generate(ema, diffusion, range(len(rows) * ncol), rows.repeat_interleave(ncol, 0), ctrl, 0, shape, device,
+                 False, "ddim", steps, cfg_scale=cfg_scale)
+    save_grid(path, x, nrow=len(rows), captions=captions)
 
 
 def train_flops_per_image(net, diffusion, shape, c, device):
@@ -336,337 +583,103 @@ def train_flops_per_image(net, diffusion, shape, c, device):
     return fc.get_total_flops() / 2
 
 
-def grid_rows(args, num_classes, captions, text_emb):
-    """(condition of each row, captions to print under them): up to 16 classes evenly spaced, or the (first)
-    captions of the dataset's first 8 images."""
-    if args.cond == "class":
-        classes = np.unique(np.linspace(0, num_classes - 1, min(num_classes, 16)).round().astype(np.int64))
-        return torch.from_numpy(classes), None
-    if text_emb is not None:
-        return torch.from_numpy(np.array(text_emb[:8], dtype=np.float32)), None
-    prompts = [c[0] for c in captions[:8]]
-    return tokenize(prompts, args.max_len), prompts
+# ----------------------------------------------------------------------------- the loop
 
-
-def draw_grid(ema, diffusion, rows, captions, ctrl_size, shape, device, cfg_scale, steps, path, ncol=8):
-    """ncol samples per row condition, fixed noise, DDIM from the EMA weights, no crop and no flip."""
-    c = rows.repeat_interleave(ncol, 0).to(device)
-    x = sample_noise(0, range(len(c)), shape).to(device)
-    ctrl = neutral_control(len(c), shape[-1], ctrl_size, device) if ema.control_mode else None
-    with torch.no_grad():
-        x = diffusion.sample(guided(ema, c, cfg_scale, ctrl), x, "ddim", steps)
-    save_grid(path, to_uint8(x), nrow=len(rows), captions=captions)
-
-
-def init_from(args, model_cfg, diff_cfg):
-    """Resolution transfer (Berrada et al. 2024): the checkpoint of a run at a lower resolution. Every weight of the
-    UNet is independent of the image size, so all carry over: attention stays at the same levels (attn_res scaled by
-    new / old resolution) and the SNR is divided by (new / old)^2 unless --schedule-shift says otherwise."""
-    src = load_checkpoint(args.init_from)
-    old = src["config"]["model"]
-    ratio = model_cfg["resolution"] / old["resolution"]
-    model_cfg["attn_res"] = [round(r * ratio) for r in old.get("attn_res", PRESETS[old["preset"]]["attn_res"])]
-    if args.schedule_shift is None:
-        diff_cfg["shift"] = src["config"]["diffusion"].get("shift", 1.0) * ratio
-    args.schedule_shift = diff_cfg["shift"]  # stored resolved
-    return src
-
-
-def trim_log(path, step):
-    """Drop log lines past the checkpoint a resumed run restarts from."""
-    if os.path.exists(path):
-        keep = [l for l in open(path) if l.strip() and json.loads(l)["step"] <= step]
-        save_atomic(path, lambda f: f.write("".join(keep).encode()))
+def train(cfg, config, data, s, step_fn, grid, device, ddp, rank, mfu):
+    """Steps until cfg.steps: log every log_every steps, checkpoint and grid every ckpt_every steps and at the end."""
+    master = rank == 0
+    shape = (data.ch, data.res, data.res)
+    bar = tqdm(total=cfg.steps, initial=s.step, disable=not master, dynamic_ncols=True, unit="step")
+    s.net.train()
+    while s.step < cfg.steps:
+        lr = step_fn(s.step)
+        s.step += 1
+        s.meter.images += cfg.batch_size
+        bar.update(1)
+        last = s.step == cfg.steps
+        if s.step % cfg.log_every == 0 or s.step % cfg.ckpt_every == 0 or last:
+            loss, loss_q, images_per_s = s.meter.read(ddp, rank)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss} at step {s.step}: stopped; {cfg.out}/ckpt.pt keeps the last "
+                                         f"good state (try a lower --lr or --bf16 off, then --resume)")
+            rec = dict(step=s.step, loss=loss, loss_q=loss_q, lr=lr, img_per_s=images_per_s, mfu=mfu(images_per_s),
+                       nimg=s.step * cfg.batch_size)
+            if master:
+                with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.0f}",
+                                **({"mfu": f"{rec['mfu']:.1%}"} if rec["mfu"] else {}))
+        if s.step % cfg.ckpt_every == 0 or last:
+            if master:
+                save_checkpoint(cfg.out, s, config, s.step, cfg.batch_size, cfg.snapshot_every)
+                draw_grid(s.ema, s.diffusion, *grid, data.control_size, shape, device, cfg.grid_cfg, cfg.grid_steps,
+                          os.path.join(cfg.out, f"grid-{s.step:07d}.png"))
+            if ddp:
+                with peers(rank):
+                    dist.barrier()
+    bar.close()
 
 
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None):
     args = parse_args(argv)
-    ddp = "RANK" in os.environ
-    rank, world = init_distributed(args.device, args.dist_timeout) if ddp else (0, 1)
-    local_rank = int(os.environ.get("LOCAL_RANK", 0)) if ddp else 0
-    try:
-        return run(args, rank, world, local_rank, ddp)
-    finally:
-        if ddp:
-            dist.destroy_process_group()
+    with distributed(args.device, args.dist_timeout) as (ddp, rank, world, local_rank):
+        # Configuration: resolved once, then read-only
+        cfg, ckpt = resolve_config(args, world)
+        device, use_compile, use_bf16 = setup_device(cfg.device, local_rank, cfg.compile, cfg.bf16, tf32=True)
+        use_graphs = use_compile and device.type == "cuda" and cfg.cuda_graphs is not False
+        if ddp and device.type == "cpu":  # several CPU ranks on one machine share its cores
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+
+        # Data, model, optimizer: fresh, --resume or --init-from
+        data = load_data(cfg, device)
+        model_cfg, diff_cfg, src = model_config(cfg, data, ckpt)
+        config = dict(model=model_cfg, diffusion=diff_cfg,
+                      train={k: v for k, v in cfg._asdict().items() if k != "resume"},
+                      data=dict(path=os.path.abspath(cfg.data), control_size=data.control_size,
+                                checksum=data.meta.get("source_checksum"),
+                                **{k: data.meta[k] for k in ("num_classes", "class_names", "resolution", "count")}))
+        if ckpt is not None:
+            check_same_run(cfg.out, config["data"], ckpt["config"]["data"], **data.corruption)
+        s = build_state(cfg, model_cfg, diff_cfg, ckpt, src, device, ddp)
+        s.meter = LossMeter(device)
+        grid = grid_rows(cfg.cond, data.num_classes, data.captions, data.text_emb, cfg.max_len)
+        peak = next((v for k, v in PEAK_BF16.items() if k in torch.cuda.get_device_name(device)), None) \
+            if device.type == "cuda" else None
+        flops_img = train_flops_per_image(s.net, s.diffusion, (data.ch, data.res, data.res),
+                                          grid[0].repeat_interleave(2, 0), device) if peak or cfg.bench else None
+        mfu = lambda images_per_s: flops_img * images_per_s / (peak * world) if peak else None
+        step_fn = make_step_fn(cfg, data, s, device, rank, world, ddp, use_compile, use_graphs, use_bf16)
+        if rank == 0:
+            print(summary(cfg, data, s.net, device, use_compile, use_bf16, use_graphs))
+
+        # Benchmark: the same step function, timed by bench.py, and nothing written
+        if cfg.bench:
+            import bench
+            s.net.train()
+            return bench.time_training(step_fn, s.step, cfg.bench, cfg.batch_size, device, flops_img, peak, world,
+                                       f"{cfg.preset} batch {cfg.batch_size} on {world}x", use_compile, use_bf16, rank)
+
+        # Train
+        if rank == 0:
+            prepare_run_folder(cfg.out, config, dict(**data.corruption, seed=cfg.data_seed, eta=cfg.eta,
+                                                     kind=cfg.corruption, mode=cfg.corruption_mode), s.step)
+        train(cfg, config, data, s, step_fn, grid, device, ddp, rank, mfu)
 
 
-def resolve_resume(args):
-    ckpt = load_checkpoint(args.resume)
-    stored = ckpt["config"]["train"]
-    for k in args.given:
-        if k not in RESUMABLE | {"resume", "out"} and getattr(args, k) != stored.get(k):
-            raise ValueError(f"--{k.replace('_', '-')} differs from the checkpoint's stored value "
-                             f"{stored.get(k)!r}; a resumed run keeps its config (only {', '.join(sorted(RESUMABLE))} "
-                             f"may change)")
-    new = {k: getattr(args, k) for k in args.given if k in RESUMABLE}
-    resume, given = args.resume, args.given
-    for k, v in stored.items():
-        setattr(args, k, v)
-    for k, v in new.items():
-        setattr(args, k, v)
-    args.resume, args.given = resume, given
-    args.out = args.out if "out" in given else os.path.dirname(os.path.join(resume, "ckpt.pt")
-                                                                 if os.path.isdir(resume) else resume)
-    return ckpt
-
-
-def run(args, rank, world, local_rank, ddp):
-    master = rank == 0
-    ckpt = resolve_resume(args) if args.resume else None
-    check_args(args)
-    device = resolve_device(args.device, local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True  # a run's convolution shapes never change: pick the fastest once
-    elif ddp:  # several CPU ranks on one machine share its cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
-    use_compile = args.compile if args.compile is not None else device.type == "cuda"
-    use_bf16 = (args.bf16 if args.bf16 is not None else True) and device.type == "cuda"
-    use_graphs = use_compile and device.type == "cuda" and args.cuda_graphs is not False
-
-    # global batch = world x batch_gpu x accumulation
-    batch_gpu = args.batch_gpu or args.batch_size // world
-    if args.batch_size % world or batch_gpu < 1 or (args.batch_size // world) % batch_gpu:
-        raise ValueError(f"--batch-size {args.batch_size} must split into {world} ranks x --batch-gpu {batch_gpu} "
-                         f"x a whole number of accumulation steps")
-    accum = args.batch_size // world // batch_gpu
-
-    images, clean_labels, index, meta = load_dataset(args.data, args.subset, args.data_seed)
-    num_classes, res, ch = meta["num_classes"], images.shape[1], images.shape[3]
-    captions, text_emb = load_text(args, args.data, len(images)) if args.cond == "text" else (None, None)
-    sizes_path = os.path.join(args.data, "sizes.npy")
-    sizes = np.load(sizes_path) if args.control != "none" and os.path.isfile(sizes_path) else None
-    label_fn, fixed_labels, mask = make_label_fn(args, clean_labels, num_classes, meta["class_names"])
-    in_memory = len(index) * int(np.prod(images.shape[1:])) < 8 << 30
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    data = Batches(images, clean_labels, index, device, args.seed, label_fn, in_memory)
-
-    src = None
-    if ckpt is not None:  # the model and schedule a run started with, --init-from included
-        model_cfg, diff_cfg = ckpt["config"]["model"], ckpt["config"]["diffusion"]
-    else:
-        model_cfg = dict(num_classes=num_classes, resolution=res, channels=ch, preset=args.preset, cond=args.cond)
-        if args.dropout is not None:
-            model_cfg["dropout"] = args.dropout
-        if args.channels:
-            model_cfg["ch"] = args.channels
-        if args.cond == "text":
-            model_cfg.update(text_dim=args.text_dim, text_layers=args.text_layers, replicate_pad=args.replicate_pad,
-                             pad_noise=args.pad_noise, max_len=args.max_len if text_emb is None else text_emb.shape[1],
-                             ext_dim=None if text_emb is None else text_emb.shape[2])
-        if args.control != "none":
-            model_cfg["control"] = args.control
-        diff_cfg = dict(schedule=args.schedule, T=1000, prediction=args.prediction, shift=args.schedule_shift or 1.0)
-        src = init_from(args, model_cfg, diff_cfg) if args.init_from else None
-    train_cfg = {k: v for k, v in vars(args).items() if k not in ("resume", "given")}
-    train_cfg.update(batch_gpu=batch_gpu, world_size=world, accum=accum)
-    control_size = np.median(sizes, 0).round().astype(int).tolist() if sizes is not None else [res, res]
-    config = dict(model=model_cfg, diffusion=diff_cfg, train=train_cfg,
-                  data=dict(path=os.path.abspath(args.data), control_size=control_size,
-                            checksum=meta.get("source_checksum"),
-                            **{k: meta[k] for k in ("num_classes", "class_names", "resolution", "count")}))
-    if args.out is None:
-        dataset = os.path.basename(os.path.dirname(os.path.abspath(args.data)))
-        cep = "" if args.cep == "none" else f"-cep{args.cep}"
-        text = "-text" if args.cond == "text" else ""
-        args.out = os.path.join("runs", f"{dataset}-{args.preset}{text}-eta{args.eta:g}{cep}")
-    torch.manual_seed(args.seed)
-    net = Denoiser(**model_cfg).to(device, memory_format=memory_format)
-    diffusion = Diffusion(**diff_cfg).to(device)
-    step = 0
-    conds = dict(labels=fixed_labels, clean_labels=clean_labels) if args.cond == "class" else dict(source=fixed_labels)
-    if ckpt is not None:
-        check_same_run(args.out, config["data"], ckpt["config"]["data"], mask=mask, index=index, **conds)
-        load_weights(net, ckpt["model"], args.resume)
-    elif src is not None:
-        try:
-            net.load_state_dict(src["ema"])
-        except RuntimeError as e:
-            detail = [l.strip() for l in str(e).splitlines()[1:2]]
-            raise ValueError(f"--init-from {args.init_from}: its weights do not fit this model ({'; '.join(detail)}); "
-                             f"give the --preset, --cond and text/control flags of that run") from None
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                            fused=device.type == "cuda")
-    if ckpt is not None:
-        load_weights(ema, ckpt["ema"], args.resume)
-        opt.load_state_dict(ckpt["opt"])
-        step = ckpt["step"]
-    elif not args.bench and os.path.exists(os.path.join(args.out, "ckpt.pt")):
-        raise ValueError(f"{args.out} already holds a run: continue it with --resume {args.out} or pick another --out")
-
-    grid_c, grid_captions = grid_rows(args, num_classes, captions, text_emb)
-    peak = peak_flops(device)
-    flops_img = train_flops_per_image(net, diffusion, (ch, res, res), grid_c.repeat_interleave(2, 0), device) \
-        if peak or args.bench else None
-    mfu = lambda images_per_s: flops_img * images_per_s / (peak * world) if peak else None
-    if ddp:  # every rank starts from rank 0's weights (they are equal already: same seed or checkpoint)
-        for p in net.parameters():
-            dist.broadcast(p.data, 0)
-
-    def micro_loss(x, flip, crop, c, t, noise, delta, ctrl):
-        """Per-sample loss of one micro-batch: uint8 NHWC images to [-1, 1] in the run's layout, crop, flip."""
-        x = (x.permute(0, 3, 1, 2).float() / 127.5 - 1).contiguous(memory_format=memory_format)
-        if crop is not None:
-            x = random_crop(x, *crop)
-        x = torch.where(flip[:, None, None, None], x.flip(3), x)
-        return diffusion.loss(net, x, c, t, noise, delta, ctrl)
-    # one compiled graph per micro-batch; with CUDA graphs its hundreds of kernels are one launch (the step was bound
-    # by the host launching them). Checkpoints are saved from `net`: no _orig_mod. keys.
-    loss_fn = torch.compile(micro_loss, mode="reduce-overhead" if use_graphs else None) if use_compile else micro_loss
-    if master:
-        n_params = sum(p.numel() for p in net.parameters())
-        if args.cond == "class":
-            what = "labels corrupted"
-        elif captions is None:
-            what = "caption embeddings swapped"
-        else:  # a swap between two identical captions changes nothing
-            changed = sum(captions[index[i]] != captions[index[j]] for i, j in enumerate(fixed_labels))
-            what = f"captions swapped, {changed} changed"
-        print(f"{n_params / 1e6:.2f}M parameters | {len(index)} images, {num_classes} classes, cond {args.cond} | "
-              f"eta {args.eta} ({int(mask.sum())} {what}, {args.corruption}/{args.corruption_mode}) | cep {args.cep} | "
-              f"batch {args.batch_size} = {world} x {batch_gpu} x {accum} | {device} compile={use_compile} "
-              f"bf16={use_bf16} cuda_graphs={use_graphs} channels_last={args.channels_last} | {args.out}")
-        if not args.bench:
-            os.makedirs(args.out, exist_ok=True)
-            for f in glob.glob(os.path.join(args.out, "*.tmp*")):  # left by a process killed while writing
-                os.remove(f)
-            save_json(os.path.join(args.out, "config.json"), config)
-            save_npz(os.path.join(args.out, "corruption.npz"), mask=mask, index=index, seed=args.data_seed,
-                     eta=args.eta, kind=args.corruption, mode=args.corruption_mode, **conds)
-            trim_log(os.path.join(args.out, "log.jsonl"), step)
-
-    def save(step):
-        if not all(torch.isfinite(p).all() for p in params):
-            raise FloatingPointError(f"non-finite weights at step {step}: stopped; {args.out}/ckpt.pt keeps the last "
-                                     f"good state (try a lower --lr, then --resume)")
-        state = dict(format=CKPT_FORMAT, model=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
-                     step=step, nimg=step * args.batch_size, config=config)
-        save_atomic(os.path.join(args.out, "ckpt.pt"), lambda f: torch.save(state, f))
-        if args.snapshot_every and step % args.snapshot_every == 0:
-            save_atomic(os.path.join(args.out, f"ckpt-{step:07d}.pt"), lambda f: torch.save(state, f))
-        draw_grid(ema, diffusion, grid_c, grid_captions, control_size, (ch, res, res), device, args.grid_cfg,
-                  args.grid_steps, os.path.join(args.out, f"grid-{step:07d}.png"))
-
-    gen = torch.Generator(device=device)
-    T, B = diffusion.T, args.batch_size
-    loss_sum = torch.zeros(4, device=device, dtype=torch.float64)  # per timestep quartile
-    loss_cnt = torch.zeros(4, device=device, dtype=torch.float64)
-    params, ema_params = list(net.parameters()), list(ema.parameters())
-    warmup = min(10, args.bench)  # compile, graph capture, cudnn's search: none of it is timed
-    end = step + warmup + args.bench if args.bench else args.steps
-    bar = tqdm(total=end, initial=step, disable=not master, dynamic_ncols=True, unit="step")
-    t_log, n_log, bench_t0 = time.perf_counter(), 0, None
-    net.train()
-    while step < end:
-        if args.bench_wait and step == end - args.bench - warmup + 1:  # compiled (first step): bench.py says go on
-            print("bench: compiled, waiting", flush=True)
-            sys.stdin.readline()
-        if args.bench and step == end - args.bench:  # warm-up over: start the clock
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            bench_t0 = time.perf_counter()
-        idx, y = data.indices(step, B)
-        gen.manual_seed(seed_of(args.seed, step))
-        t = torch.randint(0, T, (B,), generator=gen, device=device)
-        noise = torch.randn(B, ch, res, res, generator=gen, device=device)
-        c = to_device(make_cond(args, y, index, captions, text_emb, step), device)
-        drop = torch.rand(B, generator=gen, device=device) < args.label_dropout
-        c = torch.where(drop.view(-1, *[1] * (c.dim() - 1)), net.null_cond(c), c)
-        flip = (torch.rand(B, generator=gen, device=device) < 0.5) & args.hflip
-        delta = net.cond_noise(c, args.cep, args.cep_gamma, gen)  # CEP, and the replicate-padding noise
-        top, left, side = torch.zeros(B, device=device), torch.zeros(B, device=device), torch.ones(B, device=device)
-        if args.crop_scale < 1:
-            side = args.crop_scale + (1 - args.crop_scale) * torch.rand(B, generator=gen, device=device)
-            top, left = (torch.rand(2, B, generator=gen, device=device) * (1 - side)).unbind()
-        ctrl = None
-        if args.control != "none":  # what was done to each image: the crop box, its original size, the flip
-            hw = to_device(torch.from_numpy(sizes[index[idx]]), device).float() if sizes is not None else \
-                torch.full((B, 2), float(res), device=device)
-            ctrl = torch.cat([torch.stack([top, left, side, side], 1), hw, flip[:, None].float()], 1)
-        torch.manual_seed(seed_of(args.seed, step, rank, 3))  # dropout masks
-        lr = args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        for m in range(accum):
-            sl = slice(rank * B // world + m * batch_gpu, rank * B // world + (m + 1) * batch_gpu)
-            if use_graphs:
-                torch.compiler.cudagraph_mark_step_begin()
-            with torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
-                losses = loss_fn(data.images_at(idx[sl]), flip[sl], None if args.crop_scale == 1 else
-                                 (top[sl], left[sl], side[sl]), c[sl], t[sl], noise[sl],
-                                 None if delta is None else delta[sl], None if ctrl is None else ctrl[sl])
-                (losses.mean() / accum).backward()
-            q = t[sl] * 4 // T
-            loss_sum.index_add_(0, q, losses.detach().double())
-            loss_cnt.index_add_(0, q, torch.ones_like(q, dtype=torch.float64))
-        if ddp:
-            with peers(rank):
-                average_gradients(params, world)
-        if args.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, params, 1 - ema_beta(args, step * B, B))
-        bar.update(1)
-        n_log += B
-
-        if args.bench:
-            continue
-        last = step == end
-        if step % args.log_every == 0 or step % args.ckpt_every == 0 or last:  # the only host syncs of the loop
-            if ddp:
-                with peers(rank):
-                    dist.all_reduce(loss_sum)
-                    dist.all_reduce(loss_cnt)
-            s, c = loss_sum.tolist(), loss_cnt.tolist()
-            loss = sum(s) / max(sum(c), 1)
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss} at step {step}: stopped; {args.out}/ckpt.pt keeps the last "
-                                         f"good state (try a lower --lr or --bf16 off, then --resume)")
-            dt = time.perf_counter() - t_log
-            rec = dict(step=step, loss=loss, loss_q=[a / b if b else None for a, b in zip(s, c)], lr=lr,
-                       img_per_s=n_log / dt, mfu=mfu(n_log / dt),
-                       nimg=step * B)
-            if master:
-                with open(os.path.join(args.out, "log.jsonl"), "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rec['img_per_s']:.0f}",
-                                **({"mfu": f"{rec['mfu']:.1%}"} if peak else {}))
-            loss_sum.zero_()
-            loss_cnt.zero_()
-            t_log, n_log = time.perf_counter(), 0
-        if step % args.ckpt_every == 0 or last:
-            if master:
-                save(step)
-            if ddp:
-                with peers(rank):
-                    dist.barrier()
-    bar.close()
-
-    if args.bench:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            mem = torch.cuda.max_memory_allocated() / 2 ** 30
-        else:
-            mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-        dt = (time.perf_counter() - bench_t0) / args.bench
-        r = dict(images_per_s=args.batch_size / dt, step_ms=dt * 1000, peak_mem_gib=mem,
-                 gflop_per_image=flops_img / 1e9, mfu=mfu(args.batch_size / dt))
-        if master:
-            print(f"bench {args.preset} batch {args.batch_size} on {world}x "
-                  f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} compile={use_compile} "
-                  f"bf16={use_bf16}: {r['images_per_s']:.1f} images/s, {r['step_ms']:.1f} ms/step, peak memory "
-                  f"{mem:.2f} GiB, {r['gflop_per_image']:.2f} GFLOP/image (fwd+bwd), MFU "
-                  + (f"{r['mfu']:.1%} of bf16 dense peak" if peak else "n/a (peak unknown)"))
-        return r
+def summary(cfg, data, net, device, use_compile, use_bf16, use_graphs):
+    """The one line a run starts with: model size, data, corruption, CEP, batch split, device and run folder."""
+    what = "labels corrupted" if cfg.cond == "class" else "caption embeddings swapped"
+    if data.captions is not None:  # a swap between two identical captions changes nothing
+        caps, index = data.captions, data.index
+        what = f"captions swapped, {sum(caps[index[i]] != caps[index[j]] for i, j in enumerate(data.fixed_ids))} "\
+               f"changed"
+    return (f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters | {len(data.index)} images, "
+            f"{data.num_classes} classes, cond {cfg.cond} | eta {cfg.eta} ({int(data.mask.sum())} {what}, "
+            f"{cfg.corruption}/{cfg.corruption_mode}) | cep {cfg.cep} | batch {cfg.batch_size} = {cfg.world_size} x "
+            f"{cfg.batch_gpu} x {cfg.accum} | {device} compile={use_compile} bf16={use_bf16} cuda_graphs={use_graphs} "
+            f"channels_last={cfg.channels_last} | {cfg.out}")
 
 
 if __name__ == "__main__":

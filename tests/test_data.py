@@ -124,7 +124,7 @@ def test_subset_is_seeded_and_sized(shapes):
 def test_cifar_download_without_network_says_where_to_put_the_tarball(tmp_path, monkeypatch):
     def offline(*a, **k):
         raise OSError("network is unreachable")
-    monkeypatch.setattr(prepare_data.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(__import__("urllib.request").request, "urlopen", offline)
     with pytest.raises(OSError, match="pass --archive PATH") as e:
         prepare_data.prepare_cifar10(str(tmp_path))
     assert "cifar-10-python.tar.gz" in str(e.value) and "\n" not in str(e.value)

@@ -164,7 +164,7 @@ def test_missing_weights_say_where_to_put_them(tmp_path):
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path))
     code = ("import urllib.request, evaluate\n"
             "def offline(*a, **k): raise OSError('no network')\n"
-            "urllib.request.urlretrieve = offline\n"
+            "urllib.request.urlopen = offline\n"
             "evaluate.weights_path(None)\n")
     r = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {ROOT!r})\n" + code], env=env,
                        capture_output=True, text=True)

@@ -102,7 +102,7 @@ def test_sampler_noise_levels():
         d.ddim_timesteps(0)
     s_max, s_min = math.exp(d.log_sigmas[-1].item()), math.exp(d.log_sigmas[0].item())
     for sampler, steps, n in [("ddim", 50, 51), ("dpm++", 20, 21), ("ddpm", 0, 1001), ("heun", 18, 19)]:
-        sig = d.sigmas(sampler, steps)
+        sig = d.sigmas(*d.resolve_sampler(sampler, steps)[:2])
         assert len(sig) == n and sig[-1] == 0 and all(a > b for a, b in zip(sig, sig[1:]))
         assert sig[0] == pytest.approx(s_max, rel=1e-5) and sig[-2] == pytest.approx(s_min, rel=1e-5)
     heun = np.array(d.sigmas("heun", 18)[:-1])
@@ -116,7 +116,7 @@ def test_ddpm_is_ancestral_with_the_posterior_variance():
     ac, ac_prev = d.alphas_cumprod[t].double(), d.alphas_cumprod[t - 1].double()
     beta = 1 - ac / ac_prev
     xt = torch.full((n, 1), 0.7)
-    sig = d.sigmas("ddpm", 0)
+    sig = d.sigmas(*d.resolve_sampler("ddpm", 0)[:2])
     s, s_next = sig[999 - t], sig[1000 - t]
     out = model.sample_ddim(lambda x, sigma: torch.full_like(x, x0), xt * math.sqrt(1 + s ** 2), [s, s_next, 0.0][:2],
                             eta=1.0, noise_fn=lambda k: torch.randn(n, 1, dtype=torch.float64))
@@ -318,8 +318,7 @@ def test_cep_on_text_perturbs_every_token_and_the_pooled_vector():
 
 
 def test_control_is_phased_in_at_low_noise():
-    T = 1000
-    w = model.control_weight(torch.tensor([0, 100, 500, 900, 999]), T)
+    w = model.control_weight(torch.tensor([0, 100, 500, 900, 999]))
     assert w[0] == 1 and w[-1] < 1e-6 and w[1] > 0.97 and abs(w[2] - 0.5) < 0.01 and w[3] < 0.03
     torch.manual_seed(0)
     net = Denoiser(10, 32, 3, "tiny", control="phased").eval()
