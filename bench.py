@@ -32,10 +32,12 @@ import torch
 
 import evaluate
 import model
+from corrupt import check_ranges
 import train
 from model import Denoiser, Diffusion
 
 RES = {"tiny": 32, "cifar": 32, "in64": 64}
+RANGES = dict(train_steps="[1, inf)", sample_batch="[1, inf)", sample_steps="[1, 1000]", feature_images="[0, inf)")
 HERE = os.path.dirname(os.path.abspath(__file__))
 BENCH_LINE = re.compile(r"([\d.]+) images/s, ([\d.]+) ms/step, peak memory ([\d.]+) GiB, ([\d.]+) GFLOP/image "
                         r"\(fwd\+bwd\), MFU (?:([\d.]+)%|n/a)")
@@ -221,6 +223,10 @@ def main(argv=None):
     p.add_argument("--profile", action="store_true", help="print the kernels of the default training step")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     a = p.parse_args(argv)
+    for name in ("train_batch", "baseline_batch"):  # lists
+        for v in getattr(a, name) or []:
+            check_ranges({name: v}, {name: "[1, inf)"})
+    check_ranges(vars(a), RANGES)
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench.py: error: no CUDA GPU here (--device cpu runs a smoke test, not a benchmark)")

@@ -25,9 +25,22 @@ import sys
 import numpy as np
 
 
+RANGES = dict(eta="[0, 1)", seed="[0, inf)")
+
+
 def check_eta(eta):
-    if not 0.0 <= eta < 1.0:
-        raise ValueError(f"eta must be in [0, 1), got {eta}")
+    check_ranges(dict(eta=eta), dict(eta="[0, 1)"))
+
+
+def check_ranges(values, ranges):
+    """Each flag in ranges (name -> interval as in maths: "[0, 1)", "(0, inf)", "[1, 1000]") that values holds and
+    is not None must lie in its interval; NaN lies in none, inf only in one closed at inf. Every script calls this
+    on its flags before any work: one ValueError line names the flag and its range."""
+    for name, spec in ranges.items():
+        v = values.get(name)
+        lo, hi = (float(x) for x in spec[1:-1].split(","))
+        if v is not None and not ((lo <= v if spec[0] == "[" else lo < v) and (v <= hi if spec[-1] == "]" else v < hi)):
+            raise ValueError(f"--{name.replace('_', '-')} must be in {spec}, got {v}")
 
 
 def parse_classes(spec, class_names):
@@ -155,7 +168,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="corruption.npz")
     a = p.parse_args(argv)
-    check_eta(a.eta)
+    check_ranges(vars(a), RANGES)
     for f in ("labels.npy", "meta.json"):
         if not os.path.isfile(os.path.join(a.data, f)):
             raise FileNotFoundError(f"{a.data}/{f} missing: build the dataset with prepare_data.py first")

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from corrupt import check_ranges
 from model import PRESETS, download, file_hash, resolve_device, save_atomic, save_json, save_npz
 
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -323,15 +324,21 @@ def load_samples(path):
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise ValueError(f"{path}: arr_0 must be uint8 [N, H, W, C] with C 1 or 3, got {images.dtype} "
                          f"{list(images.shape)}")
+    if not len(images):
+        raise ValueError(f"{path} holds 0 samples: make it again with sample.py --num N")
     return images, labels, settings
 
 
 def reference(ref, net, sha, resolution, need_images=True):
-    """Reference statistics and pool features of a dataset folder or an npz, cached beside it by weights hash."""
+    """Reference statistics and pool features of a dataset folder or an npz, cached beside it. The cache is keyed by
+    the Inception weights' sha256 and by the version of the images it was computed from (their file's size and
+    modification time, and a dataset's count and source checksum): a rebuilt dataset is never read through the old
+    features, they are computed again."""
+    source = os.path.join(ref, "images.npy")
     if os.path.isdir(ref):
-        if not os.path.isfile(os.path.join(ref, "images.npy")):
+        if not os.path.isfile(source):
             raise FileNotFoundError(f"{ref}/images.npy missing: give a dataset folder from prepare_data.py")
-        images = np.load(os.path.join(ref, "images.npy"), mmap_mode="r")
+        images = np.load(source, mmap_mode="r")
         cache = os.path.join(ref, f"inception-{sha[:16]}.npz")
     elif os.path.isfile(ref):
         try:
@@ -343,7 +350,7 @@ def reference(ref, net, sha, resolution, need_images=True):
             if "mu" in files and "sigma" in files:  # pytorch-fid statistics: FID only
                 return dict(mu=z["mu"], sigma=z["sigma"], count=None)
             raise ValueError(f"--ref {ref} has neither images (arr_0) nor statistics (mu, sigma)")
-        images = z["arr_0"]  # an ADM reference batch: its images are run through our network
+        images, source = z["arr_0"], ref  # an ADM reference batch: its images are run through our network
         cache = f"{ref}.inception-{sha[:16]}.npz"
     else:
         raise FileNotFoundError(f"--ref {ref} not found: give a dataset folder or an npz")
@@ -352,15 +359,21 @@ def reference(ref, net, sha, resolution, need_images=True):
     if resolution is not None and images.shape[1:3] != resolution:
         raise ValueError(f"--ref {ref} is {images.shape[1]}x{images.shape[2]} but the samples are "
                          f"{resolution[0]}x{resolution[1]}: compare against a reference of the same resolution")
+    meta = os.path.join(ref, "meta.json")
+    st, meta = os.stat(source), json.load(open(meta)) if os.path.isfile(meta) else {}
+    key = json.dumps(dict(inception=sha, size=st.st_size, mtime_ns=st.st_mtime_ns, count=meta.get("count"),
+                          checksum=meta.get("source_checksum")), sort_keys=True)
     if os.path.isfile(cache):
         c = np.load(cache)
-        return {k: c[k] for k in c.files}
+        if "key" in c.files and str(c["key"]) == key:
+            return {k: c[k] for k in c.files if k != "key"}
+        print(f"{cache} was computed from another version of {ref}: computing it again", file=sys.stderr)
     f = inception_features(net, images, desc="reference features")
     mu, sigma = mean_cov(f["pool"])
     mu_s, sigma_s = mean_cov(f["spatial"])
     out = dict(mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s, pool=f["pool"].astype(np.float32),
                count=len(images))
-    save_npz(cache, **out)
+    save_npz(cache, **out, key=np.array(key))
     return out
 
 
@@ -720,6 +733,13 @@ def add_features(p):
 
 
 COMMANDS = ("repro", "memorization", "classify", "report")
+RANGES = dict(batch="[1, inf)", feat_size="[1, inf)", threshold="[-1, 1]", epochs="[1, inf)")
+
+
+def parse(p, argv):
+    a = p.parse_args(argv)
+    check_ranges(vars(a), RANGES)
+    return a
 
 
 def main(argv=None):
@@ -734,30 +754,30 @@ def main(argv=None):
         p.add_argument("--save-features", help="write the samples' pool features to this npz")
         p.add_argument("--out", help="metrics JSON (default: metrics.json beside the samples)")
         add_common(p)
-        return cmd_metrics(p.parse_args(argv))
+        return cmd_metrics(parse(p, argv))
     argv = argv[1:]
     if cmd == "repro":
         p.add_argument("samples", nargs="+", help="two or more samples.npz of the same seed and conditions")
         add_common(p)
         add_features(p)
-        return cmd_repro(p.parse_args(argv))
+        return cmd_repro(parse(p, argv))
     if cmd == "memorization":
         p.add_argument("--samples", required=True)
         p.add_argument("--ref", required=True, help="the training set's dataset folder, or the run folder (only "
                                                     "the images that run trained on, e.g. its --subset)")
         add_common(p)
         add_features(p)
-        return cmd_memorization(p.parse_args(argv))
+        return cmd_memorization(parse(p, argv))
     if cmd == "classify":
         p.add_argument("--samples", required=True)
         p.add_argument("--ref", required=True, help="a labelled dataset folder at the samples' resolution")
         p.add_argument("--epochs", type=int, default=3, help="epochs of the classifier over --ref")
         p.add_argument("--device", default="auto")
         p.add_argument("--out", help="JSON file (default: classify.json beside the samples)")
-        return cmd_classify(p.parse_args(argv))
+        return cmd_classify(parse(p, argv))
     p.add_argument("runs", nargs="+", help="run folders holding metrics.json")
     p.add_argument("--out", default="report", help="writes OUT.md and OUT.png")
-    return cmd_report(p.parse_args(argv))
+    return cmd_report(parse(p, argv))
 
 
 if __name__ == "__main__":

@@ -591,7 +591,11 @@ def distributed(device_name, timeout_s):
         yield False, 0, 1, 0
         return
     backend = "nccl" if torch.cuda.is_available() and device_name != "cpu" else "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    except RuntimeError as e:  # a rank that never came: the store times out
+        raise OSError(f"cannot join the other ranks ({str(e).strip().splitlines()[0][:150]}): start them all, as "
+                      f"torchrun does") from None
     try:
         yield True, dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
     finally:
@@ -657,12 +661,14 @@ def save_atomic(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException as e:  # a failed check inside write() (ValueError, Ctrl-C) leaves no temp file either
+    except BaseException as e:  # whatever the writer raised, Ctrl-C included, no temp file is left
         if os.path.exists(tmp):
             os.remove(tmp)
-        if not isinstance(e, OSError):
+        if isinstance(e, ValueError) or not isinstance(e, Exception):  # a check of ours (download), or Ctrl-C
             raise
-        raise OSError(f"cannot write {path} ({e.strerror or e}); the previous file, if any, is unchanged: free "
+        # torch.save reports a full disk as RuntimeError ("enforce fail at inline_container.cc ... unexpected pos")
+        why = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {str(e).strip()[:120]}"
+        raise OSError(f"cannot write {path} ({why.splitlines()[0]}); the previous file, if any, is unchanged: free "
                       f"some space and run again") from None
 
 
@@ -723,6 +729,17 @@ def file_hash(path, algo="sha256"):
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_hash(state):
+    """sha256 of a state dict (names, dtypes, shapes, bytes): what a resumable output of these weights is keyed by,
+    so that another model saved under the same path and step is never taken for this one."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().cpu().contiguous()
+        h.update(f"{k} {t.dtype} {list(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
 

@@ -23,6 +23,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from corrupt import check_ranges
+
+RANGES = dict(resolution="[8, 1024]", workers="[1, inf)", count="[10, inf)")  # count: one image per class
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -291,6 +294,10 @@ def prepare_imagefolder(src, out, name, split, res, workers, captions_file=None)
             n += 1
     arr.flush()
     del arr
+    if n == 0:  # nothing usable: no dataset folder (training would fail far from the cause)
+        os.remove(tmp_path)
+        raise ValueError(f"none of the {len(files)} files under {src} decoded as an image (first: {skipped[0]}): "
+                         f"point --src at the image folder" if files else f"no image files under {src}")
     if skipped:  # shrink to the images that decoded, copying in chunks so nothing has to fit in memory
         src_arr = np.load(tmp_path, mmap_mode="r")
         final = tmp_path + ".2.npy"
@@ -321,19 +328,16 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="imagefolder: decoding processes")
     p.add_argument("--count", type=int, default=10000, help="shapes: training images (test gets a fifth)")
     a = p.parse_args(argv)
+    check_ranges(vars(a), RANGES)
     if a.dataset == "shapes":
-        if a.count < 10:
-            raise ValueError("--count must be at least 10 (one image per class)")
         prepare_shapes(a.out, a.count, max(10, a.count // 5))
     elif a.dataset == "cifar10":
         prepare_cifar10(a.out, a.archive)
     else:
         if not a.src:
             raise ValueError("--dataset imagefolder needs --src DIR (one sub-folder per class)")
-        if not 8 <= a.resolution <= 1024:
-            raise ValueError("--resolution must be between 8 and 1024")
         name = a.name or os.path.basename(os.path.normpath(a.src))
-        prepare_imagefolder(a.src, a.out, name, a.split, a.resolution, max(1, a.workers), a.captions)
+        prepare_imagefolder(a.src, a.out, name, a.split, a.resolution, a.workers, a.captions)
 
 
 if __name__ == "__main__":

@@ -26,11 +26,14 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from model import (build, ckpt_path, distributed, generate, load_checkpoint, load_weights, neutral_control, peers,
-                   save_atomic, save_grid, save_npz, setup_device, tokenize)
+from corrupt import check_ranges
+from model import (T, build, ckpt_path, distributed, generate, load_checkpoint, load_weights, neutral_control, peers,
+                   save_atomic, save_grid, save_npz, setup_device, tokenize, weights_hash)
 
 
 RERUN = "run sample.py again: the shards it finished are kept"
+RANGES = dict(num="[1, inf)", steps=f"[1, {T}]", ddim_eta="[0, 1]", cfg_scale="[0, inf)", seed="[0, inf)",
+              batch="[1, inf)", shard_size="[1, inf)", dist_timeout="(0, inf)")
 
 
 def get_parser():
@@ -138,10 +141,7 @@ def control(args, m, data):
 
 
 def check_args(a):
-    if a.num < 1 or (a.batch is not None and a.batch < 1) or a.shard_size < 1:
-        raise ValueError("--num, --batch and --shard-size must be at least 1")
-    if a.cfg_scale < 0 or not 0 <= a.ddim_eta <= 1:
-        raise ValueError("--cfg-scale must be >= 0 and --ddim-eta in [0, 1]")
+    check_ranges(vars(a), RANGES)
     if a.ddim_eta and a.sampler != "ddim":
         raise ValueError("--ddim-eta is for --sampler ddim; dpm++ and heun are deterministic")
     a.steps = a.steps or (18 if a.sampler == "heun" else 50)
@@ -171,15 +171,15 @@ def run(args, ddp, rank, world, local_rank):
     cond, stored, captions = conditions(args, m, args.num)
     ctrl = control(args, m, cfg.get("data", {}))
     walk = diffusion.resolve_sampler(args.sampler, args.steps, args.ddim_eta, args.spacing)
-    settings = dict(ckpt=os.path.abspath(args.ckpt), step=ckpt["step"], weights=args.weights, num=args.num,
+    # resumed shards are keyed by everything that decides their content: the weights' hash first, then the settings
+    settings = dict(ckpt=os.path.abspath(args.ckpt), step=ckpt["step"], weights=args.weights,
+                    weights_sha256=weights_hash(ckpt[args.weights]), num=args.num,
                     sampler=args.sampler, steps=walk[1],
                     ddim_eta=args.ddim_eta, spacing=args.spacing, cfg_scale=args.cfg_scale, seed=args.seed,
                     labels=args.labels,
                     conditions=hashlib.sha256(next(iter(stored.values())).tobytes()).hexdigest()[:16],
-                    control=None if ctrl is None else ctrl[0].tolist(), config=cfg)
-    # shards of a different setting never mix: their folder is keyed by the settings
-    key = hashlib.sha256(json.dumps({k: v for k, v in settings.items() if k != "config"},
-                                    sort_keys=True).encode()).hexdigest()[:12]
+                    control=None if ctrl is None else ctrl[0].tolist(), bf16=use_bf16, config=cfg)
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     shard_dir = f"{out}.shards-{key}"
     os.makedirs(shard_dir, exist_ok=True)
     n_shards = -(-args.num // args.shard_size)

@@ -40,6 +40,14 @@ from model import (CKPT_FORMAT, PRESETS, T, Denoiser, Diffusion, ckpt_path, dist
 # Flags a resumed run may change; every other flag must match the checkpoint's stored config.
 RESUMABLE = {"steps", "log_every", "ckpt_every", "snapshot_every", "compile", "cuda_graphs", "batch_gpu", "device",
              "grid_cfg", "grid_steps", "dist_timeout"}
+# The range of every numeric flag, checked before any work (an int flag given "nan" or "inf" is argparse's error).
+RANGES = {**dict.fromkeys(("channels", "text_dim", "text_layers", "subset", "batch_size", "batch_gpu", "steps",
+                           "log_every", "ckpt_every"), "[1, inf)"),
+          **dict.fromkeys(("cep_gamma", "pad_noise", "warmup", "weight_decay", "grad_clip", "ema_halflife_kimg",
+                           "ema_rampup", "seed", "data_seed", "snapshot_every", "grid_cfg", "bench"), "[0, inf)"),
+          **dict.fromkeys(("eta", "label_dropout", "dropout"), "[0, 1)"),
+          **dict.fromkeys(("lr", "schedule_shift", "dist_timeout"), "(0, inf)"),
+          "max_len": "[2, inf)", "crop_scale": "(0, 1]", "grid_steps": f"[1, {T}]"}
 # Dense bf16 tensor-core peaks (FLOP/s) for MFU, from the vendors' data sheets.
 PEAK_BF16 = {"H100 SXM": 989.4e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989.4e12, "H200": 989.4e12,
              "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165.2e12}
@@ -155,21 +163,11 @@ def resolve_config(args, world):
 
 
 def check_args(a):
-    corrupt.check_eta(a.eta)
     if (a.corruption == "swap") != (a.cond == "text"):
         raise ValueError(f"--corruption {a.corruption} does not go with --cond {a.cond}: labels are flipped "
                          f"(symmetric, asymmetric), captions swapped (swap)")
     if a.text_emb and a.cond != "text":
         raise ValueError("--text-emb needs --cond text")
-    if not 0 < a.crop_scale <= 1 or a.pad_noise < 0 or a.max_len < 2:
-        raise ValueError("--crop-scale must be in (0, 1], --pad-noise >= 0 and --max-len >= 2")
-    for k in ("batch_size", "steps", "log_every", "ckpt_every"):
-        if getattr(a, k) < 1:
-            raise ValueError(f"--{k.replace('_', '-')} must be at least 1")
-    if not 0 <= a.label_dropout < 1:
-        raise ValueError("--label-dropout must be in [0, 1)")
-    if a.cep_gamma < 0 or a.lr <= 0 or a.warmup < 0 or a.ema_halflife_kimg < 0:
-        raise ValueError("--cep-gamma, --warmup and --ema-halflife-kimg must be >= 0 and --lr > 0")
     if a.corruption == "asymmetric" and not a.corrupt_classes:
         raise ValueError("--corruption asymmetric needs --corrupt-classes")
 
@@ -379,8 +377,8 @@ def prepare_run_folder(out, config, corruption, step):
     save_json(os.path.join(out, "config.json"), config)
     save_npz(os.path.join(out, "corruption.npz"), **corruption)
     path = os.path.join(out, "log.jsonl")
-    if os.path.exists(path):
-        keep = [l for l in open(path) if l.strip() and json.loads(l)["step"] <= step]
+    if os.path.exists(path):  # a half-written last line (a kill mid-write) is dropped with the lines past the step
+        keep = [l for l in open(path) if l.strip() and l.endswith("\n") and json.loads(l)["step"] <= step]
         save_atomic(path, lambda f: f.write("".join(keep).encode()))
 
 
@@ -404,26 +402,26 @@ def check_same_run(out, config, stored, **corruption):
 
 # ----------------------------------------------------------------------------- one training step
 
-def draw_step(step, *, seed, batch, data, net, shape, device, label_dropout, hflip, cep, cep_gamma, crop_scale,
-              control, rank=0, world=1):
+def draw_step(step, cfg, data, net, device, rank=0, world=1):
     """Everything random in a step, drawn from (seed, step) for the global batch and then cut to this rank's share:
     the run is the same for any number of ranks at the same global batch, and the step is the whole RNG state."""
-    gen = torch.Generator(device=device).manual_seed(seed_of(seed, step))
+    batch, shape, crop_scale = cfg.batch_size, (data.ch, data.res, data.res), cfg.crop_scale
+    gen = torch.Generator(device=device).manual_seed(seed_of(cfg.seed, step))
     idx, cond_ids = data.batches.indices(step, batch)
     t = torch.randint(0, T, (batch,), generator=gen, device=device)
     noise = torch.randn(batch, *shape, generator=gen, device=device)
     cond = to_device(data.cond_of(cond_ids, step=step), device)
-    drop = torch.rand(batch, generator=gen, device=device) < label_dropout  # the null condition, for CFG
+    drop = torch.rand(batch, generator=gen, device=device) < cfg.label_dropout  # the null condition, for CFG
     cond = torch.where(drop.view(-1, *[1] * (cond.dim() - 1)), net.null_cond(cond), cond)
-    flip = (torch.rand(batch, generator=gen, device=device) < 0.5) & hflip
-    delta = net.cond_noise(cond, cep, cep_gamma, gen)  # CEP, and the replicate-padding noise
+    flip = (torch.rand(batch, generator=gen, device=device) < 0.5) & cfg.hflip
+    delta = net.cond_noise(cond, cfg.cep, cfg.cep_gamma, gen)  # CEP, and the replicate-padding noise
     top, left = torch.zeros(batch, device=device), torch.zeros(batch, device=device)
     side = torch.ones(batch, device=device)
     if crop_scale < 1:
         side = crop_scale + (1 - crop_scale) * torch.rand(batch, generator=gen, device=device)
         top, left = (torch.rand(2, batch, generator=gen, device=device) * (1 - side)).unbind()
     ctrl = None
-    if control != "none":  # what was done to each image: the crop box, its original size, the flip
+    if cfg.control != "none":  # what was done to each image: the crop box, its original size, the flip
         hw = torch.full((batch, 2), float(shape[-1]), device=device) if data.sizes is None else \
             to_device(torch.from_numpy(data.sizes[idx]), device).float()
         ctrl = torch.cat([torch.stack([top, left, side, side], 1), hw, flip[:, None].float()], 1)
@@ -432,7 +430,7 @@ def draw_step(step, *, seed, batch, data, net, shape, device, label_dropout, hfl
     return types.SimpleNamespace(
         idx=idx[share], t=t[share], noise=noise[share], cond=cond[share], flip=flip[share], delta=cut(delta),
         crop=None if crop_scale == 1 else (top[share], left[share], side[share]), ctrl=cut(ctrl),
-        dropout_seed=seed_of(seed, step, rank, 3))  # dropout masks: per rank, not part of the global draw
+        dropout_seed=seed_of(cfg.seed, step, rank, 3))  # dropout masks: per rank, not part of the global draw
 
 
 def micro_loss(net, diffusion, memory_format, x, flip, crop, cond, t, noise, delta, ctrl):
@@ -444,31 +442,30 @@ def micro_loss(net, diffusion, memory_format, x, flip, crop, cond, t, noise, del
     return diffusion.loss(net, x, cond, t, noise, delta, ctrl)
 
 
-def train_step(d, *, loss_fn, images_at, opt, params, lr, accum, meter, grad_clip, ddp, rank, world, use_bf16,
-               use_graphs, device_type):
+def train_step(d, lr, loss_fn, images_at, s, accum, grad_clip, ddp, rank, world, use_bf16, use_graphs):
     """One optimizer step on this rank's share d of the draws: accumulate gradients over the micro-batches, average
     them over the ranks, clip, Adam."""
     torch.manual_seed(d.dropout_seed)
-    for g in opt.param_groups:
+    for g in s.opt.param_groups:
         g["lr"] = lr
-    n = len(d.t) // accum
+    n, params = len(d.t) // accum, s.params
     for m in range(accum):
         mb = slice(m * n, (m + 1) * n)
         if use_graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        with torch.autocast(device_type, torch.bfloat16, enabled=use_bf16):
+        with torch.autocast(d.t.device.type, torch.bfloat16, enabled=use_bf16):
             losses = loss_fn(images_at(d.idx[mb]), d.flip[mb], None if d.crop is None else [c[mb] for c in d.crop],
                              d.cond[mb], d.t[mb], d.noise[mb], None if d.delta is None else d.delta[mb],
                              None if d.ctrl is None else d.ctrl[mb])
             (losses.mean() / accum).backward()
-        meter.add(losses.detach(), d.t[mb])
+        s.meter.add(losses.detach(), d.t[mb])
     if ddp:
         with peers(rank):
             average_gradients(params, world)
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    s.opt.step()
+    s.opt.zero_grad(set_to_none=True)
 
 
 def average_gradients(params, world):
@@ -496,22 +493,15 @@ def make_step_fn(cfg, data, s, device, rank, world, ddp, use_compile, use_graphs
     # one compiled graph per micro-batch; with CUDA graphs its hundreds of kernels are one launch (the step was bound
     # by the host launching them). Checkpoints are saved from `net`: no _orig_mod. keys.
     loss_fn = torch.compile(loss_fn, mode="reduce-overhead" if use_graphs else None) if use_compile else loss_fn
-    draw = functools.partial(
-        draw_step, seed=cfg.seed, batch=cfg.batch_size, data=data, net=s.net, shape=(data.ch, data.res, data.res),
-        device=device, label_dropout=cfg.label_dropout, hflip=cfg.hflip, cep=cfg.cep, cep_gamma=cfg.cep_gamma,
-        crop_scale=cfg.crop_scale, control=cfg.control, rank=rank, world=world)
-    params, ema_params = list(s.net.parameters()), list(s.ema.parameters())
-    optimize = functools.partial(
-        train_step, loss_fn=loss_fn, images_at=data.batches.images_at, opt=s.opt, params=params, accum=cfg.accum,
-        meter=s.meter, grad_clip=cfg.grad_clip, ddp=ddp, rank=rank, world=world, use_bf16=use_bf16,
-        use_graphs=use_graphs, device_type=device.type)
+    s.params, ema_params = list(s.net.parameters()), list(s.ema.parameters())
 
     def step_fn(step):
         lr = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
-        optimize(draw(step), lr=lr)
+        train_step(draw_step(step, cfg, data, s.net, device, rank, world), lr, loss_fn, data.batches.images_at, s,
+                   cfg.accum, cfg.grad_clip, ddp, rank, world, use_bf16, use_graphs)
         with torch.no_grad():
             beta = ema_beta(cfg.ema_halflife_kimg, cfg.ema_rampup, (step + 1) * cfg.batch_size, cfg.batch_size)
-            torch._foreach_lerp_(ema_params, params, 1 - beta)
+            torch._foreach_lerp_(ema_params, s.params, 1 - beta)
         return lr
     return step_fn
 
@@ -624,6 +614,7 @@ def train(cfg, config, data, s, step_fn, grid, device, ddp, rank, mfu):
 
 def main(argv=None):
     args = parse_args(argv)
+    corrupt.check_ranges(vars(args), RANGES)  # before anything, the process group included
     with distributed(args.device, args.dist_timeout) as (ddp, rank, world, local_rank):
         # Configuration: resolved once, then read-only
         cfg, ckpt = resolve_config(args, world)

@@ -4,6 +4,7 @@ import io
 import json
 import os
 import pickle
+import re
 import resource
 import signal
 import subprocess
@@ -290,3 +291,173 @@ def test_a_dead_rank_stops_the_other_instead_of_hanging(shapes, tmp_path):
     assert time.time() - t0 < 60 and procs[0].returncode == 1
     last = err.strip().splitlines()[-1]
     assert last.startswith("train.py: error: rank 0 lost the other ranks") and "--resume" in last, err[-2000:]
+
+
+# ----------------------------------------------------------------------------- issue 16: second pass
+
+def interrupted_sampling(args, monkeypatch):
+    """sample.main(args) stopped (Ctrl-C) after its first shard."""
+    import sample
+    generate, calls = sample.generate, []
+
+    def killed_in_second_shard(*a, **k):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return generate(*a, **k)
+    monkeypatch.setattr(sample, "generate", killed_in_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        sample.main(args)
+    monkeypatch.setattr(sample, "generate", generate)
+
+
+@pytest.mark.faults
+def test_resumed_sampling_never_mixes_two_models_saved_at_one_path(tiny_run, tmp_path, monkeypatch):
+    import shutil
+    import sample
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    args = ["--ckpt", str(run), "--num", "8", "--steps", "2", "--shard-size", "4", "--batch", "4", "--out",
+            str(tmp_path / "s.npz")]
+    interrupted_sampling(args, monkeypatch)  # model A's first shard is on disk
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    ckpt["ema"]["unet.conv_out.bias"] += 0.5  # model B: same path, same step, other weights
+    torch.save(ckpt, run / "ckpt.pt")
+    sample.main(args)
+    sample.main([*args[:-1], str(tmp_path / "fresh.npz")])
+    mixed, fresh = np.load(tmp_path / "s.npz")["arr_0"], np.load(tmp_path / "fresh.npz")["arr_0"]
+    assert np.array_equal(mixed, fresh)  # all eight from model B
+    assert json.loads(str(np.load(tmp_path / "s.npz")["settings"]))["weights_sha256"] == model.weights_hash(
+        ckpt["ema"])
+
+
+@pytest.mark.faults
+def test_reference_features_of_a_rebuilt_dataset_are_computed_again(tmp_path, inception_weights):
+    import evaluate
+    prepare_data.prepare_shapes(str(tmp_path / "a"), 20, 10, res=16)
+    prepare_data.prepare_shapes(str(tmp_path / "b"), 40, 10, res=16)  # other images, same shape
+    net, sha = evaluate.load_inception(inception_weights, "cpu")
+    import shutil
+    ref = str(tmp_path / "data")
+    shutil.copytree(tmp_path / "a/shapes/train", ref)
+    first = evaluate.reference(ref, net, sha, None)
+    for f in ("images.npy", "labels.npy", "meta.json"):  # other images copied over: the cache beside them is stale
+        shutil.copy(tmp_path / "b/shapes/train" / f, ref)
+    second = evaluate.reference(ref, net, sha, None)
+    assert first["count"] == 20 and second["count"] == 40 and len(second["pool"]) == 40
+    assert np.array_equal(second["mu"], evaluate.reference(ref, net, sha, None)["mu"])  # and now cached
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("where", ["early", "in a tensor", "zip directory"])
+def test_a_checkpoint_write_that_fails_anywhere_is_one_line_and_leaves_nothing(tiny_run, tmp_path, where):
+    size = os.path.getsize(os.path.join(tiny_run, "ckpt.pt"))
+    limit = {"early": 200, "in a tensor": size // 2, "zip directory": size - 300}[where]
+    (tmp_path / "ckpt.pt").write_bytes(b"previous")
+    code = (f"import sys, resource, torch; sys.path.insert(0, {ROOT!r}); import model\n"
+            f"state = torch.load({os.path.join(tiny_run, 'ckpt.pt')!r}, weights_only=True)\n"
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n"
+            f"try:\n    model.save_atomic({str(tmp_path / 'ckpt.pt')!r}, lambda f: torch.save(state, f))\n"
+            f"except OSError as e:\n    sys.exit(f'train.py: error: {{e}}')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    one_line_error(r, "train.py", "cannot write", "ckpt.pt", "unchanged")
+    assert os.listdir(tmp_path) == ["ckpt.pt"] and (tmp_path / "ckpt.pt").read_bytes() == b"previous"
+
+
+def numeric_flags(script):
+    """(flag dest, int or float, nargs) of every add_argument with type=int or float in a script's source."""
+    import ast
+    out = []
+    for node in ast.walk(ast.parse(open(os.path.join(ROOT, script)).read())):
+        kw = {k.arg: k.value for k in getattr(node, "keywords", [])}
+        if isinstance(node, ast.Call) and "type" in kw and getattr(kw["type"], "id", None) in ("int", "float"):
+            dest = kw["dest"].value if "dest" in kw else node.args[0].value[2:].replace("-", "_")
+            out.append((dest, kw["type"].id, "nargs" in kw))
+    return out
+
+
+def inside(value, spec):  # the test's own reading of an interval
+    lo, hi = (float(x) for x in spec[1:-1].split(","))
+    return (value >= lo if spec[0] == "[" else value > lo) and (value <= hi if spec[-1] == "]" else value < hi)
+
+
+SCRIPTS = {"train.py": lambda tmp, shapes: ["--data", f"{shapes}/train", "--out", f"{tmp}/r"],
+           "sample.py": lambda tmp, shapes: ["--ckpt", f"{tmp}/none", "--out", f"{tmp}/s.npz"],
+           "evaluate.py": lambda tmp, shapes: ["--samples", f"{tmp}/none.npz", "--ref", f"{tmp}/none"],
+           "prepare_data.py": lambda tmp, shapes: ["--dataset", "shapes", "--out", f"{tmp}/d"],
+           "corrupt.py": lambda tmp, shapes: ["--data", f"{tmp}/none", "--eta", "0.1", "--out", f"{tmp}/c.npz"],
+           "bench.py": lambda tmp, shapes: ["--device", "cpu"]}
+EVALUATE_COMMAND = {"feat_size": ["repro", "a", "b"], "threshold": ["repro", "a", "b"],
+                    "epochs": ["classify", "--samples", "a", "--ref", "b"]}
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_every_numeric_flag_of_every_script_is_range_checked_before_any_work(script, shapes, tmp_path):
+    mod = __import__(script[:-3])
+    flags = numeric_flags(script)
+    assert flags and {d for d, _, nargs in flags if not nargs} <= set(mod.RANGES), "a numeric flag without a range"
+    refused = 0
+    for dest, kind, nargs in flags:
+        spec = mod.RANGES.get(dest, "[1, inf)")  # bench's batch lists: every entry at least 1
+        for value in ("0", "-1", "nan", "inf"):
+            if inside(float(value), spec) and not (kind == "int" and value in ("nan", "inf")):
+                continue
+            argv = SCRIPTS[script](tmp_path, shapes)
+            if script == "evaluate.py" and dest in EVALUATE_COMMAND:
+                argv = EVALUATE_COMMAND[dest]
+            argv = argv + [f"--{dest.replace('_', '-')}", value]
+            if kind == "int" and value in ("nan", "inf"):  # not an integer: argparse's own error, naming the flag
+                with pytest.raises(SystemExit):
+                    mod.main(argv)
+            else:
+                with pytest.raises(ValueError, match=re.escape(f"--{dest.replace('_', '-')} must be in {spec}")):
+                    mod.main(argv)
+            refused += 1
+            assert not os.listdir(tmp_path), (script, dest, value)  # nothing written
+    assert refused >= 2 * len(flags)  # nan is refused everywhere, and 0 or -1 nearly everywhere
+
+
+@pytest.mark.faults
+def test_nothing_usable_is_an_error_not_an_empty_result(tmp_path, shapes):
+    import evaluate
+    src = tmp_path / "src"
+    for c in ("a", "b"):
+        (src / c).mkdir(parents=True)
+        (src / c / "x.png").write_bytes(b"not a png")
+    r = script("prepare_data.py", "--dataset", "imagefolder", "--src", src, "--out", tmp_path / "data", "--workers", 1)
+    one_line_error(r, "prepare_data.py", "none of the 2 files", "decoded as an image")
+    assert not (tmp_path / "data/src/train").exists() and not [f for f in os.listdir(tmp_path / "data/src")]
+    np.savez(tmp_path / "empty.npz", arr_0=np.zeros((0, 32, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match="holds 0 samples"):
+        evaluate.main(["--samples", str(tmp_path / "empty.npz"), "--ref", f"{shapes}/test", "--allow-small"])
+
+
+@pytest.mark.faults
+def test_a_half_written_log_line_is_dropped_on_resume(shapes16, tmp_path):
+    out = tmp_path / "run"
+    train.main(["--data", f"{shapes16}/train", *TINY, "--steps", "2", "--ckpt-every", "2", "--out", str(out)])
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 0.9')  # killed in the middle of writing a line
+    train.main(["--resume", str(out), "--steps", "3"])
+    assert [json.loads(l)["step"] for l in open(out / "log.jsonl")] == [1, 2, 3]
+
+
+@pytest.mark.faults
+def test_a_dead_rank_during_sampling_stops_the_other_in_one_line(tiny_run, tmp_path):
+    port = __import__("bench").free_port()
+    procs = []
+    for rank in (0, 1):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen([sys.executable, f"{ROOT}/sample.py", "--ckpt", tiny_run, "--num", "8",
+                                       "--shard-size", "4", "--batch", "4", "--steps", "1000", "--dist-timeout", "30",
+                                       "--out", str(tmp_path / "s.npz")], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    assert "shards to do" in procs[0].stdout.readline()  # both ranks are past the first barrier, sampling
+    procs[1].kill()
+    err = procs[0].communicate(timeout=120)[1]
+    last = err.strip().splitlines()[-1]
+    assert procs[0].returncode == 1 and "Traceback" not in err, err[-2000:]
+    assert last.startswith("sample.py: error: rank 0 lost the other ranks") and "sample.py again" in last, last
+    assert not (tmp_path / "s.npz").exists()

@@ -91,8 +91,8 @@ def test_two_process_sampling_matches_one_process(tiny_run, tmp_path):
 
 @pytest.mark.parametrize("flags,message", [
     (["--labels", "3,10"], r"--labels must be class indices in \[0, 10\)"),
-    (["--num", "0"], "at least 1"),
-    (["--ddim-eta", "2"], "--ddim-eta in"),
+    (["--num", "0"], r"--num must be in \[1, inf\)"),
+    (["--ddim-eta", "2"], r"--ddim-eta must be in \[0, 1\]"),
 ])
 def test_bad_flags(tiny_run, tmp_path, flags, message):
     with pytest.raises(ValueError, match=message):

@@ -230,13 +230,12 @@ def test_captions_file_that_does_not_match_the_images(shapes, tmp_path):
 
 def test_step_randomness_comes_from_seed_and_step_alone_for_any_rank_layout(shapes16):
     cfg, _ = train.resolve_config(train.parse_args(["--data", f"{shapes16}/train", "--preset", "tiny", *TEXT,
-                                                    "--cep", "uniform", "--batch-size", "12", "--bench", "1"]), 1)
+                                                    "--cep", "uniform", "--label-dropout", "0.5", "--batch-size", "12",
+                                                    "--bench", "1"]), 1)
     cpu = torch.device("cpu")
     data = train.load_data(cfg, cpu)
     net = model.Denoiser(**train.model_config(cfg, data, None)[0])
-    draw = lambda step, rank=0, world=1: train.draw_step(
-        step, seed=cfg.seed, batch=12, data=data, net=net, shape=(3, 16, 16), device=cpu, label_dropout=0.5, hflip=True,
-        cep="uniform", cep_gamma=1.0, crop_scale=0.7, control="phased", rank=rank, world=world)
+    draw = lambda step, rank=0, world=1: train.draw_step(step, cfg, data, net, cpu, rank, world)
     fields = lambda d: [torch.as_tensor(d.idx), d.t, d.noise, d.cond, d.flip, d.delta, *d.crop, d.ctrl]
     a, b, other = fields(draw(5)), fields(draw(5)), fields(draw(6))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
