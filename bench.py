@@ -36,21 +36,31 @@ from corrupt import check_ranges
 import train
 from model import Denoiser, Diffusion
 
-RES = {"tiny": 32, "cifar": 32, "in64": 64}
+# input size of each preset; the DiTs train on 32x32x4 latents (256x256 images through an 8x autoencoder), the
+# paper's DiT-XL/2 setting
+RES = {"tiny": 32, "cifar": 32, "in64": 64, "dit-tiny": 32, "dit-xl2": 32}
+CLASSES = {"in64": 1000, "dit-xl2": 1000}
 RANGES = dict(train_steps="[1, inf)", sample_batch="[1, inf)", sample_steps="[1, 1000]", feature_images="[0, inf)")
 HERE = os.path.dirname(os.path.abspath(__file__))
 BENCH_LINE = re.compile(r"([\d.]+) images/s, ([\d.]+) ms/step, peak memory ([\d.]+) GiB, ([\d.]+) GFLOP/image "
                         r"\(fwd\+bwd\), MFU (?:([\d.]+)%|n/a)")
 
 
-def fake_dataset(root, res, num_classes, n=4096):
+def fake_dataset(root, preset, n=4096):
+    """Random images of the preset's size, or for a DiT random KL latents (mean, std) as prepare_data writes them."""
     os.makedirs(root, exist_ok=True)
-    rng = np.random.default_rng(0)
-    np.save(os.path.join(root, "images.npy"), rng.integers(0, 256, (n, res, res, 3), dtype=np.uint8))
+    rng, res, num_classes = np.random.default_rng(0), RES[preset], CLASSES.get(preset, 10)
+    meta = dict(num_classes=num_classes, class_names=[str(i) for i in range(num_classes)], resolution=res,
+                channels=3, count=n, source="bench", source_checksum="", skipped=[])
+    if preset.startswith("dit"):
+        np.save(os.path.join(root, "latents.npy"), rng.standard_normal((n, 2, 2, 4, res, res), dtype=np.float32)
+                .astype(np.float16))
+        meta.update(channels=4, latent=dict(vae="none", cls="AutoencoderKL", sha256="", scale=0.18215, kind="kl",
+                                            shape=[2, 2, 4, res, res], image_resolution=8 * res, image_channels=3))
+    else:
+        np.save(os.path.join(root, "images.npy"), rng.integers(0, 256, (n, res, res, 3), dtype=np.uint8))
     np.save(os.path.join(root, "labels.npy"), rng.integers(0, num_classes, n))
-    json.dump(dict(num_classes=num_classes, class_names=[str(i) for i in range(num_classes)], resolution=res,
-                   channels=3, count=n, source="bench", source_checksum="", skipped=[]),
-              open(os.path.join(root, "meta.json"), "w"))
+    json.dump(meta, open(os.path.join(root, "meta.json"), "w"))
     return root
 
 
@@ -118,7 +128,7 @@ def result(proc, name):
 def bench_train(preset, batches, steps, tmp, device, baseline=None, baseline_batches=(), extra=True):
     """{(batch, variant): figures}: every variant compiles at once (GPU), then each is timed alone. The first batch
     also times the defaults without CUDA graphs and in NHWC."""
-    data = fake_dataset(os.path.join(tmp, preset), RES[preset], 1000 if preset == "in64" else 10)
+    data = fake_dataset(os.path.join(tmp, preset), preset)
     variants = {"fast": ([], False), "eager fp32": (["--no-compile", "--no-bf16"], False), "DDP world 1": ([], True)}
     runs = {}
     for batch in batches:
@@ -147,7 +157,7 @@ def bench_train(preset, batches, steps, tmp, device, baseline=None, baseline_bat
 def profile_train(preset, batch, tmp, device, top=15):
     """The CUDA kernels of 20 steps of the default training path, by total time, and GPU time per step."""
     from torch.profiler import ProfilerActivity, profile
-    data = fake_dataset(os.path.join(tmp, preset), RES[preset], 1000 if preset == "in64" else 10)
+    data = fake_dataset(os.path.join(tmp, preset), preset)
     argv = ["--data", data, "--preset", preset, "--batch-size", str(batch), "--device", device.type]
     train.main(argv + ["--bench", "3"])  # compile outside the profile (the cache serves the run below)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -162,8 +172,8 @@ def profile_train(preset, batch, tmp, device, top=15):
 
 
 def bench_sample(preset, batch, device, steps=50):
-    classes = 1000 if preset == "in64" else 10
-    net = Denoiser(classes, RES[preset], 3, preset).to(device).eval().requires_grad_(False)
+    classes, ch = CLASSES.get(preset, 10), 4 if preset.startswith("dit") else 3  # DiT: latents, not decoded
+    net = Denoiser(classes, RES[preset], ch, preset).to(device).eval().requires_grad_(False)
     diffusion = Diffusion().to(device)
     idx = np.arange(batch)
     c = torch.from_numpy(idx % classes)
@@ -171,7 +181,7 @@ def bench_sample(preset, batch, device, steps=50):
     out = {}
     for name, fwd, bf16 in [("fast", torch.compile(net) if fast else net, fast), ("eager", net, False)]:
         torch._dynamo.reset()
-        dt = timed(lambda: model.generate(fwd, diffusion, idx, c, None, 0, (3, RES[preset], RES[preset]), device,
+        dt = timed(lambda: model.generate(fwd, diffusion, idx, c, None, 0, (ch, RES[preset], RES[preset]), device,
                                            bf16, "ddim", steps, cfg_scale=1.5), device, warmup=1, reps=2)
         out[name] = batch / dt
     return out

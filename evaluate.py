@@ -608,7 +608,7 @@ def collect(run_dirs):
             n = cfg["train"].get("subset") or cfg["data"]["count"]
             rp = json.load(open(os.path.join(d, "repro.json")))["rp_score"] if has("repro.json") else None
             study.append(dict(run=run, images=n, log2n=float(np.log2(n)), seed=cfg["train"]["seed"], rp=rp,
-                              width=cfg["model"].get("ch", PRESETS[cfg["model"]["preset"]]["ch"]),
+                              width=cfg["model"].get("ch", PRESETS.get(cfg["model"]["preset"], {}).get("ch")),
                               gl=m["generalization_score"], features=m["features"]))
         if not has("metrics.json") and not has("memorization.json"):
             print(f"skipping {d}: no metrics.json or memorization.json", file=sys.stderr)

@@ -30,6 +30,10 @@ PRESETS = {
     # ADM's ImageNet 64x64 UNet (Dhariwal & Nichol, Table 14), with conv resampling.
     "in64": dict(ch=192, ch_mult=(1, 2, 3, 4), num_res_blocks=3, attn_res=(32, 16, 8), dropout=0.1, head_ch=64,
                  scale_shift=True),
+    # LDM-4 on 64x64x3 VQ-f4 latents (Chen et al. Table 3; CompVis cin256-v2): one attention head, the class through
+    # cross-attention on a 512-wide embedding as LDM (class_ctx; 0 sends it through c_vec), LDM's schedule.
+    "ldm4": dict(ch=192, ch_mult=(1, 2, 3, 5), num_res_blocks=2, attn_res=(32, 16, 8), dropout=0.0, head_ch=None,
+                 scale_shift=False, ff=True, class_ctx=512, schedule="scaled_linear"),
 }
 T = 1000  # diffusion timesteps of every schedule here: the network's time input and the control phase-in span [0, T)
 
@@ -75,9 +79,13 @@ class ResBlock(nn.Module):
 class Attention(nn.Module):
     """Self-attention over the pixels, then (if ctx_dim) cross-attention from the pixels to the condition tokens."""
 
-    def __init__(self, ch, head_ch, ctx_dim=None):
+    def __init__(self, ch, head_ch, ctx_dim=None, ff=False):
         super().__init__()
-        self.heads = max(1, ch // head_ch)
+        self.ff = ff
+        if ff:  # LDM's transformer block ends in a feed-forward layer (GEGLU, 4x wide)
+            self.norm_ff, self.ff_in = norm(ch), nn.Conv2d(ch, 8 * ch, 1)
+            self.ff_out = zero_init(nn.Conv2d(4 * ch, ch, 1))
+        self.heads = max(1, ch // head_ch) if head_ch else 1
         self.norm, self.qkv, self.proj = norm(ch), nn.Conv2d(ch, 3 * ch, 1), zero_init(nn.Conv2d(ch, ch, 1))
         self.cross = bool(ctx_dim)
         if self.cross:
@@ -99,16 +107,19 @@ class Attention(nn.Module):
             q = rearrange(self.q_x(self.norm_x(x)), "b (h d) y x -> b h (y x) d", h=self.heads)
             k, v = rearrange(self.kv_x(tokens).to(q.dtype), "b l (n h d) -> n b h l d", n=2, h=self.heads)
             x = x + self.proj_x(self._attend(q, k, v, hw))
+        if self.ff:
+            a, gate = self.ff_in(self.norm_ff(x)).chunk(2, 1)
+            x = x + self.ff_out(a * F.gelu(gate))
         return x
 
 
 class Level(nn.Module):
     """One ResBlock, optionally followed by attention."""
 
-    def __init__(self, cin, cout, emb_dim, dropout, scale_shift, attn, head_ch, ctx_dim):
+    def __init__(self, cin, cout, emb_dim, dropout, scale_shift, attn, head_ch, ctx_dim, ff):
         super().__init__()
         self.res = ResBlock(cin, cout, emb_dim, dropout, scale_shift)
-        self.attn = Attention(cout, head_ch, ctx_dim) if attn else None
+        self.attn = Attention(cout, head_ch, ctx_dim, ff) if attn else None
 
     def forward(self, h, emb, tokens):
         h = self.res(h, emb)
@@ -135,14 +146,15 @@ class Upsample(nn.Module):
 
 class UNet(nn.Module):
     def __init__(self, resolution=32, in_ch=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=(16,),
-                 dropout=0.1, head_ch=64, scale_shift=True, ctx_dim=None, out_ch=None):
+                 dropout=0.1, head_ch=64, scale_shift=True, ctx_dim=None, out_ch=None, ff=False):
         super().__init__()
         self.ch, self.emb_dim = ch, 4 * ch
         if resolution % 2 ** (len(ch_mult) - 1):
             raise ValueError(f"resolution {resolution} is not divisible by 2^{len(ch_mult) - 1} for this preset")
         self.time_mlp = nn.Sequential(nn.Linear(ch, self.emb_dim), nn.SiLU(), nn.Linear(self.emb_dim, self.emb_dim))
         self.conv_in = nn.Conv2d(in_ch, ch, 3, padding=1)
-        blk = dict(emb_dim=self.emb_dim, dropout=dropout, scale_shift=scale_shift, head_ch=head_ch, ctx_dim=ctx_dim)
+        blk = dict(emb_dim=self.emb_dim, dropout=dropout, scale_shift=scale_shift, head_ch=head_ch, ctx_dim=ctx_dim,
+                   ff=ff)
         self.down, skips, cur, res = nn.ModuleList(), [ch], ch, resolution
         for i, m in enumerate(ch_mult):
             for _ in range(num_res_blocks):
@@ -181,6 +193,82 @@ class UNet(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
+# ----------------------------------------------------------------------------- DiT (Peebles & Xie 2023)
+
+# depth, width, heads, patch; DiT's S/2, B/2, L/2, XL/2 (Table 1) and a CPU-sized one
+DIT_PRESETS = {"dit-tiny": (4, 128, 4, 2), "dit-s2": (12, 384, 6, 2), "dit-b2": (12, 768, 12, 2),
+               "dit-l2": (24, 1024, 16, 2), "dit-xl2": (28, 1152, 16, 2)}
+
+
+def sincos_2d(dim, grid):
+    """DiT's fixed 2-D sin-cos position embedding [grid * grid, dim]: half the channels for each axis."""
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                            indexing="ij")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    emb = [f(p.reshape(-1, 1) * omega) for p in (xs, ys) for f in (torch.sin, torch.cos)]
+    return torch.cat(emb, 1).float()
+
+
+def attend(q_in, kv_in, heads, q, kv, proj):
+    """Multi-head attention of q_in's tokens to kv_in's [B, L, D] through SDPA (flash on a GPU)."""
+    qh = rearrange(q(q_in), "b l (h d) -> b h l d", h=heads)
+    k, v = rearrange(kv(kv_in).to(qh.dtype), "b l (n h d) -> n b h l d", n=2, h=heads)
+    return proj(rearrange(F.scaled_dot_product_attention(qh, k, v), "b h l d -> b l (h d)"))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero: LayerNorms without affine, modulated by shift, scale and gate vectors regressed from the
+    conditioning vector c, the gates zero-initialised so that a fresh block is the identity; self-attention, then
+    (ctx_dim) cross-attention to the condition tokens (PixArt-alpha), then the MLP."""
+
+    def __init__(self, dim, heads, ctx_dim=None):
+        super().__init__()
+        self.heads, self.cross = heads, bool(ctx_dim)
+        self.norm1, self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6), nn.LayerNorm(dim, 1e-6, False)
+        self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim))
+        self.ada = zero_init(nn.Linear(dim, 6 * dim))
+        if self.cross:
+            self.norm_x, self.q_x, self.proj_x = nn.LayerNorm(dim), nn.Linear(dim, dim), zero_init(nn.Linear(dim, dim))
+            self.kv_x = nn.Linear(ctx_dim, 2 * dim)
+
+    def forward(self, x, c, tokens=None):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(F.silu(c))[:, None].chunk(6, 2)
+        h = self.norm1(x) * (1 + scale1) + shift1
+        x = x + gate1 * attend(h, h, self.heads, self.q, self.kv, self.proj)
+        if tokens is not None and self.cross:
+            x = x + attend(self.norm_x(x), tokens, self.heads, self.q_x, self.kv_x, self.proj_x)
+        return x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)
+
+
+class DiT(nn.Module):
+    """Patchify, fixed sin-cos positions, adaLN-Zero blocks, final adaLN layer, unpatchify. The same interface as
+    UNet: (x, t, c_vec, c_tokens). Epsilon (or v) only: DiT's learned variance is not trained (see README)."""
+
+    def __init__(self, resolution, in_ch, depth, dim, heads, patch, ctx_dim=None):
+        super().__init__()
+        if resolution % patch:
+            raise ValueError(f"patch size {patch} does not divide the {resolution}x{resolution} input: pick another "
+                             f"preset or resolution")
+        self.patch, self.grid, self.emb_dim, self.ch = patch, resolution // patch, dim, 256
+        self.x_embed = nn.Conv2d(in_ch, dim, patch, stride=patch)
+        self.register_buffer("pos", sincos_2d(dim, self.grid), persistent=False)  # recomputed for any grid
+        self.time_mlp = nn.Sequential(nn.Linear(256, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.blocks = nn.ModuleList(DiTBlock(dim, heads, ctx_dim) for _ in range(depth))
+        self.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.ada_out, self.out = zero_init(nn.Linear(dim, 2 * dim)), zero_init(nn.Linear(dim, patch * patch * in_ch))
+
+    def forward(self, x, t, c_vec=None, c_tokens=None):
+        c = self.time_mlp(timestep_embedding(t, 256))
+        c = c if c_vec is None else c + c_vec
+        h = rearrange(self.x_embed(x), "b d y x -> b (y x) d") + self.pos.to(x.dtype)
+        for block in self.blocks:
+            h = block(h, c, c_tokens)
+        shift, scale = self.ada_out(F.silu(c))[:, None].chunk(2, 2)
+        h = self.out(self.norm_out(h) * (1 + scale) + shift)
+        return rearrange(h, "b (y x) (p q c) -> b c (y p) (x q)", y=self.grid, p=self.patch, q=self.patch)
+
+
 # ----------------------------------------------------------------------------- conditions
 
 class ClassEmbedder(nn.Module):
@@ -196,7 +284,7 @@ class ClassEmbedder(nn.Module):
 
 
 CLS, PAD = 256, 257  # byte tokens 0..255, a summary token that starts every caption, padding
-TEXT_PRESETS = {"tiny": (64, 2), "cifar": (256, 4), "in64": (384, 6)}  # (width, layers) of the text encoder
+TEXT_PRESETS = {"tiny": (64, 2), "dit-tiny": (64, 2), "cifar": (256, 4)}  # (width, layers) of the text encoder
 
 
 def tokenize(captions, max_len):
@@ -315,29 +403,49 @@ class Denoiser(nn.Module):
                  text_layers=None, max_len=64, ext_dim=None, replicate_pad=True, pad_noise=0.1, control=None,
                  **overrides):
         super().__init__()
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
-        cfg = {**PRESETS[preset], **overrides}
+        if preset not in PRESETS and preset not in DIT_PRESETS:
+            raise ValueError(f"unknown preset {preset!r}: choose from {', '.join([*PRESETS, *DIT_PRESETS])}")
+        if preset in DIT_PRESETS and set(overrides) - {"class_ctx"}:
+            raise ValueError(f"--channels and --dropout set a UNet ({', '.join(sorted(overrides))}); a DiT preset "
+                             f"takes neither")
+        cfg = {**PRESETS.get(preset, {}), **overrides}
+        cfg.pop("schedule", None)
+        class_ctx = cfg.pop("class_ctx", None)
+        self.class_ctx = class_ctx if cond == "class" else None
+        if self.class_ctx:
+            cfg["ctx_dim"] = self.class_ctx
         self.num_classes, self.cond, self.resolution = num_classes, cond, resolution
         self.pad_noise, self.control_mode = pad_noise, control
         if cond == "text":
-            text_dim, text_layers = text_dim or TEXT_PRESETS[preset][0], text_layers or TEXT_PRESETS[preset][1]
+            text_dim = text_dim or TEXT_PRESETS.get(preset, (384, 6))[0]
+            text_layers = text_layers or TEXT_PRESETS.get(preset, (384, 6))[1]
             cfg["ctx_dim"] = text_dim
-        self.unet = UNet(resolution=resolution, in_ch=channels, **cfg)
-        if cond == "class":
-            self.label_embed = ClassEmbedder(num_classes, self.unet.emb_dim)
+        if preset in DIT_PRESETS:
+            self.dit = DiT(resolution, channels, *DIT_PRESETS[preset], ctx_dim=cfg.get("ctx_dim"))
         else:
-            self.text = TextEncoder(text_dim, text_layers, max_len, self.unet.emb_dim, ext_dim, replicate_pad)
+            self.unet = UNet(resolution=resolution, in_ch=channels, **cfg)
+        emb_dim = self.backbone.emb_dim
+        if cond == "class":
+            self.label_embed = ClassEmbedder(num_classes, self.class_ctx or emb_dim)
+        else:
+            self.text = TextEncoder(text_dim, text_layers, max_len, emb_dim, ext_dim, replicate_pad)
         if control:
-            self.control = ControlEmbedder(self.unet.emb_dim)
+            self.control = ControlEmbedder(emb_dim)
+
+    @property
+    def backbone(self):
+        return self.dit if hasattr(self, "dit") else self.unet
 
     def forward(self, x, t, c, cond_delta=None, ctrl=None):
         c_vec, c_tokens = (self.label_embed(c, cond_delta), None) if self.cond == "class" else self.text(c, cond_delta)
+        if self.class_ctx:  # the class as one token that cross-attention reads (LDM), not in the time embedding
+            c_vec, c_tokens = None, c_vec[:, None]
         if self.control_mode:
             e = self.control(neutral_control(len(x), self.resolution, device=x.device) if ctrl is None else ctrl)
             # "phased": Berrada et al.'s phase-in, control acts mostly at low noise; "sum": the baseline
-            c_vec = c_vec + (e * control_weight(t)[:, None] if self.control_mode == "phased" else e)
-        return self.unet(x, t, c_vec=c_vec, c_tokens=c_tokens)
+            e = e * control_weight(t)[:, None] if self.control_mode == "phased" else e
+            c_vec = e if c_vec is None else c_vec + e
+        return self.backbone(x, t, c_vec=c_vec, c_tokens=c_tokens)
 
     def null_cond(self, c):
         """The null condition of classifier-free guidance, shaped like c."""
@@ -353,7 +461,8 @@ class Denoiser(nn.Module):
         """Training-time noise on the condition embedding of a (global) batch: CEP's delta (Chen et al. Eq. 8: every
         embedding, the null condition included) and, for captions, the replicate-padding noise on the padding."""
         if self.cond == "class":
-            return None if cep == "none" else cep_delta(cep, gamma, (len(c), self.unet.emb_dim), generator, c.device)
+            dim = self.label_embed.embed.embedding_dim
+            return None if cep == "none" else cep_delta(cep, gamma, (len(c), dim), generator, c.device)
         shape = (len(c), c.shape[1] + 1, self.text.dim)  # every token, then the pooled vector
         delta = torch.zeros(shape, device=c.device) if cep == "none" else cep_delta(cep, gamma, shape, generator,
                                                                                     c.device)
@@ -366,14 +475,16 @@ class Denoiser(nn.Module):
 # ----------------------------------------------------------------------------- diffusion
 
 def make_betas(schedule, T, shift=1.0):
-    if schedule == "linear":  # Ho et al. 2020; Chen et al. Table 3
+    if schedule == "linear":  # Ho et al. 2020; Chen et al. Table 3; DiT
         betas = np.linspace(1e-4, 0.02, T, dtype=np.float64)
+    elif schedule == "scaled_linear":  # LDM's "linear" (diffusers: scaled_linear): linear in sqrt(beta)
+        betas = np.linspace(0.0015 ** 0.5, 0.0195 ** 0.5, T, dtype=np.float64) ** 2
     elif schedule == "cosine":  # Nichol & Dhariwal 2021, Eq. 17, s = 0.008, betas clipped at 0.999
         f = lambda t: np.cos((t / T + 0.008) / 1.008 * np.pi / 2) ** 2
         t = np.arange(T, dtype=np.float64)
         betas = np.minimum(1 - f(t + 1) / f(t), 0.999)
     else:
-        raise ValueError(f"unknown schedule {schedule!r}: use linear or cosine")
+        raise ValueError(f"unknown schedule {schedule!r}: use linear, scaled_linear or cosine")
     if shift != 1.0:  # SNR(t) / shift^2 for an image shift x larger (Hoogeboom et al. 2023; train.py --init-from)
         ac = np.cumprod(1 - betas)
         ac = ac / (ac + shift ** 2 * (1 - ac))
@@ -382,10 +493,10 @@ def make_betas(schedule, T, shift=1.0):
 
 
 class Diffusion:
-    def __init__(self, schedule="linear", T=T, prediction="eps", shift=1.0):
+    def __init__(self, schedule="linear", T=T, prediction="eps", shift=1.0, clip=True):
         if prediction not in ("eps", "v"):
             raise ValueError(f"unknown prediction {prediction!r}: use eps or v")
-        self.T, self.prediction = T, prediction
+        self.T, self.prediction, self.clip = T, prediction, clip  # clip: x0 in the data range [-1, 1] (not latents)
         betas = make_betas(schedule, T, shift)
         ac = np.cumprod(1.0 - betas)
         # float32 tensors indexed by integer t in [0, T); .to(device) once, so no step copies them
@@ -431,12 +542,12 @@ class Diffusion:
         return (i - 1 + (x - ls[i - 1]) / (ls[i] - ls[i - 1])).squeeze(0)
 
     def denoiser(self, model_fn):
-        """D(x, sigma): the network's output turned into x0, clipped to the data range [-1, 1]."""
+        """D(x, sigma): the network's output turned into x0, clipped to the data range [-1, 1] unless latent."""
         def D(x, sigma):
             c_in = 1 / math.sqrt(1 + sigma ** 2)  # sqrt(alphas_cumprod): x_t = c_in * x
             out = model_fn(x * c_in, self.t_of(sigma).expand(len(x))).float()
             x0 = x - sigma * out if self.prediction == "eps" else c_in ** 2 * x - sigma * c_in * out
-            return x0.clamp(-1, 1)
+            return x0.clamp(-1, 1) if self.clip else x0
         return D
 
     def ddim_timesteps(self, steps):
@@ -535,16 +646,16 @@ def guided(model, c, cfg_scale, ctrl=None):
 
 
 def generate(net, diffusion, idx, c, ctrl, seed, shape, device, use_bf16, sampler="ddim", steps=50, eta=0.0,
-             spacing="time", cfg_scale=1.0):
+             spacing="time", cfg_scale=1.0, decode=None):
     """Samples for global indices idx with conditions c and control metadata ctrl [1, 7] or None -> uint8
-    [b, H, W, C]; sample i's noise depends only on (seed, i)."""
+    [b, H, W, C]; sample i's noise depends only on (seed, i). decode: latents -> images (latent_decoder)."""
     x = to_device(sample_noise(seed, idx, shape), device)
     noise_fn = lambda k: to_device(sample_noise(seed, idx, shape, step=k), device)
     ctrl = None if ctrl is None else ctrl.to(device).expand(len(idx), -1)
     model_fn = guided(net, to_device(c, device), cfg_scale, ctrl)
     with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
         x = diffusion.sample(model_fn, x, sampler, steps, eta, noise_fn, spacing)
-    return to_uint8(x)
+        return to_uint8(x if decode is None else decode(x))
 
 
 def sample_noise(seed, indices, shape, step=None):
@@ -636,6 +747,51 @@ def save_grid(path, images, nrow, captions=None):
     for r, caption in enumerate(captions or []):
         ImageDraw.Draw(img).text((2, r * rh + h), caption[:ncol * w // 6], fill=255 if c == 1 else (255, 255, 255))
     save_atomic(path, lambda f: img.save(f, "PNG"))
+
+
+# ----------------------------------------------------------------------------- autoencoders (the latent path)
+
+def load_autoencoder(spec, device="cpu"):
+    """--vae: a hub id or a folder in diffusers' format, "ID:subfolder" for a subfolder (e.g.
+    CompVis/ldm-celebahq-256:vqvae); an AutoencoderKL or a VQModel, told apart by its config. -> (module, info:
+    vae, class, sha256 of its config and weights, scaling factor from its config)."""
+    try:
+        import diffusers
+    except ImportError:
+        raise ValueError("the latent path needs diffusers: pip install -r requirements-latent.txt") from None
+    path, sub = spec.rsplit(":", 1) if ":" in spec and not os.path.exists(spec) else (spec, None)
+    try:
+        config = diffusers.AutoencoderKL.load_config(path, subfolder=sub)
+        cls = {"AutoencoderKL": diffusers.AutoencoderKL, "VQModel": diffusers.VQModel}.get(config.get("_class_name"))
+        if cls is None:
+            raise ValueError(f"a {config.get('_class_name')}, not an AutoencoderKL or a VQModel")
+        ae = cls.from_pretrained(path, subfolder=sub, low_cpu_mem_usage=False).to(device).eval().requires_grad_(False)
+    except Exception as e:  # diffusers and the hub raise many kinds: no network, no such folder, bad files
+        raise ValueError(f"cannot load the autoencoder {spec} ({type(e).__name__}: {str(e).strip()[:150]}): give a "
+                         f"folder in diffusers' format or a hub id reachable from here") from None
+    public = {k: v for k, v in dict(ae.config).items() if not k.startswith("_")}
+    sha = hashlib.sha256((json.dumps(public, sort_keys=True, default=str) + weights_hash(ae.state_dict())).encode())
+    return ae, dict(vae=os.path.abspath(spec) if os.path.isdir(spec) else spec, cls=config["_class_name"],
+                    sha256=sha.hexdigest(), scaling_factor=float(ae.config.get("scaling_factor") or 1.0))
+
+
+def ae_encode(ae, x):
+    """Images in [-1, 1] -> [B, K, C, h, w]: an AutoencoderKL's posterior mean and std (K = 2: training draws a fresh
+    latent each step, as EDM2), a VQModel's latent before quantization (K = 1: LDM's VQ decoder quantizes)."""
+    if hasattr(ae, "quantize"):
+        return ae.encode(x).latents[:, None]
+    d = ae.encode(x).latent_dist
+    return torch.stack([d.mean, d.std], 1)
+
+
+def latent_decoder(latent, vae=None, device="cpu"):
+    """z (scaled latents) -> images in [-1, 1], with the autoencoder a latent dataset was made with (its record:
+    meta.json's `latent`); vae: where that autoencoder lives now. Another autoencoder is refused."""
+    ae, info = load_autoencoder(vae or latent["vae"], device)
+    if info["sha256"] != latent["sha256"]:
+        raise ValueError(f"the autoencoder {vae or latent['vae']} is not the one these latents were made with (sha256 "
+                         f"{info['sha256'][:12]} vs {latent['sha256'][:12]}): give --vae PATH where that one lives")
+    return lambda z: ae.decode(z.float() / latent["scale"]).sample
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -5,6 +5,13 @@ and where there are captions captions.jsonl (line i: the caption, or a list of c
     python prepare_data.py --dataset cifar10 [--archive PATH]    # official tarball, md5-checked
     python prepare_data.py --dataset imagefolder --src DIR --resolution 64 --split train   # ImageNet layout
     python prepare_data.py --dataset imagefolder --src DIR --captions captions.tsv --name cc3m   # image-text pairs
+    python prepare_data.py --dataset latents --src data/in256/train --vae stabilityai/sd-vae-ft-ema   # latents
+    torchrun --nproc_per_node=8 prepare_data.py --dataset latents ...         # encoding sharded over GPUs
+
+A latent dataset folder holds latents.npy (float16 [N, 2, K, C, h, w]: the autoencoder's output for each image and
+for its mirror; K = 2, the posterior's mean and std, for an AutoencoderKL, K = 1 for a VQModel) in place of
+images.npy, and meta.json records the autoencoder (see README "File formats"); the latent path needs diffusers
+(requirements-latent.txt).
 
 Output: DIR/NAME/SPLIT/ under --out (default data/), written to a temp folder and renamed when complete.
 """
@@ -18,6 +25,7 @@ import pickle
 import shutil
 import sys
 import tarfile
+import time
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -25,7 +33,7 @@ from tqdm import tqdm
 
 from corrupt import check_ranges
 
-RANGES = dict(resolution="[8, 1024]", workers="[1, inf)", count="[10, inf)")  # count: one image per class
+RANGES = dict(resolution="[8, 1024]", workers="[1, inf)", count="[10, inf)", vae_scale="(0, inf)", batch="[1, inf)")
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -34,16 +42,17 @@ IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
 # ----------------------------------------------------------------------------- writing a split
 
-def write_split(out_dir, images, labels, meta, captions=None, sizes=None):
-    """Write images.npy, labels.npy, meta.json [, captions.jsonl, sizes.npy] atomically (a temp folder renamed)."""
+def write_split(out_dir, images, labels, meta, captions=None, sizes=None, array="images.npy"):
+    """Write images.npy (or latents.npy), labels.npy, meta.json [, captions.jsonl, sizes.npy] atomically (a temp
+    folder renamed)."""
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
         if isinstance(images, str):  # already a .npy file on disk (imagefolder): move it in
-            os.replace(images, os.path.join(tmp, "images.npy"))
+            os.replace(images, os.path.join(tmp, array))
         else:
-            np.save(os.path.join(tmp, "images.npy"), np.ascontiguousarray(images, dtype=np.uint8))
+            np.save(os.path.join(tmp, array), np.ascontiguousarray(images, dtype=np.uint8))
         np.save(os.path.join(tmp, "labels.npy"), np.asarray(labels, dtype=np.int64))
         if captions is not None:
             with open(os.path.join(tmp, "captions.jsonl"), "w", encoding="utf-8") as f:
@@ -58,7 +67,8 @@ def write_split(out_dir, images, labels, meta, captions=None, sizes=None):
                       f"again") from None
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
-    print(f"wrote {out_dir}: {meta['count']} images {meta['resolution']}x{meta['resolution']}x{meta['channels']}, "
+    print(f"wrote {out_dir}: {meta['count']} {'latents' if 'latent' in meta else 'images'} "
+          f"{meta['resolution']}x{meta['resolution']}x{meta['channels']}, "
           f"{meta['num_classes']} classes" + (", captions" if captions is not None else ""))
 
 
@@ -313,16 +323,97 @@ def prepare_imagefolder(src, out, name, split, res, workers, captions_file=None)
     write_split(out_dir, tmp_path, labels, meta, None if captions is None else [captions[k] for k in kept], sizes)
 
 
+# ----------------------------------------------------------------------------- latents
+
+def prepare_latents(src, out, name, split, vae, scale=None, batch=64, shard_size=4096):
+    """Encode a dataset folder of images once with an autoencoder (the image and its mirror: flipping a latent is not
+    encoding a flipped image), in shards keyed by the autoencoder's and the images' hashes (a killed run resumes;
+    under torchrun each rank encodes its shards), bf16 on a GPU."""
+    import torch
+    from model import ae_encode, distributed, load_autoencoder, peers, save_atomic, setup_device
+    if not all(os.path.isfile(os.path.join(src, f)) for f in ("images.npy", "labels.npy", "meta.json")):
+        raise FileNotFoundError(f"--src {src} is not a dataset folder of images (images.npy, labels.npy, meta.json)")
+    meta, images = json.load(open(os.path.join(src, "meta.json"))), np.load(os.path.join(src, "images.npy"), "r")
+    out_dir = os.path.join(out, name, split)
+    with distributed("auto", 1800) as (ddp, rank, world, local_rank):
+        device, _, bf16 = setup_device("auto", local_rank)
+        ae, info = load_autoencoder(vae, device)
+        scale = info["scaling_factor"] if scale is None else scale
+        if rank == 0:
+            print(f"{info['cls']} {vae}: scaling factor {scale:g}" + (" (from its config; diffusers' VQModel configs "
+                  "carry 0.18215 where LDM uses 1.0: --vae-scale 1)" if info["cls"] == "VQModel" and scale != 1
+                  else ""))
+        key = hashlib.sha256(json.dumps([info["sha256"], meta.get("source_checksum"), list(images.shape),
+                                         bf16]).encode()).hexdigest()[:12]
+        shard_dir, n_shards = f"{out_dir}.shards-{key}", -(-len(images) // shard_size)
+        shard = lambda s: os.path.join(shard_dir, f"{s:06d}.npy")
+        os.makedirs(shard_dir, exist_ok=True)
+        todo = [s for s in range(n_shards) if not os.path.exists(shard(s))][rank::world]
+        bar = tqdm(total=sum(min(shard_size, len(images) - s * shard_size) for s in todo), unit="img",
+                   disable=rank != 0, desc="encoding")
+        t0 = time.perf_counter()
+        for s in todo:
+            parts = []
+            for b in range(s * shard_size, min((s + 1) * shard_size, len(images)), batch):
+                x = torch.from_numpy(np.array(images[b:min(b + batch, (s + 1) * shard_size)])).to(device)
+                x = (x.permute(0, 3, 1, 2).float() / 127.5 - 1).expand(-1, 3, -1, -1)
+                with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+                    z = ae_encode(ae, torch.cat([x, x.flip(3)])).float()
+                parts.append(torch.stack(z.chunk(2), 1).cpu().numpy().astype(np.float16))
+                bar.update(len(x))
+            save_atomic(shard(s), lambda f: np.save(f, np.concatenate(parts)))
+        bar.close()
+        if todo:
+            print(f"rank {rank}: {bar.n} images in {time.perf_counter() - t0:.1f} s, "
+                  f"{bar.n / (time.perf_counter() - t0):.1f} images/s on {device}")
+        if ddp:
+            with peers(rank, then="run it again: the shards it finished are kept"):
+                torch.distributed.barrier()
+        if rank == 0:
+            assemble_latents(src, out_dir, meta, [shard(s) for s in range(n_shards)], info, scale)
+            shutil.rmtree(shard_dir)
+
+
+def assemble_latents(src, out_dir, meta, shards, info, scale):
+    """The shards -> latents.npy, and the source's labels, captions and sizes beside it."""
+    first = np.load(shards[0], mmap_mode="r")
+    tmp_path = out_dir.rstrip("/") + ".latents.tmp.npy"
+    arr = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.float16, shape=(meta["count"],) + first.shape[1:])
+    n = 0
+    for path in shards:
+        part = np.load(path)
+        arr[n:n + len(part)] = part
+        n += len(part)
+    arr.flush()
+    del arr
+    cap = os.path.join(src, "captions.jsonl")
+    captions = [json.loads(l) for l in open(cap, encoding="utf-8")] if os.path.isfile(cap) else None
+    sizes = np.load(os.path.join(src, "sizes.npy")) if os.path.isfile(os.path.join(src, "sizes.npy")) else None
+    _, _, k, c, h, _ = first.shape
+    latent = dict(vae=info["vae"], cls=info["cls"], sha256=info["sha256"], scale=scale, kind="kl" if k == 2 else "vq",
+                  shape=list(first.shape[1:]), image_resolution=meta["resolution"], image_channels=meta["channels"])
+    # a resumed run checks count and checksum: the checksum covers the autoencoder and the scale too
+    checksum = f"{meta.get('source_checksum')}|{info['sha256'][:16]}|{scale:g}"
+    write_split(out_dir, tmp_path, np.load(os.path.join(src, "labels.npy")),
+                dict(meta, resolution=h, channels=c, source=os.path.abspath(src), source_checksum=checksum,
+                     latent=latent), captions, sizes, array="latents.npy")
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", required=True, choices=["shapes", "cifar10", "imagefolder"])
+    p.add_argument("--dataset", required=True, choices=["shapes", "cifar10", "imagefolder", "latents"])
     p.add_argument("--out", default="data", help="root of the dataset folders")
     p.add_argument("--archive", help="cifar10: a cifar-10-python.tar.gz already on disk")
-    p.add_argument("--src", help="imagefolder: folder with one sub-folder of images per class")
-    p.add_argument("--name", help="imagefolder: dataset name under --out (default: the folder's name)")
-    p.add_argument("--split", default="train", help="imagefolder: split name to write")
+    p.add_argument("--src", help="imagefolder: folder with one sub-folder of images per class; latents: a dataset "
+                                 "folder of images")
+    p.add_argument("--name", help="imagefolder: dataset name under --out (default: the folder's name); latents: "
+                                  "(default: the source dataset's name + -latents)")
+    p.add_argument("--split", help="split name to write (default: train; latents: the source's)")
+    p.add_argument("--vae", help="latents: autoencoder, a hub id or a folder in diffusers' format (ID:subfolder)")
+    p.add_argument("--vae-scale", type=float, help="latents: scaling factor (default: the autoencoder config's)")
+    p.add_argument("--batch", type=int, default=64, help="latents: images per encoder batch")
     p.add_argument("--captions", help="imagefolder: JSONL or TSV of (image path relative to --src, caption)")
     p.add_argument("--resolution", type=int, default=64, help="imagefolder: output size")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="imagefolder: decoding processes")
@@ -333,11 +424,17 @@ def main(argv=None):
         prepare_shapes(a.out, a.count, max(10, a.count // 5))
     elif a.dataset == "cifar10":
         prepare_cifar10(a.out, a.archive)
+    elif a.dataset == "latents":
+        if not a.src or not a.vae:
+            raise ValueError("--dataset latents needs --src DATASET_FOLDER and --vae AUTOENCODER")
+        src = os.path.normpath(a.src)
+        prepare_latents(src, a.out, a.name or os.path.basename(os.path.dirname(os.path.abspath(src))) + "-latents",
+                        a.split or os.path.basename(src), a.vae, a.vae_scale, a.batch)
     else:
         if not a.src:
             raise ValueError("--dataset imagefolder needs --src DIR (one sub-folder per class)")
         name = a.name or os.path.basename(os.path.normpath(a.src))
-        prepare_imagefolder(a.src, a.out, name, a.split, a.resolution, a.workers, a.captions)
+        prepare_imagefolder(a.src, a.out, name, a.split or "train", a.resolution, a.workers, a.captions)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from corrupt import check_ranges
-from model import (T, build, ckpt_path, distributed, generate, load_checkpoint, load_weights, neutral_control, peers,
-                   save_atomic, save_grid, save_npz, setup_device, tokenize, weights_hash)
+from model import (T, build, ckpt_path, distributed, generate, latent_decoder, load_checkpoint, load_weights,
+                   neutral_control, peers, save_atomic, save_grid, save_npz, setup_device, tokenize, weights_hash)
 
 
 RERUN = "run sample.py again: the shards it finished are kept"
@@ -59,6 +59,7 @@ def get_parser():
     a("--ctrl-crop", default="0,0,1,1", help="control models: crop box top,left,height,width (fractions)")
     a("--ctrl-size", help="control models: original size H,W (default: the training set's median)")
     a("--ctrl-flip", action="store_true", help="control models: condition on a flipped image")
+    a("--vae", help="latent models: where the autoencoder recorded in the checkpoint lives now (its hash is checked)")
     a("--weights", default="ema", choices=["ema", "model"], help="EMA (default) or raw weights")
     a("--batch", type=int, help="per-process batch (default: 500 on a GPU, 32 on the CPU)")
     a("--shard-size", type=int, default=1000, help="samples per resumable shard")
@@ -170,6 +171,8 @@ def run(args, ddp, rank, world, local_rank):
     shape = (m["channels"], m["resolution"], m["resolution"])
     cond, stored, captions = conditions(args, m, args.num)
     ctrl = control(args, m, cfg.get("data", {}))
+    latent = cfg.get("data", {}).get("latent")  # decoded in each batch by the autoencoder the latents came from
+    decode = latent_decoder(latent, args.vae, device) if latent else None
     walk = diffusion.resolve_sampler(args.sampler, args.steps, args.ddim_eta, args.spacing)
     # resumed shards are keyed by everything that decides their content: the weights' hash first, then the settings
     settings = dict(ckpt=os.path.abspath(args.ckpt), step=ckpt["step"], weights=args.weights,
@@ -204,7 +207,7 @@ def run(args, ddp, rank, world, local_rank):
             # a compiled model sees one batch shape (no recompile for a short last batch): pad, then drop the extra
             padded = np.pad(idx, (0, batch - len(idx)), mode="edge") if use_compile else idx
             images = generate(fwd, diffusion, padded, cond[padded], ctrl, args.seed, shape, device, use_bf16, *walk,
-                              cfg_scale=args.cfg_scale)
+                              cfg_scale=args.cfg_scale, decode=decode)
             parts.append(images[:len(idx)])
             bar.update(len(idx))
             done += len(idx)

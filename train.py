@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import corrupt
-from model import (CKPT_FORMAT, PRESETS, T, Denoiser, Diffusion, ckpt_path, distributed, generate, load_checkpoint,
-                   load_weights, neutral_control, peers, save_atomic, save_grid, save_json, save_npz, seed_of,
-                   setup_device, to_device, tokenize)
+from model import (CKPT_FORMAT, DIT_PRESETS, PRESETS, T, Denoiser, Diffusion, ckpt_path, distributed, generate,
+                   latent_decoder, load_checkpoint, load_weights, neutral_control, peers, save_atomic, save_grid,
+                   save_json, save_npz, seed_of, setup_device, to_device, tokenize)
 
 # Flags a resumed run may change; every other flag must match the checkpoint's stored config.
 RESUMABLE = {"steps", "log_every", "ckpt_every", "snapshot_every", "compile", "cuda_graphs", "batch_gpu", "device",
@@ -43,8 +43,9 @@ RESUMABLE = {"steps", "log_every", "ckpt_every", "snapshot_every", "compile", "c
 # The range of every numeric flag, checked before any work (an int flag given "nan" or "inf" is argparse's error).
 RANGES = {**dict.fromkeys(("channels", "text_dim", "text_layers", "subset", "batch_size", "batch_gpu", "steps",
                            "log_every", "ckpt_every"), "[1, inf)"),
-          **dict.fromkeys(("cep_gamma", "pad_noise", "warmup", "weight_decay", "grad_clip", "ema_halflife_kimg",
-                           "ema_rampup", "seed", "data_seed", "snapshot_every", "grid_cfg", "bench"), "[0, inf)"),
+          **dict.fromkeys(("class_ctx", "cep_gamma", "pad_noise", "warmup", "weight_decay", "grad_clip",
+                           "ema_halflife_kimg", "ema_rampup", "seed", "data_seed", "snapshot_every", "grid_cfg",
+                           "bench"), "[0, inf)"),
           **dict.fromkeys(("eta", "label_dropout", "dropout"), "[0, 1)"),
           **dict.fromkeys(("lr", "schedule_shift", "dist_timeout"), "(0, inf)"),
           "max_len": "[2, inf)", "crop_scale": "(0, 1]", "grid_steps": f"[1, {T}]"}
@@ -59,10 +60,15 @@ def get_parser():
     a("--data", default="data/cifar10/train", help="dataset split folder from prepare_data.py")
     a("--out", help="run folder (default runs/<dataset>-<preset>-eta<eta>[-cep<kind>])")
     a("--resume", help="run folder or ckpt.pt of a run to continue with its stored config")
-    a("--preset", default="cifar", choices=["tiny", "cifar", "in64"])
+    a("--preset", default="cifar", choices=[*PRESETS, *DIT_PRESETS],
+      help="UNets: tiny (CPU), cifar (DDPM), in64 (ADM), ldm4 (LDM-4 on 64x64x3 latents); DiTs: dit-tiny (CPU), "
+           "dit-s2, dit-b2, dit-l2, dit-xl2 (DiT-S/2 ... DiT-XL/2)")
     a("--channels", type=int, help="UNet base width over the preset's (Zhang et al.'s UNet-64/128/256)")
     a("--dropout", type=float, help="override the preset's dropout")
-    a("--schedule", default="linear", choices=["linear", "cosine"], help="noise schedule (paper: linear)")
+    a("--schedule", choices=["linear", "scaled_linear", "cosine"],
+      help="noise schedule (default: the preset's; linear, the paper's pixel runs and DiT; scaled_linear, LDM's)")
+    a("--class-ctx", type=int, help="width of the class embedding read by cross-attention (ldm4: 512, as LDM; 0: "
+                                    "through the time embedding, as the other presets)")
     a("--prediction", default="eps", choices=["eps", "v"])
     a("--cond", default="class", choices=["class", "text"], help="condition on class labels or on captions")
     a("--eta", type=float, default=0.0, help="fraction of corrupted labels (or swapped captions), in [0, 1)")
@@ -144,6 +150,7 @@ def resolve_config(args, world):
                      **{k: flags[k] for k in args.given if k in RESUMABLE})
         flags["out"] = args.out if "out" in args.given else os.path.dirname(ckpt_path(args.resume))
     flags["corruption"] = flags["corruption"] or ("swap" if flags["cond"] == "text" else "symmetric")
+    flags["schedule"] = flags["schedule"] or PRESETS.get(flags["preset"], {}).get("schedule", "linear")
     if flags["out"] is None:
         dataset = os.path.basename(os.path.dirname(os.path.abspath(flags["data"])))
         cep = "" if flags["cep"] == "none" else f"-cep{flags['cep']}"
@@ -166,8 +173,8 @@ def check_args(a):
     if (a.corruption == "swap") != (a.cond == "text"):
         raise ValueError(f"--corruption {a.corruption} does not go with --cond {a.cond}: labels are flipped "
                          f"(symmetric, asymmetric), captions swapped (swap)")
-    if a.text_emb and a.cond != "text":
-        raise ValueError("--text-emb needs --cond text")
+    if a.cond != "text" and (a.text_emb or a.text_dim or a.text_layers):
+        raise ValueError("--text-emb, --text-dim and --text-layers are for --cond text; this is a class model")
     if a.corruption == "asymmetric" and not a.corrupt_classes:
         raise ValueError("--corruption asymmetric needs --corrupt-classes")
 
@@ -175,22 +182,27 @@ def check_args(a):
 # ----------------------------------------------------------------------------- data
 
 def load_dataset(path, subset, data_seed):
-    for f in ("images.npy", "labels.npy", "meta.json"):
+    """(images or latents, labels, rows used, meta) of a dataset folder: uint8 images [N, H, W, C], or a latent
+    folder's float16 latents [N, 2 (image, mirror), K, C, h, w] (prepare_data.py --dataset latents)."""
+    array = "latents.npy" if os.path.isfile(os.path.join(path, "latents.npy")) else "images.npy"
+    for f in (array, "labels.npy", "meta.json"):
         if not os.path.isfile(os.path.join(path, f)):
             raise FileNotFoundError(f"{path}/{f} missing: build the dataset with prepare_data.py "
                                     f"(e.g. python prepare_data.py --dataset shapes)")
     try:
         meta = json.load(open(os.path.join(path, "meta.json")))
         num_classes, names = int(meta["num_classes"]), list(meta["class_names"])
-        images = np.load(os.path.join(path, "images.npy"), mmap_mode="r")
+        images = np.load(os.path.join(path, array), mmap_mode="r")
         labels = np.load(os.path.join(path, "labels.npy"))
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: cannot read meta.json (with num_classes, class_names), images.npy or labels.npy "
+        raise ValueError(f"{path}: cannot read meta.json (with num_classes, class_names), {array} or labels.npy "
                          f"({type(e).__name__}: {str(e)[:80]}); rebuild the dataset with prepare_data.py") from None
-    if images.dtype != np.uint8 or images.ndim != 4 or len(images) != len(labels) or labels.ndim != 1:
-        raise ValueError(f"{path}: images.npy must be uint8 [N, H, W, C] and labels.npy [N], found {images.dtype} "
+    want = (np.float16, 6, "float16 [N, 2, K, C, h, w]") if "latent" in meta else (np.uint8, 4, "uint8 [N, H, W, C]")
+    if images.dtype != want[0] or images.ndim != want[1] or len(images) != len(labels) or labels.ndim != 1:
+        raise ValueError(f"{path}: {array} must be {want[2]} and labels.npy [N], found {images.dtype} "
                          f"{list(images.shape)} and {list(labels.shape)}; rebuild the dataset with prepare_data.py")
-    if len(names) != num_classes or images.shape[1] != images.shape[2] or meta.get("resolution") != images.shape[1] \
+    h, w = images.shape[4:6] if "latent" in meta else images.shape[1:3]
+    if len(names) != num_classes or h != w or meta.get("resolution") != h \
             or not len(labels) or labels.min() < 0 or labels.max() >= num_classes:
         raise ValueError(f"{path}: meta.json does not describe its arrays (num_classes, class_names, resolution, "
                          f"labels in [0, num_classes)); rebuild the dataset with prepare_data.py")
@@ -291,14 +303,19 @@ def load_data(cfg, device):
     sizes = np.load(sizes_path) if cfg.control != "none" and os.path.isfile(sizes_path) else None
     label_fn, fixed_ids, mask = make_label_fn(cfg.corruption, cfg.corruption_mode, cfg.eta, cfg.data_seed, clean_labels,
                                               meta["num_classes"], meta["class_names"], cfg.corrupt_classes)
-    in_memory = len(index) * int(np.prod(images.shape[1:])) < 8 << 30
+    in_memory = len(index) * images[0].nbytes < 8 << 30
     conds = dict(labels=fixed_ids, clean_labels=clean_labels) if cfg.cond == "class" else dict(source=fixed_ids)
+    latent = meta.get("latent")
+    if latent and cfg.crop_scale < 1:
+        raise ValueError("--crop-scale does not apply to precomputed latents (the latent of a crop is not a crop of "
+                         "the latent): leave it at 1; flips and original sizes still apply")
+    image_res = latent["image_resolution"] if latent else meta["resolution"]
     return types.SimpleNamespace(
-        meta=meta, index=index, num_classes=meta["num_classes"], res=images.shape[1], ch=images.shape[3],
-        captions=captions, text_emb=text_emb, mask=mask, fixed_ids=fixed_ids,
+        meta=meta, index=index, num_classes=meta["num_classes"], res=meta["resolution"], ch=images.shape[3],
+        captions=captions, text_emb=text_emb, mask=mask, fixed_ids=fixed_ids, latent=latent, image_res=image_res,
         corruption=dict(mask=mask, index=index, **conds),
         sizes=None if sizes is None else sizes[index],  # original sizes by position in the (subset) dataset
-        control_size=np.median(sizes, 0).round().astype(int).tolist() if sizes is not None else [images.shape[1]] * 2,
+        control_size=np.median(sizes, 0).round().astype(int).tolist() if sizes is not None else [image_res] * 2,
         batches=Batches(images, index, device, cfg.seed, label_fn, in_memory),
         cond_of=functools.partial(make_cond, cfg.cond, index=index, captions=captions, text_emb=text_emb,
                                   seed=cfg.seed, max_len=cfg.max_len))
@@ -333,14 +350,19 @@ def model_config(cfg, data, ckpt):
                          ext_dim=None if emb is None else emb.shape[2])
     if cfg.control != "none":
         model_cfg["control"] = cfg.control
-    diff_cfg = dict(schedule=cfg.schedule, T=T, prediction=cfg.prediction, shift=cfg.schedule_shift or 1.0)
+    if cfg.class_ctx is not None:
+        model_cfg["class_ctx"] = cfg.class_ctx
+    diff_cfg = dict(schedule=cfg.schedule, T=T, prediction=cfg.prediction, shift=cfg.schedule_shift or 1.0,
+                    **({"clip": False} if data.latent else {}))  # latents have no [-1, 1] range to clip x0 to
     src = load_checkpoint(cfg.init_from) if cfg.init_from else None
-    if src is not None:  # resolution transfer (Berrada et al. 2024) from a run at a lower resolution
-        # every UNet weight is independent of the image size: attention stays at the same levels (attn_res scaled by
-        # new / old resolution) and the SNR is divided by (new / old)^2 unless --schedule-shift says otherwise
+    if src is not None:  # resolution transfer (Berrada et al. 2024) from a run at a lower resolution: every weight
+        # is independent of the image size (a DiT's fixed sin-cos positions are recomputed for the new grid); a UNet's
+        # attention stays at the same levels (attn_res scaled by new / old resolution); the SNR is divided by
+        # (new / old)^2 unless --schedule-shift says otherwise
         old = src["config"]["model"]
         ratio = model_cfg["resolution"] / old["resolution"]
-        model_cfg["attn_res"] = [round(r * ratio) for r in old.get("attn_res", PRESETS[old["preset"]]["attn_res"])]
+        if old["preset"] in PRESETS:
+            model_cfg["attn_res"] = [round(r * ratio) for r in old.get("attn_res", PRESETS[old["preset"]]["attn_res"])]
         if cfg.schedule_shift is None:
             diff_cfg["shift"] = src["config"]["diffusion"].get("shift", 1.0) * ratio
     return model_cfg, diff_cfg, src
@@ -422,19 +444,27 @@ def draw_step(step, cfg, data, net, device, rank=0, world=1):
         top, left = (torch.rand(2, batch, generator=gen, device=device) * (1 - side)).unbind()
     ctrl = None
     if cfg.control != "none":  # what was done to each image: the crop box, its original size, the flip
-        hw = torch.full((batch, 2), float(shape[-1]), device=device) if data.sizes is None else \
+        hw = torch.full((batch, 2), float(data.image_res), device=device) if data.sizes is None else \
             to_device(torch.from_numpy(data.sizes[idx]), device).float()
         ctrl = torch.cat([torch.stack([top, left, side, side], 1), hw, flip[:, None].float()], 1)
+    kl = data.latent is not None and data.latent["kind"] == "kl"  # a fresh draw from each latent's posterior
+    eps = torch.randn(batch, *shape, generator=gen, device=device) if kl else None
     share = slice(rank * batch // world, (rank + 1) * batch // world)
     cut = lambda v: None if v is None else v[share]
     return types.SimpleNamespace(
         idx=idx[share], t=t[share], noise=noise[share], cond=cond[share], flip=flip[share], delta=cut(delta),
-        crop=None if crop_scale == 1 else (top[share], left[share], side[share]), ctrl=cut(ctrl),
+        crop=None if crop_scale == 1 else (top[share], left[share], side[share]), ctrl=cut(ctrl), eps=cut(eps),
         dropout_seed=seed_of(cfg.seed, step, rank, 3))  # dropout masks: per rank, not part of the global draw
 
 
-def micro_loss(net, diffusion, memory_format, x, flip, crop, cond, t, noise, delta, ctrl):
-    """Per-sample loss of one micro-batch: uint8 NHWC images to [-1, 1] in the run's layout, crop, flip."""
+def micro_loss(net, diffusion, memory_format, latent_scale, x, flip, crop, cond, t, noise, delta, ctrl, eps):
+    """Per-sample loss of one micro-batch: uint8 NHWC images to [-1, 1] in the run's layout, crop, flip; or latents
+    [b, 2 (image, mirror), K, C, h, w]: the mirror's for a flip, mean + std * eps for a KL autoencoder (a fresh draw
+    each step, as EDM2), times the scaling factor."""
+    if latent_scale is not None:
+        x = x[torch.arange(len(x), device=x.device), flip.long()].float()
+        x = (x[:, 0] if eps is None else x[:, 0] + x[:, 1] * eps) * latent_scale
+        return diffusion.loss(net, x, cond, t, noise, delta, ctrl)
     x = (x.permute(0, 3, 1, 2).float() / 127.5 - 1).contiguous(memory_format=memory_format)
     if crop is not None:
         x = random_crop(x, *crop)
@@ -456,7 +486,7 @@ def train_step(d, lr, loss_fn, images_at, s, accum, grad_clip, ddp, rank, world,
         with torch.autocast(d.t.device.type, torch.bfloat16, enabled=use_bf16):
             losses = loss_fn(images_at(d.idx[mb]), d.flip[mb], None if d.crop is None else [c[mb] for c in d.crop],
                              d.cond[mb], d.t[mb], d.noise[mb], None if d.delta is None else d.delta[mb],
-                             None if d.ctrl is None else d.ctrl[mb])
+                             None if d.ctrl is None else d.ctrl[mb], None if d.eps is None else d.eps[mb])
             (losses.mean() / accum).backward()
         s.meter.add(losses.detach(), d.t[mb])
     if ddp:
@@ -489,7 +519,8 @@ def ema_beta(halflife_kimg, rampup, nimg, batch):
 
 def make_step_fn(cfg, data, s, device, rank, world, ddp, use_compile, use_graphs, use_bf16):
     """step -> lr: draw, optimizer step, EMA update; the function the training loop and --bench both call."""
-    loss_fn = functools.partial(micro_loss, s.net, s.diffusion, s.memory_format)
+    loss_fn = functools.partial(micro_loss, s.net, s.diffusion, s.memory_format,
+                                data.latent["scale"] if data.latent else None)
     # one compiled graph per micro-batch; with CUDA graphs its hundreds of kernels are one launch (the step was bound
     # by the host launching them). Checkpoints are saved from `net`: no _orig_mod. keys.
     loss_fn = torch.compile(loss_fn, mode="reduce-overhead" if use_graphs else None) if use_compile else loss_fn
@@ -554,11 +585,11 @@ def grid_rows(cond, num_classes, captions, text_emb, max_len):
     return tokenize(prompts, max_len), prompts
 
 
-def draw_grid(ema, diffusion, rows, captions, ctrl_size, shape, device, cfg_scale, steps, path, ncol=8):
-    """ncol samples per row condition, fixed noise, DDIM from the EMA weights, no crop and no flip."""
+def draw_grid(ema, diffusion, rows, captions, ctrl_size, shape, device, cfg_scale, steps, path, decode=None, ncol=8):
+    """ncol samples per row condition, fixed noise, DDIM from the EMA weights, no crop and no flip; latents decoded."""
     ctrl = neutral_control(1, shape[-1], ctrl_size) if ema.control_mode else None
     x = generate(ema, diffusion, range(len(rows) * ncol), rows.repeat_interleave(ncol, 0), ctrl, 0, shape, device,
-                 False, "ddim", steps, cfg_scale=cfg_scale)
+                 False, "ddim", steps, cfg_scale=cfg_scale, decode=decode)
     save_grid(path, x, nrow=len(rows), captions=captions)
 
 
@@ -603,7 +634,7 @@ def train(cfg, config, data, s, step_fn, grid, device, ddp, rank, mfu):
             if master:
                 save_checkpoint(cfg.out, s, config, s.step, cfg.batch_size, cfg.snapshot_every)
                 draw_grid(s.ema, s.diffusion, *grid, data.control_size, shape, device, cfg.grid_cfg, cfg.grid_steps,
-                          os.path.join(cfg.out, f"grid-{s.step:07d}.png"))
+                          os.path.join(cfg.out, f"grid-{s.step:07d}.png"), data.decode)
             if ddp:
                 with peers(rank):
                     dist.barrier()
@@ -630,7 +661,10 @@ def main(argv=None):
                       train={k: v for k, v in cfg._asdict().items() if k != "resume"},
                       data=dict(path=os.path.abspath(cfg.data), control_size=data.control_size,
                                 checksum=data.meta.get("source_checksum"),
-                                **{k: data.meta[k] for k in ("num_classes", "class_names", "resolution", "count")}))
+                                **{k: data.meta[k] for k in ("num_classes", "class_names", "resolution", "count")},
+                                **({"latent": data.latent} if data.latent else {})))
+        # grids of a latent run are decoded by the autoencoder its latents were made with (its hash checked)
+        data.decode = latent_decoder(data.latent, None, device) if data.latent and rank == 0 and not cfg.bench else None
         if ckpt is not None:
             check_same_run(cfg.out, config["data"], ckpt["config"]["data"], **data.corruption)
         s = build_state(cfg, model_cfg, diff_cfg, ckpt, src, device, ddp)
