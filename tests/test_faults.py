@@ -20,6 +20,7 @@ from PIL import Image
 import model
 import prepare_data
 import train
+from helpers import interrupted_sampling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--preset", "tiny", "--batch-size", "8", "--warmup", "1", "--lr", "1e-3", "--grid-steps", "1",
@@ -294,22 +295,6 @@ def test_a_dead_rank_stops_the_other_instead_of_hanging(shapes, tmp_path):
 
 
 # ----------------------------------------------------------------------------- issue 16: second pass
-
-def interrupted_sampling(args, monkeypatch):
-    """sample.main(args) stopped (Ctrl-C) after its first shard."""
-    import sample
-    generate, calls = sample.generate, []
-
-    def killed_in_second_shard(*a, **k):
-        if calls:
-            raise KeyboardInterrupt
-        calls.append(1)
-        return generate(*a, **k)
-    monkeypatch.setattr(sample, "generate", killed_in_second_shard)
-    with pytest.raises(KeyboardInterrupt):
-        sample.main(args)
-    monkeypatch.setattr(sample, "generate", generate)
-
 
 @pytest.mark.faults
 def test_resumed_sampling_never_mixes_two_models_saved_at_one_path(tiny_run, tmp_path, monkeypatch):

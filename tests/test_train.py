@@ -9,6 +9,7 @@ import torch
 
 import model
 import train
+from helpers import assert_moments_close
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,15 +49,6 @@ def test_loss_falls_on_shapes_and_run_folder_is_complete(shapes16, tmp_path, cap
     z = np.load(out / "corruption.npz")
     assert z["mask"].sum() == 20 and int(z["seed"]) == 0
     assert "compile=False bf16=False" in capsys.readouterr().out  # the CUDA-only paths are off on the CPU
-
-
-def assert_moments_close(a, b, rel=1e-3):
-    """Adam's moments are linear in the gradients (the weights are not: Adam normalises away a wrong scale)."""
-    sa, sb = a["opt"]["state"], b["opt"]["state"]
-    for k in ("exp_avg", "exp_avg_sq"):
-        scale = max(s[k].abs().max().item() for s in sa.values())
-        worst = max((sa[i][k] - sb[i][k]).abs().max().item() for i in sa)
-        assert worst <= rel * scale, (k, worst, scale)
 
 
 def test_channels_last_gives_the_same_gradients_and_resumes(shapes, tmp_path):
