@@ -11,9 +11,9 @@ asymmetric: only samples whose label lies in --classes are candidates (round(eta
             that overlap CIFAR-100).
 swap:       exactly round(eta * N) images, paired at random, each pair swapping its captions (CC3M in the paper);
             with an odd count the last three rotate theirs, so no image keeps its own.
-Input: a dataset folder (labels.npy, meta.json; captions.jsonl for swap). Output: an npz (--out) with the new labels,
-or the caption source of each image, and the mask of corrupted samples; a summary on stdout. Training needs none
-of this: train.py corrupts by the same rules and writes its own corruption.npz.
+Input: a dataset folder (labels.npy, meta.json; captions.jsonl for swap). Output: a summary on stdout and, with
+--out, an npz with the new labels, or the caption source of each image, and the mask of corrupted samples.
+Training needs none of this: train.py corrupts by the same rules and writes its own corruption.npz.
 The result is fixed by (labels, eta, kind, classes, seed). train.py's `resample` mode draws it anew every epoch
 with seed (seed, epoch), the paper's App. E.4 "random data corruption".
 """
@@ -153,9 +153,13 @@ def summary(clean, noisy, mask, num_classes):
 
 
 def save(path, **arrays):
-    tmp = path + ".tmp.npz"  # numpy-only twin of model.save_atomic: this script does not import torch
+    """--out, if given (numpy-only twin of model.save_atomic: this script does not import torch)."""
+    if not path:
+        return print("nothing written (--out FILE.npz keeps the corruption)")
+    tmp = path + ".tmp.npz"
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
+    print(f"wrote {path}")
 
 
 def main(argv=None):
@@ -166,7 +170,7 @@ def main(argv=None):
                    help="label flips, or swap: caption swaps (needs captions.jsonl)")
     p.add_argument("--classes", help="asymmetric: comma-separated class indices or names")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="corruption.npz")
+    p.add_argument("--out", help="also write the corruption to this npz (default: print only)")
     a = p.parse_args(argv)
     check_ranges(vars(a), RANGES)
     for f in ("labels.npy", "meta.json"):
@@ -178,9 +182,9 @@ def main(argv=None):
         captions = read_captions(a.data, len(labels))
         source, mask = corrupt_captions(len(labels), a.eta, a.seed)
         changed = sum(captions[i] != captions[source[i]] for i in np.flatnonzero(mask))
-        save(a.out, source=source, mask=mask, seed=a.seed, eta=a.eta)
         print(f"swapped the captions of {int(mask.sum())} of {len(labels)} images; {changed} captions changed "
-              f"(the rest were swapped with an identical caption)\nwrote {a.out}")
+              f"(the rest were swapped with an identical caption)")
+        save(a.out, source=source, mask=mask, seed=a.seed, eta=a.eta)
         return
     classes = None
     if a.kind == "asymmetric":
@@ -188,9 +192,8 @@ def main(argv=None):
             raise ValueError("--kind asymmetric needs --classes")
         classes = parse_classes(a.classes, meta["class_names"])
     noisy, mask = corrupt_labels(labels, a.eta, meta["num_classes"], a.seed, classes)
-    save(a.out, labels=noisy, mask=mask, clean_labels=labels, seed=a.seed, eta=a.eta)
     print(summary(labels, noisy, mask, meta["num_classes"]))
-    print(f"wrote {a.out}")
+    save(a.out, labels=noisy, mask=mask, clean_labels=labels, seed=a.seed, eta=a.eta)
 
 
 if __name__ == "__main__":

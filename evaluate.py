@@ -481,6 +481,7 @@ def cmd_repro(a):
             print(f"  [{i}] " + " ".join(f"{v:.3f}" for v in rp[i]) + f"  {p}")
     if a.out:
         save_json(a.out, r)
+        print(f"wrote {a.out}")
     return r
 
 
@@ -512,10 +513,12 @@ def cmd_memorization(a):
     best = torch.cat([(s[i:i + 4096] @ r.T).max(1).values for i in range(0, len(s), 4096)]).cpu()
     mem = (best > a.threshold).double().mean().item()
     out = dict(memorized_fraction=mem, generalization_score=1 - mem, threshold=a.threshold,
-               mean_max_similarity=best.mean().item(), num_samples=len(images), num_train=len(r), features=name)
+               mean_max_similarity=best.mean().item(), num_samples=len(images), num_train=len(r), features=name,
+               samples=os.path.abspath(a.samples))
+    path = a.out or os.path.join(os.path.dirname(os.path.abspath(a.samples)), "memorization.json")
+    save_json(path, out)
     print(f"memorized {mem:.4f}, generalization score {1 - mem:.4f} (max cosine to {len(r)} training images "
-          f"> {a.threshold}) | features: {name}")
-    save_json(a.out or os.path.join(os.path.dirname(os.path.abspath(a.samples)), "memorization.json"), out)
+          f"> {a.threshold}) | features: {name} | wrote {path}")
     return out
 
 
@@ -544,7 +547,7 @@ def fit_classifier(images, labels, num_classes, epochs, device, batch=128):
     perm = np.random.default_rng(0).permutation(len(labels))
     held, fit = perm[:len(perm) // 10], perm[len(perm) // 10:]
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
-    for _ in range(epochs):
+    for _ in tqdm(range(epochs), desc="fitting the classifier", unit="epoch", leave=False):
         for i in range(0, len(fit), batch):
             rows = np.sort(fit[i:i + batch])
             loss = F.cross_entropy(net(prep(images[rows])), torch.from_numpy(labels[rows]).to(device))
@@ -582,10 +585,11 @@ def cmd_classify(a):
     r = dict(accuracy=float((got == want[known]).mean()), judged=int(known.sum()), num_samples=len(images),
              classifier_heldout_accuracy=held_acc, epochs=a.epochs, samples=os.path.abspath(a.samples),
              ref=os.path.abspath(a.ref))
+    path = a.out or os.path.join(os.path.dirname(os.path.abspath(a.samples)), "classify.json")
+    save_json(path, r)
     print(f"conditioning accuracy {r['accuracy']:.3f}: {int((got == want[known]).sum())} of {r['judged']} samples "
           f"read as the class they were asked for ({len(images) - r['judged']} named no single class) | classifier "
-          f"held-out accuracy {held_acc:.3f} on {a.ref}")
-    save_json(a.out or os.path.join(os.path.dirname(os.path.abspath(a.samples)), "classify.json"), r)
+          f"held-out accuracy {held_acc:.3f} on {a.ref} | wrote {path}")
     return r
 
 
@@ -643,7 +647,7 @@ COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 
 
 
 def plot(rows, path, x, xlabel, panels, series_of, w=420, h=300):
-    """One panel per (key, title) of `panels` against row[x], a line per series_of(row) through the mean of its
+    """One panel per (key, title, y label) of `panels` against row[x], a line per series_of(row) through the mean of its
     points at each x, drawn with pillow."""
     series = {}
     for r in rows:
@@ -651,28 +655,33 @@ def plot(rows, path, x, xlabel, panels, series_of, w=420, h=300):
     nrow = -(-len(panels) // 2)
     img = Image.new("RGB", (2 * w, nrow * h + 24 * (len(series) // 2 + 1)), "white")
     d = ImageDraw.Draw(img)
-    for p, (key, title) in enumerate(panels):
+    for p, (key, title, ylabel) in enumerate(panels):
         ox, oy = (p % 2) * w, (p // 2) * h
-        left, top, right, bottom = ox + 55, oy + 25, ox + w - 15, oy + h - 35
+        left, top, right, bottom = ox + 55, oy + 42, ox + w - 15, oy + h - 35
         pts = [(r[x], r[key]) for r in rows if r[key] is not None]
-        d.text((ox + w // 2 - 20, oy + 6), title, fill="black")
+        d.text((ox + w // 2 - 3 * len(title), oy + 4), title, fill="black")
+        d.text((ox + 4, oy + 22), ylabel, fill="black")
         d.rectangle([left, top, right, bottom], outline="black")
+        d.text((left + (right - left) // 2 - 3 * len(xlabel), bottom + 20), xlabel, fill="black")
         if not pts:
+            d.text((left + (right - left) // 2 - 21, (top + bottom) // 2 - 6), "no data", fill="black")
             continue
         xs, ys = [v for v, _ in pts], [v for _, v in pts]
-        x0, x1 = min(xs + [0.0]), max(xs + [1.0])
+        x0, x1 = min(xs), max(xs)
         y0, y1 = min(ys), max(ys)
-        pad = (y1 - y0) * 0.1 or abs(y0) * 0.1 or 1.0
-        y0, y1 = y0 - pad, y1 + pad
+        xpad, pad = (x1 - x0) * 0.06 or 1.0, (y1 - y0) * 0.1 or abs(y0) * 0.1 or 1.0  # no point on the frame
+        (x0, x1), (y0, y1) = (x0 - xpad, x1 + xpad), (y0 - pad, y1 + pad)
         X = lambda v: left + (v - x0) / (x1 - x0) * (right - left)
         Y = lambda v: bottom - (v - y0) / (y1 - y0) * (bottom - top)
+        whole = all(float(v).is_integer() for v in xs)  # e.g. log2 of subset sizes: a tick at each integer
+        xticks = sorted(set(int(v) for v in xs)) if whole else [min(xs) + (max(xs) - min(xs)) * i / 4 for i in range(5)]
         for i in range(5):
-            yv, xv = y0 + (y1 - y0) * i / 4, x0 + (x1 - x0) * i / 4
+            yv = y0 + (y1 - y0) * i / 4
             d.line([left - 4, Y(yv), left, Y(yv)], fill="black")
             d.text((ox + 4, Y(yv) - 6), f"{yv:.3g}", fill="black")
+        for xv in xticks:
             d.line([X(xv), bottom, X(xv), bottom + 4], fill="black")
             d.text((X(xv) - 8, bottom + 6), f"{xv:.3g}", fill="black")
-        d.text((left + (right - left) // 2 - 20, bottom + 20), xlabel, fill="black")
         for s, (name, rs) in enumerate(series.items()):
             c = COLOURS[s % len(COLOURS)]
             at = {}
@@ -696,19 +705,21 @@ def cmd_report(a):
     """OUT.md: the eta table and the reproducibility-study table; OUT.png and OUT-study.png: their plots."""
     dirs = [d for pattern in a.runs for d in (sorted(glob.glob(pattern)) or [pattern]) if os.path.isdir(d)]
     rows, study = collect(dirs)
+    a.out = a.out or os.path.join(os.path.commonpath([os.path.dirname(os.path.abspath(d)) for d in dirs]), "report")
     table, wrote = "", []
     if rows:
         table += markdown_table(rows)
         cep = lambda r: "no CEP" if r["cep"] == "none" else f"CEP-{r['cep'][0].upper()} gamma {r['gamma']:g}"
         rows = [dict(r, eta_pct=r["eta"] * 100) for r in rows]
-        plot(rows, a.out + ".png", "eta_pct", "eta (%)", [("fid", "FID"), ("is_mean", "IS"),
-             ("precision", "precision"), ("recall", "recall")],
+        plot(rows, a.out + ".png", "eta_pct", "eta (%)", [("fid", "FID", "FID"), ("is_mean", "IS", "IS"),
+             ("precision", "precision", "precision"), ("recall", "recall", "recall")],
              lambda r: f"{r['cond']}, {cep(r)}, {r['corruption']}/{r['mode']}")
         wrote.append(a.out + ".png")
     if study:
         table += ("\n" if table else "") + study_table(study)
         plot(study, a.out + "-study.png", "log2n", "log2 training images",
-             [("rp", "reproducibility (between seeds)"), ("gl", "generalization")], lambda r: f"width {r['width']}")
+             [("rp", "reproducibility (between seeds)", "pairs with cosine > threshold"),
+              ("gl", "generalization", "1 - memorized fraction")], lambda r: f"width {r['width']}")
         wrote.append(a.out + "-study.png")
     save_atomic(a.out + ".md", lambda f: f.write(table.encode()))
     print(table + f"wrote {a.out}.md, {' and '.join(wrote)}")
@@ -776,7 +787,8 @@ def main(argv=None):
         p.add_argument("--out", help="JSON file (default: classify.json beside the samples)")
         return cmd_classify(parse(p, argv))
     p.add_argument("runs", nargs="+", help="run folders holding metrics.json")
-    p.add_argument("--out", default="report", help="writes OUT.md and OUT.png")
+    p.add_argument("--out", help="writes OUT.md and OUT.png (default: report.md and report.png in the run folders' "
+                                 "parent, e.g. runs/)")
     return cmd_report(parse(p, argv))
 
 

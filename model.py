@@ -734,18 +734,23 @@ def to_uint8(x):
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def save_grid(path, images, nrow, captions=None):
-    """uint8 [N, H, W, C] -> one PNG with nrow rows, each with its caption under it if given."""
+def save_grid(path, images, nrow, labels=None, width=100):
+    """uint8 [N, H, W, C] -> one PNG with nrow rows; labels: each row's class name or caption, whole, wrapped in a
+    band of `width` pixels at the row's start (a row grows to fit a long caption)."""
+    import textwrap
     from PIL import Image, ImageDraw
     n, h, w, c = images.shape
-    ncol, rh = math.ceil(n / nrow), h + (12 if captions else 0)
-    grid = np.zeros((nrow * rh, ncol * w, c), dtype=np.uint8)
+    ncol, lw = math.ceil(n / nrow), width if labels else 0
+    lines = [textwrap.wrap(label, lw // 6) or [""] for label in labels] if labels else [[]] * nrow
+    tops = np.cumsum([0] + [max(h, 11 * len(l) + 2) for l in lines])  # PIL's default font: 6 x 11 pixels
+    grid = np.zeros((tops[-1], lw + ncol * w, c), dtype=np.uint8)
     for k in range(n):
         r, q = divmod(k, ncol)
-        grid[r * rh:r * rh + h, q * w:(q + 1) * w] = images[k]
+        grid[tops[r]:tops[r] + h, lw + q * w:lw + (q + 1) * w] = images[k]
     img = Image.fromarray(grid.squeeze(-1) if c == 1 else grid)
-    for r, caption in enumerate(captions or []):
-        ImageDraw.Draw(img).text((2, r * rh + h), caption[:ncol * w // 6], fill=255 if c == 1 else (255, 255, 255))
+    for r, rows in enumerate(lines):
+        for j, line in enumerate(rows):
+            ImageDraw.Draw(img).text((2, tops[r] + 1 + 11 * j), line, fill=255 if c == 1 else (255, 255, 255))
     save_atomic(path, lambda f: img.save(f, "PNG"))
 
 
@@ -906,9 +911,15 @@ def ckpt_path(path):
 
 def load_checkpoint(path):
     """Load a slightdiff checkpoint with weights_only=True; a missing, truncated or foreign file is a ValueError."""
-    path = ckpt_path(path)
+    folder, path = os.path.isdir(path), ckpt_path(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} not found: give a run folder or its ckpt.pt")
+        raise FileNotFoundError(f"the run folder {os.path.dirname(path)} has no checkpoint yet (train.py writes "
+                                f"ckpt.pt every --ckpt-every steps)" if folder else f"checkpoint {path} not found: "
+                                f"give a run folder or its ckpt.pt")
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":  # torch.save writes a zip archive
+            raise ValueError(f"{path} is not a checkpoint (truncated or not a torch file): give a run folder or its "
+                             f"ckpt.pt")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # weights_only refuses anything but tensors and plain containers

@@ -14,6 +14,7 @@ given the same seed can be compared image by image (Zhang et al. 2024). Work is 
 --shard-size samples written as they finish; an interrupted run skips the shards it already has.
 """
 import argparse
+import glob
 import hashlib
 import json
 import os
@@ -51,7 +52,8 @@ def get_parser():
       help="ddim and dpm++: noise levels uniform in t (the paper's DPM-Solver default) or in log-SNR")
     a("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale s (1 = off)")
     a("--seed", type=int, default=0)
-    a("--labels", help="comma-separated class indices to cycle through (default: all classes, balanced)")
+    a("--labels", help="classes to cycle through, comma-separated indices or names (e.g. 0,3 or 'red disk,blue "
+                       "ring'; default: all classes, balanced)")
     a("--prompt", help="text models: one caption for every sample")
     a("--prompts", help="text models: captions to cycle through, one per line (.jsonl: a dataset's captions.jsonl, "
                         "the first caption of each line)")
@@ -63,7 +65,8 @@ def get_parser():
     a("--weights", default="ema", choices=["ema", "model"], help="EMA (default) or raw weights")
     a("--batch", type=int, help="per-process batch (default: 500 on a GPU, 32 on the CPU)")
     a("--shard-size", type=int, default=1000, help="samples per resumable shard")
-    a("--out", help="output npz (default: samples.npz in the run folder)")
+    a("--out", help="output npz (default: samples.npz in the run folder; the preview is the same name .png)")
+    a("--overwrite", action="store_true", help="replace an existing --out (and remove the JSON results of it)")
     a("--device", default="auto")
     a("--dist-timeout", type=float, default=600, help="seconds a rank waits for the others before it gives up")
     a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on CUDA)")
@@ -71,13 +74,17 @@ def get_parser():
     return p
 
 
-def class_labels(num, num_classes, spec=None):
-    """Label of sample i: cycles through the given classes (default all), so classes are balanced."""
+def class_labels(num, num_classes, spec=None, names=()):
+    """Label of sample i: cycles through the given classes (indices or names; default all), so classes are
+    balanced."""
     classes = np.arange(num_classes)
     if spec:
-        classes = np.array([int(c) for c in str(spec).split(",") if c.strip()], dtype=np.int64)
+        words = [c.strip() for c in str(spec).split(",") if c.strip()]
+        classes = np.array([int(c) if c.lstrip("-").isdigit() else names.index(c) if c in names else -1
+                            for c in words], dtype=np.int64)
         if len(classes) == 0 or classes.min() < 0 or classes.max() >= num_classes:
-            raise ValueError(f"--labels must be class indices in [0, {num_classes})")
+            known = f" or names ({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})" if names else ""
+            raise ValueError(f"--labels must be class indices in [0, {num_classes}){known}, comma-separated")
     return classes[np.arange(num) % len(classes)]
 
 
@@ -102,12 +109,12 @@ def read_prompts(args, max_len):
     return lines
 
 
-def conditions(args, m, num):
+def conditions(args, m, num, class_names=()):
     """(host condition of every sample [num, ...], what the npz stores of it, captions or None) from the flags."""
     if m.get("cond", "class") == "class":
         if args.prompt is not None or args.prompts or args.prompt_emb:
             raise ValueError("this is a class-conditional model: use --labels, not --prompt(s)")
-        labels = class_labels(num, m["num_classes"], args.labels)
+        labels = class_labels(num, m["num_classes"], args.labels, class_names)
         return torch.from_numpy(labels), dict(arr_1=labels), None
     if m.get("ext_dim"):
         if not args.prompt_emb:
@@ -158,6 +165,9 @@ def main(argv=None):
 def run(args, ddp, rank, world, local_rank):
     ckpt = load_checkpoint(args.ckpt)
     out = args.out or os.path.join(os.path.dirname(ckpt_path(args.ckpt)), "samples.npz")
+    if os.path.exists(out) and not args.overwrite:  # its metrics.json, classify.json ... would describe other samples
+        raise ValueError(f"{out} exists: pass --overwrite to replace it (and the evaluate.py results made from it), "
+                         f"or --out another file")
     device, use_compile, use_bf16 = setup_device(args.device, local_rank, args.compile, args.bf16)
     batch = args.batch or (500 if device.type == "cuda" else 32)
 
@@ -169,7 +179,7 @@ def run(args, ddp, rank, world, local_rank):
     fwd = torch.compile(net) if use_compile else net
     m = cfg["model"]
     shape = (m["channels"], m["resolution"], m["resolution"])
-    cond, stored, captions = conditions(args, m, args.num)
+    cond, stored, _ = conditions(args, m, args.num, cfg.get("data", {}).get("class_names", []))
     ctrl = control(args, m, cfg.get("data", {}))
     latent = cfg.get("data", {}).get("latent")  # decoded in each batch by the autoencoder the latents came from
     decode = latent_decoder(latent, args.vae, device) if latent else None
@@ -223,24 +233,31 @@ def run(args, ddp, rank, world, local_rank):
             dist.barrier()
     if rank == 0:
         images = np.concatenate([np.load(shard_path(s)) for s in range(n_shards)])
+        for f in glob.glob(os.path.join(os.path.dirname(os.path.abspath(out)), "*.json")):  # results of the old file
+            result = json.load(open(f))
+            if isinstance(result, dict) and result.get("samples") == os.path.abspath(out):
+                os.remove(f)
+                print(f"removed {f}: it was computed from the samples being replaced")
         save_npz(out, arr_0=images, settings=np.array(json.dumps(settings)), **stored)
         shutil.rmtree(shard_dir)
-        save_preview(os.path.splitext(out)[0] + ".png", images, captions)
-        print(f"wrote {out}: arr_0 {images.shape} uint8, {', '.join(stored)}")
+        kind, names = next(iter(stored)), cfg.get("data", {}).get("class_names")
+        name = (lambda k: names[k] if names else f"class {k}") if kind == "arr_1" else \
+            str if kind == "captions" else (lambda k: f"embedding row {k}")
+        preview = os.path.splitext(out)[0] + ".png"
+        save_preview(preview, images, list(stored[kind]), name)
+        print(f"wrote {out}: arr_0 {images.shape} uint8, {', '.join(stored)}; and {preview}: one row per condition")
 
 
-def save_preview(path, images, captions):
-    """The first 100 samples; for captions one row per distinct caption (10 at most) with the caption under it."""
-    if not captions:
-        grid = images[:100]
-        return save_grid(path, grid, nrow=max(1, int(np.sqrt(len(grid)))))
-    rows = list(dict.fromkeys(captions))[:10]
-    picks = [[i for i, c in enumerate(captions) if c == r][:10] for r in rows]
+def save_preview(path, images, conditions, name):
+    """One row per distinct condition (class, caption or embedding row; 10 at most, in order of first use), its
+    first 10 samples, labelled at the row's start with name(condition)."""
+    rows = list(dict.fromkeys(conditions))[:10]
+    picks = [[i for i, c in enumerate(conditions) if c == r][:10] for r in rows]
     ncol = max(map(len, picks))
     grid = np.zeros((len(rows) * ncol,) + images.shape[1:], np.uint8)
     for r, p in enumerate(picks):
         grid[r * ncol:r * ncol + len(p)] = images[p]
-    save_grid(path, grid, nrow=len(rows), captions=rows)
+    save_grid(path, grid, nrow=len(rows), labels=[name(r) for r in rows])
 
 
 if __name__ == "__main__":

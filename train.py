@@ -58,7 +58,7 @@ def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--data", default="data/cifar10/train", help="dataset split folder from prepare_data.py")
-    a("--out", help="run folder (default runs/<dataset>-<preset>-eta<eta>[-cep<kind>])")
+    a("--out", help="run folder (default runs/<dataset>-<preset>[-text]-eta<eta>[-cep<kind>])")
     a("--resume", help="run folder or ckpt.pt of a run to continue with its stored config")
     a("--preset", default="cifar", choices=[*PRESETS, *DIT_PRESETS],
       help="UNets: tiny (CPU), cifar (DDPM), in64 (ADM), ldm4 (LDM-4 on 64x64x3 latents); DiTs: dit-tiny (CPU), "
@@ -573,24 +573,25 @@ def save_checkpoint(out, s, config, step, batch_size, snapshot_every):
         save_atomic(os.path.join(out, f"ckpt-{step:07d}.pt"), lambda f: torch.save(state, f))
 
 
-def grid_rows(cond, num_classes, captions, text_emb, max_len):
-    """(condition of each row, captions to print under them): up to 16 classes evenly spaced, or the (first)
-    captions of the dataset's first 8 images."""
+def grid_rows(cond, class_names, captions, text_emb, max_len):
+    """(condition of each row, its label): up to 16 classes evenly spaced, or the (first) captions of the dataset's
+    first 8 images."""
     if cond == "class":
-        classes = np.unique(np.linspace(0, num_classes - 1, min(num_classes, 16)).round().astype(np.int64))
-        return torch.from_numpy(classes), None
+        classes = np.unique(np.linspace(0, len(class_names) - 1, min(len(class_names), 16)).round().astype(np.int64))
+        return torch.from_numpy(classes), [class_names[k] for k in classes]
     if text_emb is not None:
-        return torch.from_numpy(np.array(text_emb[:8], dtype=np.float32)), None
+        rows = np.array(text_emb[:8], dtype=np.float32)
+        return torch.from_numpy(rows), [f"embedding {k}" for k in range(len(rows))]
     prompts = [c[0] for c in captions[:8]]
     return tokenize(prompts, max_len), prompts
 
 
-def draw_grid(ema, diffusion, rows, captions, ctrl_size, shape, device, cfg_scale, steps, path, decode=None, ncol=8):
+def draw_grid(ema, diffusion, rows, labels, ctrl_size, shape, device, cfg_scale, steps, path, decode=None, ncol=8):
     """ncol samples per row condition, fixed noise, DDIM from the EMA weights, no crop and no flip; latents decoded."""
     ctrl = neutral_control(1, shape[-1], ctrl_size) if ema.control_mode else None
     x = generate(ema, diffusion, range(len(rows) * ncol), rows.repeat_interleave(ncol, 0), ctrl, 0, shape, device,
                  False, "ddim", steps, cfg_scale=cfg_scale, decode=decode)
-    save_grid(path, x, nrow=len(rows), captions=captions)
+    save_grid(path, x, nrow=len(rows), labels=labels)
 
 
 def train_flops_per_image(net, diffusion, shape, c, device):
@@ -608,37 +609,50 @@ def train_flops_per_image(net, diffusion, shape, c, device):
 
 def train(cfg, config, data, s, step_fn, grid, device, ddp, rank, mfu):
     """Steps until cfg.steps: log every log_every steps, checkpoint and grid every ckpt_every steps and at the end."""
-    master = rank == 0
+    master, saved = rank == 0, s.step or None
+    if s.step >= cfg.steps:
+        return print(f"{cfg.out} is at step {s.step} of --steps {cfg.steps} already: raise --steps to train on")
+    if master and s.step:
+        print(f"resuming {cfg.out} from step {s.step}")
     shape = (data.ch, data.res, data.res)
     bar = tqdm(total=cfg.steps, initial=s.step, disable=not master, dynamic_ncols=True, unit="step")
     s.net.train()
-    while s.step < cfg.steps:
-        lr = step_fn(s.step)
-        s.step += 1
-        s.meter.images += cfg.batch_size
-        bar.update(1)
-        last = s.step == cfg.steps
-        if s.step % cfg.log_every == 0 or s.step % cfg.ckpt_every == 0 or last:
-            loss, loss_q, images_per_s = s.meter.read(ddp, rank)
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss} at step {s.step}: stopped; {cfg.out}/ckpt.pt keeps the last "
-                                         f"good state (try a lower --lr or --bf16 off, then --resume)")
-            rec = dict(step=s.step, loss=loss, loss_q=loss_q, lr=lr, img_per_s=images_per_s, mfu=mfu(images_per_s),
-                       nimg=s.step * cfg.batch_size)
-            if master:
-                with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.0f}",
-                                **({"mfu": f"{rec['mfu']:.1%}"} if rec["mfu"] else {}))
-        if s.step % cfg.ckpt_every == 0 or last:
-            if master:
-                save_checkpoint(cfg.out, s, config, s.step, cfg.batch_size, cfg.snapshot_every)
-                draw_grid(s.ema, s.diffusion, *grid, data.control_size, shape, device, cfg.grid_cfg, cfg.grid_steps,
-                          os.path.join(cfg.out, f"grid-{s.step:07d}.png"), data.decode)
-            if ddp:
-                with peers(rank):
-                    dist.barrier()
+    try:
+        while s.step < cfg.steps:
+            lr = step_fn(s.step)
+            s.step += 1
+            s.meter.images += cfg.batch_size
+            bar.update(1)
+            last = s.step == cfg.steps
+            if s.step % cfg.log_every == 0 or s.step % cfg.ckpt_every == 0 or last:
+                loss, loss_q, images_per_s = s.meter.read(ddp, rank)
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss} at step {s.step}: stopped; {cfg.out}/ckpt.pt keeps the "
+                                             f"last good state (try a lower --lr or --bf16 off, then --resume)")
+                rec = dict(step=s.step, loss=loss, loss_q=loss_q, lr=lr, img_per_s=images_per_s, mfu=mfu(images_per_s),
+                           nimg=s.step * cfg.batch_size)
+                if master:
+                    with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                    bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.0f}",
+                                    **({"mfu": f"{rec['mfu']:.1%}"} if rec["mfu"] else {}))
+            if s.step % cfg.ckpt_every == 0 or last:
+                if master:
+                    save_checkpoint(cfg.out, s, config, s.step, cfg.batch_size, cfg.snapshot_every)
+                    draw_grid(s.ema, s.diffusion, *grid, data.control_size, shape, device, cfg.grid_cfg, cfg.grid_steps,
+                              os.path.join(cfg.out, f"grid-{s.step:07d}.png"), data.decode)
+                    saved = s.step
+                if ddp:
+                    with peers(rank):
+                        dist.barrier()
+    except KeyboardInterrupt:  # say what there is to continue from
+        raise KeyboardInterrupt(f"{cfg.out}/ckpt.pt holds step {saved}: continue with --resume {cfg.out}" if saved else
+                                f"no checkpoint yet (the first is written at step {cfg.ckpt_every}): start again, with "
+                                f"a lower --ckpt-every to keep earlier steps") from None
     bar.close()
+    if master:
+        print(f"trained to step {s.step}: {cfg.out}/ckpt.pt, its grid {cfg.out}/grid-{s.step:07d}.png, the log "
+              f"{cfg.out}/log.jsonl")
 
 
 # ----------------------------------------------------------------------------- main
@@ -669,7 +683,7 @@ def main(argv=None):
             check_same_run(cfg.out, config["data"], ckpt["config"]["data"], **data.corruption)
         s = build_state(cfg, model_cfg, diff_cfg, ckpt, src, device, ddp)
         s.meter = LossMeter(device)
-        grid = grid_rows(cfg.cond, data.num_classes, data.captions, data.text_emb, cfg.max_len)
+        grid = grid_rows(cfg.cond, data.meta["class_names"], data.captions, data.text_emb, cfg.max_len)
         peak = next((v for k, v in PEAK_BF16.items() if k in torch.cuda.get_device_name(device)), None) \
             if device.type == "cuda" else None
         flops_img = train_flops_per_image(s.net, s.diffusion, (data.ch, data.res, data.res),
@@ -712,5 +726,5 @@ if __name__ == "__main__":
         main()
     except (ValueError, OSError, FloatingPointError) as e:
         sys.exit(f"train.py: error: {e}")
-    except KeyboardInterrupt:
-        sys.exit("train.py: interrupted; the last checkpoint is complete: continue with --resume")
+    except KeyboardInterrupt as e:
+        sys.exit(f"train.py: interrupted: {e}" if e.args else "train.py: interrupted before training began")

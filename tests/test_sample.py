@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import sample
+from helpers import interrupted_sampling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,21 +60,11 @@ def test_interrupted_run_reuses_finished_shards(tiny_run, tmp_path, monkeypatch)
     sample.main(args)
     full = load(out)[0]
     os.remove(out)
-    generate, calls = sample.generate, []
-
-    def killed_in_second_shard(*a, **k):
-        if calls:
-            raise KeyboardInterrupt
-        calls.append(1)
-        return generate(*a, **k)
-    monkeypatch.setattr(sample, "generate", killed_in_second_shard)
-    with pytest.raises(KeyboardInterrupt):
-        sample.main(args)
+    interrupted_sampling(args, monkeypatch)
     shard_dir = [d for d in os.listdir(tmp_path) if ".shards-" in d]
     assert len(shard_dir) == 1 and os.listdir(tmp_path / shard_dir[0]) == ["000000.npy"] and not os.path.exists(out)
     # mark the finished shard: the resumed run must take it as it is and generate only the rest
     np.save(tmp_path / shard_dir[0] / "000000.npy", np.full((4, 32, 32, 3), 7, np.uint8))
-    monkeypatch.setattr(sample, "generate", generate)
     sample.main(args)
     merged = load(out)[0]
     assert np.all(merged[:4] == 7) and np.array_equal(merged[4:], full[4:])
@@ -104,9 +95,12 @@ def test_bad_flags(tiny_run, tmp_path, flags, message):
                          r.stderr.count("\n") == 1), r.stderr
 
 
-def test_missing_checkpoint(tmp_path):
+def test_missing_checkpoint(tmp_path, tiny_run):
     r = subprocess.run([sys.executable, f"{ROOT}/sample.py", "--ckpt", str(tmp_path)], capture_output=True, text=True)
-    assert r.returncode == 1 and "not found" in r.stderr and r.stderr.count("\n") == 1
+    assert r.returncode == 1 and "has no checkpoint yet" in r.stderr and r.stderr.count("\n") == 1
+    r = subprocess.run([sys.executable, f"{ROOT}/sample.py", "--ckpt", f"{tiny_run}/config.json"], capture_output=True,
+                       text=True)
+    assert r.returncode == 1 and "config.json is not a checkpoint" in r.stderr and r.stderr.count("\n") == 1
 
 
 def test_prompts_are_cycled_stored_and_seeded_per_index(tiny_text_run, tmp_path):
