@@ -232,20 +232,25 @@ def run(args, ddp, rank, world, local_rank):
         with peers(rank, then=RERUN):
             dist.barrier()
     if rank == 0:
-        images = np.concatenate([np.load(shard_path(s)) for s in range(n_shards)])
-        for f in glob.glob(os.path.join(os.path.dirname(os.path.abspath(out)), "*.json")):  # results of the old file
-            result = json.load(open(f))
-            if isinstance(result, dict) and result.get("samples") == os.path.abspath(out):
-                os.remove(f)
-                print(f"removed {f}: it was computed from the samples being replaced")
-        save_npz(out, arr_0=images, settings=np.array(json.dumps(settings)), **stored)
-        shutil.rmtree(shard_dir)
-        kind, names = next(iter(stored)), cfg.get("data", {}).get("class_names")
-        name = (lambda k: names[k] if names else f"class {k}") if kind == "arr_1" else \
-            str if kind == "captions" else (lambda k: f"embedding row {k}")
-        preview = os.path.splitext(out)[0] + ".png"
-        save_preview(preview, images, list(stored[kind]), name)
-        print(f"wrote {out}: arr_0 {images.shape} uint8, {', '.join(stored)}; and {preview}: one row per condition")
+        merge_shards(out, [shard_path(s) for s in range(n_shards)], settings, stored, cfg.get("data", {}))
+
+
+def merge_shards(out, shards, settings, stored, data_meta):
+    """The shards into one ADM-layout npz (JSON results of a file it replaces removed), then the preview."""
+    images = np.concatenate([np.load(p) for p in shards])
+    for f in glob.glob(os.path.join(os.path.dirname(os.path.abspath(out)), "*.json")):  # results of the old file
+        result = json.load(open(f))
+        if isinstance(result, dict) and result.get("samples") == os.path.abspath(out):
+            os.remove(f)
+            print(f"removed {f}: it was computed from the samples being replaced")
+    save_npz(out, arr_0=images, settings=np.array(json.dumps(settings)), **stored)
+    shutil.rmtree(os.path.dirname(shards[0]))
+    kind, names = next(iter(stored)), data_meta.get("class_names")
+    name = (lambda k: names[k] if names else f"class {k}") if kind == "arr_1" else \
+        str if kind == "captions" else (lambda k: f"embedding row {k}")
+    preview = os.path.splitext(out)[0] + ".png"
+    save_preview(preview, images, list(stored[kind]), name)
+    print(f"wrote {out}: arr_0 {images.shape} uint8, {', '.join(stored)}; and {preview}: one row per condition")
 
 
 def save_preview(path, images, conditions, name):
