@@ -436,7 +436,7 @@ def test_a_dead_rank_during_sampling_stops_the_other_in_one_line(tiny_run, tmp_p
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         procs.append(subprocess.Popen([sys.executable, f"{ROOT}/sample.py", "--ckpt", tiny_run, "--num", "8",
-                                       "--shard-size", "4", "--batch", "4", "--steps", "1000", "--dist-timeout", "30",
+                                       "--shard-size", "4", "--batch", "4", "--steps", "300", "--dist-timeout", "30",
                                        "--out", str(tmp_path / "s.npz")], env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
     assert "shards to do" in procs[0].stdout.readline()  # both ranks are past the first barrier, sampling
