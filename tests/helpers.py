@@ -1,4 +1,10 @@
 """Checks shared by several test files (imported as `from helpers import ...`; pytest puts tests/ on sys.path)."""
+import json
+import os
+import signal
+import subprocess
+import time
+
 import pytest
 
 
@@ -25,3 +31,25 @@ def interrupted_sampling(args, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         sample.main(args)
     monkeypatch.setattr(sample, "generate", generate)
+
+
+def logged_step(out):
+    try:
+        return json.loads(open(os.path.join(out, "log.jsonl")).read().strip().splitlines()[-1])["step"]
+    except (OSError, IndexError, ValueError):  # no log yet, or a line being written
+        return 0
+
+
+def finish(cmd_fresh, cmd_resume, out, kill_at=None):
+    """Run cmd (fresh, or --resume once a checkpoint exists) until it exits, or SIGKILL its whole process group once
+    its log reaches step kill_at. Returns True if it ran to the end."""
+    cmd = cmd_resume if os.path.exists(os.path.join(out, "ckpt.pt")) else cmd_fresh
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    while p.poll() is None:
+        if kill_at is not None and logged_step(out) >= kill_at:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+            return False
+        time.sleep(0.01)
+    assert p.returncode == 0, p.stderr.read().decode()[-2000:]
+    return True

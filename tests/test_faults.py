@@ -20,7 +20,7 @@ from PIL import Image
 import model
 import prepare_data
 import train
-from helpers import interrupted_sampling
+from helpers import finish, interrupted_sampling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--preset", "tiny", "--batch-size", "8", "--warmup", "1", "--lr", "1e-3", "--grid-steps", "1",
@@ -43,28 +43,6 @@ def one_line_error(r, script_name, *words):
 
 def equal_states(a, b):
     return all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
-
-
-def logged_step(out):
-    try:
-        return json.loads(open(os.path.join(out, "log.jsonl")).read().strip().splitlines()[-1])["step"]
-    except (OSError, IndexError, ValueError):  # no log yet, or a line being written
-        return 0
-
-
-def finish(cmd_fresh, cmd_resume, out, kill_at=None):
-    """Run cmd (fresh, or --resume once a checkpoint exists) until it exits, or SIGKILL its whole process group once
-    its log reaches step kill_at. Returns True if it ran to the end."""
-    cmd = cmd_resume if os.path.exists(os.path.join(out, "ckpt.pt")) else cmd_fresh
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    while p.poll() is None:
-        if kill_at is not None and logged_step(out) >= kill_at:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-            return False
-        time.sleep(0.01)
-    assert p.returncode == 0, p.stderr.read().decode()[-2000:]
-    return True
 
 
 @pytest.mark.faults
