@@ -403,14 +403,21 @@ def cmd_metrics(a):
     m.update(num_samples=len(images), num_ref=None if ref.get("count") is None else int(ref["count"]),
              samples=os.path.abspath(a.samples), ref=os.path.abspath(a.ref), inception_sha256=sha,
              standard_weights=standard, small=small, settings=settings)
-    out = a.out or os.path.join(os.path.dirname(os.path.abspath(a.samples)), "metrics.json")
-    save_json(out, m)
+    out = save_result(m, a.out, a.samples, "metrics.json")
     fmt = lambda k, p=".4f": f"{m[k]:{p}}" if k in m else "n/a"
     print(f"FID {m['fid']:.3f} | sFID {fmt('sfid', '.3f')} | IS {m['is_mean']:.3f} +- {m['is_std']:.3f} | "
           f"precision {fmt('precision')} | recall {fmt('recall')} | {len(images)} samples vs {a.ref}"
           + (f" | ONLY {len(images)} SAMPLES (--allow-small): not comparable" if small else "")
           + ("" if standard else " | NON-STANDARD Inception weights: not comparable") + f" | wrote {out}")
     return m
+
+
+def save_result(result, out, samples, name):
+    """Write a result JSON to --out, by default `name` beside the samples (sample.py --overwrite removes it, by its
+    "samples" field, when those samples are replaced); returns its path."""
+    path = out or os.path.join(os.path.dirname(os.path.abspath(samples)), name)
+    save_json(path, result)
+    return path
 
 
 def feature_fn(a, device):
@@ -515,8 +522,7 @@ def cmd_memorization(a):
     out = dict(memorized_fraction=mem, generalization_score=1 - mem, threshold=a.threshold,
                mean_max_similarity=best.mean().item(), num_samples=len(images), num_train=len(r), features=name,
                samples=os.path.abspath(a.samples))
-    path = a.out or os.path.join(os.path.dirname(os.path.abspath(a.samples)), "memorization.json")
-    save_json(path, out)
+    path = save_result(out, a.out, a.samples, "memorization.json")
     print(f"memorized {mem:.4f}, generalization score {1 - mem:.4f} (max cosine to {len(r)} training images "
           f"> {a.threshold}) | features: {name} | wrote {path}")
     return out
@@ -585,8 +591,7 @@ def cmd_classify(a):
     r = dict(accuracy=float((got == want[known]).mean()), judged=int(known.sum()), num_samples=len(images),
              classifier_heldout_accuracy=held_acc, epochs=a.epochs, samples=os.path.abspath(a.samples),
              ref=os.path.abspath(a.ref))
-    path = a.out or os.path.join(os.path.dirname(os.path.abspath(a.samples)), "classify.json")
-    save_json(path, r)
+    path = save_result(r, a.out, a.samples, "classify.json")
     print(f"conditioning accuracy {r['accuracy']:.3f}: {int((got == want[known]).sum())} of {r['judged']} samples "
           f"read as the class they were asked for ({len(images) - r['judged']} named no single class) | classifier "
           f"held-out accuracy {held_acc:.3f} on {a.ref} | wrote {path}")

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import pickle
+import textwrap
 import urllib.request
 
 import numpy as np
@@ -737,7 +738,6 @@ def to_uint8(x):
 def save_grid(path, images, nrow, labels=None, width=100):
     """uint8 [N, H, W, C] -> one PNG with nrow rows; labels: each row's class name or caption, whole, wrapped in a
     band of `width` pixels at the row's start (a row grows to fit a long caption)."""
-    import textwrap
     from PIL import Image, ImageDraw
     n, h, w, c = images.shape
     ncol, lw = math.ceil(n / nrow), width if labels else 0
