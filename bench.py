@@ -19,31 +19,25 @@ import argparse
 import datetime
 import json
 import os
-import re
-import resource
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 import torch
 
 import evaluate
 import model
-from corrupt import check_ranges
 import train
 from model import Denoiser, Diffusion
+from plumbing import Interval, check_flags, timed
 
 # input size of each preset; the DiTs train on 32x32x4 latents (256x256 images through an 8x autoencoder), the
 # paper's DiT-XL/2 setting
 RES = {"tiny": 32, "cifar": 32, "in64": 64, "dit-tiny": 32, "dit-xl2": 32}
 CLASSES = {"in64": 1000, "dit-xl2": 1000}
-RANGES = dict(train_steps="[1, inf)", sample_batch="[1, inf)", sample_steps="[1, 1000]", feature_images="[0, inf)")
 HERE = os.path.dirname(os.path.abspath(__file__))
-BENCH_LINE = re.compile(r"([\d.]+) images/s, ([\d.]+) ms/step, peak memory ([\d.]+) GiB, ([\d.]+) GFLOP/image "
-                        r"\(fwd\+bwd\), MFU (?:([\d.]+)%|n/a)")
 
 
 def fake_dataset(root, preset, n=4096):
@@ -62,38 +56,6 @@ def fake_dataset(root, preset, n=4096):
     np.save(os.path.join(root, "labels.npy"), rng.integers(0, num_classes, n))
     json.dump(meta, open(os.path.join(root, "meta.json"), "w"))
     return root
-
-
-def timed(fn, device, warmup=1, reps=3, reset_memory=False):
-    """Seconds per call of fn, after warmup untimed calls (and, reset_memory, with the peak memory counted anew)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    sync()
-    if reset_memory and device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    sync()
-    return (time.perf_counter() - t0) / reps
-
-
-def time_training(step_fn, step, n, batch, device, flops_img, peak, world, what, use_compile, use_bf16, rank=0):
-    """train.py --bench: n steps of the training step function after min(n, 10) untimed ones (compile, graph
-    capture, cuDNN's search); prints images/s, ms/step, peak memory, GFLOP/image and MFU (BENCH_LINE)."""
-    steps = iter(range(step, step + min(10, n) + n))
-    dt = timed(lambda: step_fn(next(steps)), device, warmup=min(10, n), reps=n, reset_memory=True)
-    mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    r = dict(images_per_s=batch / dt, step_ms=dt * 1000, peak_mem_gib=mem, gflop_per_image=flops_img / 1e9,
-             mfu=flops_img * batch / dt / (peak * world) if peak else None)
-    if rank == 0:
-        print(f"bench {what} {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} "
-              f"compile={use_compile} bf16={use_bf16}: {r['images_per_s']:.1f} images/s, {r['step_ms']:.1f} ms/step, "
-              f"peak memory {mem:.2f} GiB, {r['gflop_per_image']:.2f} GFLOP/image (fwd+bwd), MFU "
-              + (f"{r['mfu']:.1%} of bf16 dense peak" if peak else "n/a (peak unknown)"))
-    return r
 
 
 def free_port():
@@ -116,13 +78,14 @@ def launch(argv, log, ddp=False, script=os.path.join(HERE, "train.py")):
 
 
 def result(proc, name):
+    """The figures train.py --bench printed as its last line, one JSON object."""
     out = proc.communicate()[0]
-    m = BENCH_LINE.search(out)
-    if proc.returncode or not m:
-        raise SystemExit(f"bench.py: error: variant {name} failed:\n{out[-2000:]}{open(proc.log).read()[-3000:]}")
-    ips, ms, mem, gflop, mfu = m.groups()
-    return dict(images_per_s=float(ips), step_ms=float(ms), peak_mem_gib=float(mem), gflop_per_image=float(gflop),
-                mfu=float(mfu) / 100 if mfu else None)
+    try:
+        assert proc.returncode == 0
+        return json.loads(out.strip().splitlines()[-1])["bench"]
+    except (AssertionError, IndexError, ValueError, KeyError):
+        raise SystemExit(f"bench.py: error: variant {name} failed:\n{out[-2000:]}{open(proc.log).read()[-3000:]}") \
+            from None
 
 
 def bench_train(preset, batches, steps, tmp, device, baseline=None, baseline_batches=(), extra=True):
@@ -181,8 +144,8 @@ def bench_sample(preset, batch, device, steps=50):
     out = {}
     for name, fwd, bf16 in [("fast", torch.compile(net) if fast else net, fast), ("eager", net, False)]:
         torch._dynamo.reset()
-        dt = timed(lambda: model.generate(fwd, diffusion, idx, c, None, 0, (ch, RES[preset], RES[preset]), device,
-                                           bf16, "ddim", steps, cfg_scale=1.5), device, warmup=1, reps=2)
+        dt = timed(lambda: model.generate(fwd, diffusion, idx, c, seed=0, shape=(ch, RES[preset], RES[preset]),
+                                           device=device, bf16=bf16, steps=steps, cfg_scale=1.5), device, reps=2)
         out[name] = batch / dt
     return out
 
@@ -216,27 +179,30 @@ def train_lines(preset, r, batches):
     return lines
 
 
-def main(argv=None):
+def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    count = Interval(int, "[1, inf)")
     p.add_argument("--presets", nargs="+", default=["cifar", "in64"], choices=list(RES))
-    p.add_argument("--train-steps", type=int, default=200)
-    p.add_argument("--train-batch", type=int, nargs="+", default=[128, 16],
+    p.add_argument("--train-steps", type=count, default=200)
+    p.add_argument("--train-batch", type=count, nargs="+", default=[128, 16],
                    help="per-GPU batches (the paper's 128 over 8 GPUs is 16 each)")
-    p.add_argument("--sample-batch", type=int, default=500, help="sample.py's GPU default")
-    p.add_argument("--sample-steps", type=int, default=50)
-    p.add_argument("--feature-images", type=int, default=10000, help="0: skip the FID features")
+    p.add_argument("--sample-batch", type=count, default=500, help="sample.py's GPU default")
+    p.add_argument("--sample-steps", type=Interval(int, "[1, 1000]"), default=50)
+    p.add_argument("--feature-images", type=Interval(int, "[0, inf)"), default=10000, help="0: skip the FID features")
     p.add_argument("--no-sample", action="store_true", help="skip sampling")
     p.add_argument("--no-train", action="store_true", help="skip training")
     p.add_argument("--no-variants", action="store_true", help="time only the defaults, eager fp32 and DDP world 1")
-    p.add_argument("--baseline", help="another checkout whose train.py to time too (its own defaults)")
-    p.add_argument("--baseline-batch", type=int, nargs="+", help="batches to time the baseline at (default: all)")
+    p.add_argument("--baseline", help="another checkout whose train.py to time too (its own defaults; one whose "
+                                      "--bench prints its figures as JSON)")
+    p.add_argument("--baseline-batch", type=count, nargs="+", help="batches to time the baseline at (default: all)")
     p.add_argument("--profile", action="store_true", help="print the kernels of the default training step")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    a = p.parse_args(argv)
-    for name in ("train_batch", "baseline_batch"):  # lists
-        for v in getattr(a, name) or []:
-            check_ranges({name: v}, {name: "[1, inf)"})
-    check_ranges(vars(a), RANGES)
+    return p
+
+
+def main(argv=None):
+    p = get_parser()
+    a = check_flags(p, p.parse_args(argv))
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench.py: error: no CUDA GPU here (--device cpu runs a smoke test, not a benchmark)")

@@ -20,27 +20,13 @@ with seed (seed, epoch), the paper's App. E.4 "random data corruption".
 import argparse
 import json
 import os
-import sys
 
 import numpy as np
 
-
-RANGES = dict(eta="[0, 1)", seed="[0, inf)")
-
-
-def check_eta(eta):
-    check_ranges(dict(eta=eta), dict(eta="[0, 1)"))
+from plumbing import Interval, check_flags, cli, read_dataset, save_npz
 
 
-def check_ranges(values, ranges):
-    """Each flag in ranges (name -> interval as in maths: "[0, 1)", "(0, inf)", "[1, 1000]") that values holds and
-    is not None must lie in its interval; NaN lies in none, inf only in one closed at inf. Every script calls this
-    on its flags before any work: one ValueError line names the flag and its range."""
-    for name, spec in ranges.items():
-        v = values.get(name)
-        lo, hi = (float(x) for x in spec[1:-1].split(","))
-        if v is not None and not ((lo <= v if spec[0] == "[" else lo < v) and (v <= hi if spec[-1] == "]" else v < hi)):
-            raise ValueError(f"--{name.replace('_', '-')} must be in {spec}, got {v}")
+ETA = Interval(float, "[0, 1)")
 
 
 def parse_classes(spec, class_names):
@@ -63,7 +49,7 @@ def parse_classes(spec, class_names):
 
 def flip_labels(labels, eta, num_classes, rng, classes=None):
     """Return (new_labels, mask). classes=None: symmetric over all classes; else flips stay inside `classes`."""
-    check_eta(eta)
+    ETA.check("eta", eta)
     labels = np.asarray(labels, dtype=np.int64)
     allowed = np.arange(num_classes) if classes is None else np.asarray(classes, dtype=np.int64)
     if len(allowed) < 2:
@@ -97,7 +83,7 @@ def corrupt_labels(labels, eta, num_classes, seed, classes=None, epoch=None):
 
 def swap_captions(n, eta, rng):
     """Return (source, mask): image i is trained with the caption(s) of image source[i]."""
-    check_eta(eta)
+    ETA.check("eta", eta)
     n_swap = int(round(eta * n))
     if n_swap == 1:
         raise ValueError(f"eta {eta} of {n} images is a single caption, and a swap needs two: use a larger eta or 0")
@@ -115,6 +101,13 @@ def swap_captions(n, eta, rng):
 def corrupt_captions(n, eta, seed, epoch=None):
     """Deterministic caption swap for (seed[, epoch]), as corrupt_labels."""
     return swap_captions(n, eta, np.random.default_rng([seed] if epoch is None else [seed, epoch]))
+
+
+def changed_captions(captions, source, rows=None):
+    """How many images a swap gives another caption (a swap of two identical captions changes nothing); rows: the
+    dataset row of each position (a --subset)."""
+    rows = np.arange(len(source)) if rows is None else rows
+    return sum(captions[rows[i]] != captions[rows[j]] for i, j in enumerate(source) if i != j)
 
 
 def read_captions(folder, count):
@@ -153,35 +146,33 @@ def summary(clean, noisy, mask, num_classes):
 
 
 def save(path, **arrays):
-    """--out, if given (numpy-only twin of model.save_atomic: this script does not import torch)."""
     if not path:
         return print("nothing written (--out FILE.npz keeps the corruption)")
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    save_npz(path, **arrays)
     print(f"wrote {path}")
 
 
-def main(argv=None):
+def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="dataset split folder (labels.npy, meta.json)")
-    p.add_argument("--eta", type=float, required=True, help="corruption ratio in [0, 1)")
+    p.add_argument("--eta", type=ETA, required=True, help="corruption ratio in [0, 1)")
     p.add_argument("--kind", default="symmetric", choices=["symmetric", "asymmetric", "swap"],
                    help="label flips, or swap: caption swaps (needs captions.jsonl)")
     p.add_argument("--classes", help="asymmetric: comma-separated class indices or names")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=Interval(int, "[0, inf)"), default=0)
     p.add_argument("--out", help="also write the corruption to this npz (default: print only)")
-    a = p.parse_args(argv)
-    check_ranges(vars(a), RANGES)
-    for f in ("labels.npy", "meta.json"):
-        if not os.path.isfile(os.path.join(a.data, f)):
-            raise FileNotFoundError(f"{a.data}/{f} missing: build the dataset with prepare_data.py first")
-    meta = json.load(open(os.path.join(a.data, "meta.json")))
-    labels = np.load(os.path.join(a.data, "labels.npy"))
+    return p
+
+
+def main(argv=None):
+    p = get_parser()
+    a = check_flags(p, p.parse_args(argv))
+    data = read_dataset(a.data)
+    meta, labels = data.meta, data.labels
     if a.kind == "swap":
         captions = read_captions(a.data, len(labels))
         source, mask = corrupt_captions(len(labels), a.eta, a.seed)
-        changed = sum(captions[i] != captions[source[i]] for i in np.flatnonzero(mask))
+        changed = changed_captions(captions, source)
         print(f"swapped the captions of {int(mask.sum())} of {len(labels)} images; {changed} captions changed "
               f"(the rest were swapped with an identical caption)")
         save(a.out, source=source, mask=mask, seed=a.seed, eta=a.eta)
@@ -197,7 +188,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError) as e:
-        sys.exit(f"corrupt.py: error: {e}")
+    cli(main, "corrupt.py")

@@ -30,8 +30,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from corrupt import check_ranges
-from model import PRESETS, download, file_hash, resolve_device, save_atomic, save_json, save_npz
+from model import PRESETS
+from plumbing import (Interval, check_flags, cli, download, file_hash, read_dataset, resolve_device, save_atomic,
+                      save_json, save_npz)
 
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                "pt_inception-2015-12-05-6726825d.pth")
@@ -61,10 +62,8 @@ class InceptionA(nn.Module):
         super().__init__()
         self.branch1x1 = BasicConv(cin, 64, 1)
         self.branch5x5_1, self.branch5x5_2 = BasicConv(cin, 48, 1), BasicConv(48, 64, 5, padding=2)
-        self.branch3x3dbl_1 = BasicConv(cin, 64, 1)
-        self.branch3x3dbl_2 = BasicConv(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = BasicConv(96, 96, 3, padding=1)
-        self.branch_pool = BasicConv(cin, pool_features, 1)
+        self.branch3x3dbl_1, self.branch3x3dbl_2 = BasicConv(cin, 64, 1), BasicConv(64, 96, 3, padding=1)
+        self.branch3x3dbl_3, self.branch_pool = BasicConv(96, 96, 3, padding=1), BasicConv(cin, pool_features, 1)
 
     def forward(self, x):
         return torch.cat([self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
@@ -75,10 +74,8 @@ class InceptionA(nn.Module):
 class InceptionB(nn.Module):
     def __init__(self, cin):
         super().__init__()
-        self.branch3x3 = BasicConv(cin, 384, 3, stride=2)
-        self.branch3x3dbl_1 = BasicConv(cin, 64, 1)
-        self.branch3x3dbl_2 = BasicConv(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = BasicConv(96, 96, 3, stride=2)
+        self.branch3x3, self.branch3x3dbl_1 = BasicConv(cin, 384, 3, stride=2), BasicConv(cin, 64, 1)
+        self.branch3x3dbl_2, self.branch3x3dbl_3 = BasicConv(64, 96, 3, padding=1), BasicConv(96, 96, 3, stride=2)
 
     def forward(self, x):
         return torch.cat([self.branch3x3(x), self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
@@ -88,16 +85,12 @@ class InceptionB(nn.Module):
 class InceptionC(nn.Module):
     def __init__(self, cin, c7):
         super().__init__()
-        self.branch1x1 = BasicConv(cin, 192, 1)
-        self.branch7x7_1 = BasicConv(cin, c7, 1)
-        self.branch7x7_2 = BasicConv(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7_3 = BasicConv(c7, 192, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_1 = BasicConv(cin, c7, 1)
-        self.branch7x7dbl_2 = BasicConv(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_3 = BasicConv(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7dbl_4 = BasicConv(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_5 = BasicConv(c7, 192, (1, 7), padding=(0, 3))
-        self.branch_pool = BasicConv(cin, 192, 1)
+        row, col = dict(kernel_size=(1, 7), padding=(0, 3)), dict(kernel_size=(7, 1), padding=(3, 0))
+        self.branch1x1, self.branch_pool = BasicConv(cin, 192, 1), BasicConv(cin, 192, 1)
+        self.branch7x7_1, self.branch7x7_2 = BasicConv(cin, c7, 1), BasicConv(c7, c7, **row)
+        self.branch7x7_3, self.branch7x7dbl_1 = BasicConv(c7, 192, **col), BasicConv(cin, c7, 1)
+        self.branch7x7dbl_2, self.branch7x7dbl_3 = BasicConv(c7, c7, **col), BasicConv(c7, c7, **row)
+        self.branch7x7dbl_4, self.branch7x7dbl_5 = BasicConv(c7, c7, **col), BasicConv(c7, 192, **row)
 
     def forward(self, x):
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
@@ -111,10 +104,9 @@ class InceptionD(nn.Module):
     def __init__(self, cin):
         super().__init__()
         self.branch3x3_1, self.branch3x3_2 = BasicConv(cin, 192, 1), BasicConv(192, 320, 3, stride=2)
-        self.branch7x7x3_1 = BasicConv(cin, 192, 1)
-        self.branch7x7x3_2 = BasicConv(192, 192, (1, 7), padding=(0, 3))
-        self.branch7x7x3_3 = BasicConv(192, 192, (7, 1), padding=(3, 0))
-        self.branch7x7x3_4 = BasicConv(192, 192, 3, stride=2)
+        row, col = dict(kernel_size=(1, 7), padding=(0, 3)), dict(kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7x3_1, self.branch7x7x3_2 = BasicConv(cin, 192, 1), BasicConv(192, 192, **row)
+        self.branch7x7x3_3, self.branch7x7x3_4 = BasicConv(192, 192, **col), BasicConv(192, 192, 3, stride=2)
 
     def forward(self, x):
         d = x
@@ -127,15 +119,12 @@ class InceptionE(nn.Module):
     def __init__(self, cin, pool):
         super().__init__()
         self.pool = pool  # "avg" in Mixed_7b; the FID graph has a 3x3 max pool in Mixed_7c
-        self.branch1x1 = BasicConv(cin, 320, 1)
-        self.branch3x3_1 = BasicConv(cin, 384, 1)
-        self.branch3x3_2a = BasicConv(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3_2b = BasicConv(384, 384, (3, 1), padding=(1, 0))
-        self.branch3x3dbl_1 = BasicConv(cin, 448, 1)
-        self.branch3x3dbl_2 = BasicConv(448, 384, 3, padding=1)
-        self.branch3x3dbl_3a = BasicConv(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3dbl_3b = BasicConv(384, 384, (3, 1), padding=(1, 0))
-        self.branch_pool = BasicConv(cin, 192, 1)
+        row, col = dict(kernel_size=(1, 3), padding=(0, 1)), dict(kernel_size=(3, 1), padding=(1, 0))
+        self.branch1x1, self.branch3x3_1, self.branch_pool = BasicConv(cin, 320, 1), BasicConv(cin, 384, 1), \
+            BasicConv(cin, 192, 1)
+        self.branch3x3_2a, self.branch3x3_2b = BasicConv(384, 384, **row), BasicConv(384, 384, **col)
+        self.branch3x3dbl_1, self.branch3x3dbl_2 = BasicConv(cin, 448, 1), BasicConv(448, 384, 3, padding=1)
+        self.branch3x3dbl_3a, self.branch3x3dbl_3b = BasicConv(384, 384, **row), BasicConv(384, 384, **col)
 
     def forward(self, x):
         b = self.branch3x3_1(x)
@@ -150,10 +139,8 @@ class FIDInception(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.Conv2d_1a_3x3 = BasicConv(3, 32, 3, stride=2)
-        self.Conv2d_2a_3x3 = BasicConv(32, 32, 3)
-        self.Conv2d_2b_3x3 = BasicConv(32, 64, 3, padding=1)
-        self.Conv2d_3b_1x1 = BasicConv(64, 80, 1)
+        self.Conv2d_1a_3x3, self.Conv2d_2a_3x3 = BasicConv(3, 32, 3, stride=2), BasicConv(32, 32, 3)
+        self.Conv2d_2b_3x3, self.Conv2d_3b_1x1 = BasicConv(32, 64, 3, padding=1), BasicConv(64, 80, 1)
         self.Conv2d_4a_3x3 = BasicConv(80, 192, 3)
         self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = InceptionA(192, 32), InceptionA(256, 64), InceptionA(288, 64)
         self.Mixed_6a = InceptionB(288)
@@ -287,10 +274,8 @@ def sq_dists(a, b):
 
 def knn_radii(feats, k=3, batch=10000):
     """Squared distance from each point to its k-th nearest other point."""
-    out = []
-    for i in range(0, len(feats), batch):
-        out.append(torch.kthvalue(sq_dists(feats[i:i + batch], feats), k + 1, dim=1).values)  # +1: the point itself
-    return torch.cat(out)
+    return torch.cat([torch.kthvalue(sq_dists(feats[i:i + batch], feats), k + 1, dim=1).values  # +1: the point
+                      for i in range(0, len(feats), batch)])
 
 
 def coverage(query, ref, radii, batch=10000):
@@ -329,17 +314,22 @@ def load_samples(path):
     return images, labels, settings
 
 
-def reference(ref, net, sha, resolution, need_images=True):
+def image_folder(path, need_labels=False):
+    """(images, meta, labels) of a dataset folder of images (not latents)."""
+    d = read_dataset(path, need_labels)
+    if d.latent:
+        raise ValueError(f"{path} holds latents: give the dataset folder of the images they were encoded from")
+    return d.images, d.meta, d.labels
+
+
+def reference(ref, net, sha, resolution):
     """Reference statistics and pool features of a dataset folder or an npz, cached beside it. The cache is keyed by
     the Inception weights' sha256 and by the version of the images it was computed from (their file's size and
     modification time, and a dataset's count and source checksum): a rebuilt dataset is never read through the old
     features, they are computed again."""
-    source = os.path.join(ref, "images.npy")
+    source, meta = os.path.join(ref, "images.npy"), {}
     if os.path.isdir(ref):
-        if not os.path.isfile(source):
-            raise FileNotFoundError(f"{ref}/images.npy missing: give a dataset folder from prepare_data.py")
-        images = np.load(source, mmap_mode="r")
-        cache = os.path.join(ref, f"inception-{sha[:16]}.npz")
+        (images, meta, _), cache = image_folder(ref), os.path.join(ref, f"inception-{sha[:16]}.npz")
     elif os.path.isfile(ref):
         try:
             z = np.load(ref, allow_pickle=False)
@@ -359,8 +349,7 @@ def reference(ref, net, sha, resolution, need_images=True):
     if resolution is not None and images.shape[1:3] != resolution:
         raise ValueError(f"--ref {ref} is {images.shape[1]}x{images.shape[2]} but the samples are "
                          f"{resolution[0]}x{resolution[1]}: compare against a reference of the same resolution")
-    meta = os.path.join(ref, "meta.json")
-    st, meta = os.stat(source), json.load(open(meta)) if os.path.isfile(meta) else {}
+    st = os.stat(source)
     key = json.dumps(dict(inception=sha, size=st.st_size, mtime_ns=st.st_mtime_ns, count=meta.get("count"),
                           checksum=meta.get("source_checksum")), sort_keys=True)
     if os.path.isfile(cache):
@@ -413,48 +402,56 @@ def cmd_metrics(a):
 
 
 def save_result(result, out, samples, name):
-    """Write a result JSON to --out, by default `name` beside the samples (sample.py --overwrite removes it, by its
-    "samples" field, when those samples are replaced); returns its path."""
+    """Write a result JSON to --out, by default `name` beside the samples (sample.py --overwrite removes it)."""
     path = out or os.path.join(os.path.dirname(os.path.abspath(samples)), name)
     save_json(path, result)
     return path
 
 
-def feature_fn(a, device):
-    """(images -> L2-normalised features, (dataset folder, rows or None) -> the same for those of its images, name):
-    our Inception pool features (a dataset's come from its cached features), a TorchScript model (e.g. SSCD), or
-    `pixels`: each image's pixels minus their mean (a crude stand-in where no trained feature network is at hand)."""
-    rows_of = lambda f, rows: f if rows is None else f[rows]
-    if not a.features:
-        net, sha = load_inception(a.inception_weights, device)
-        unit = lambda f: F.normalize(torch.from_numpy(np.asarray(f, dtype=np.float64)), dim=1)
-        name = "inception-pool" + ("" if sha.startswith(WEIGHTS_SHA_PREFIX) else " (NON-STANDARD weights)")
-        return (lambda images: unit(inception_features(net, images, a.batch)["pool"]),
-                lambda folder, rows: unit(rows_of(reference(folder, net, sha, None)["pool"], rows)), name)
-    dataset = lambda fn: lambda folder, rows: fn(rows_of(np.load(os.path.join(folder, "images.npy"), mmap_mode="r"),
-                                                          None if rows is None else np.sort(rows)))
-    if a.features == "pixels":
-        def pixels(images):
-            x = torch.from_numpy(np.array(images, dtype=np.float64)).flatten(1)
-            return F.normalize(x - x.mean(1, keepdim=True), dim=1)
-        return pixels, dataset(pixels), "pixels"
-    if not os.path.isfile(a.features):
-        raise FileNotFoundError(f"--features {a.features} does not exist (a TorchScript file, or: pixels)")
-    model = torch.jit.load(a.features, map_location=device).eval()
-    mean, std = {"imagenet": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]), "none": ([0, 0, 0], [1, 1, 1]),
-                 "minus1_1": ([0.5] * 3, [0.5] * 3)}[a.feat_norm]
-    mean, std = torch.tensor(mean, device=device)[:, None, None], torch.tensor(std, device=device)[:, None, None]
+class Features:
+    """L2-normalised features of uint8 images, for repro and memorization: our Inception's pool features (a dataset's
+    from its cached reference features), a TorchScript model (--features, e.g. SSCD), or `pixels`: each image's
+    pixels minus their mean (a crude stand-in where no trained feature network is at hand)."""
+
+    def __init__(self, a, device):
+        self.kind, self.batch, self.device = a.features or "inception", a.batch, device
+        if not a.features:
+            self.net, self.sha = load_inception(a.inception_weights, device)
+            standard = self.sha.startswith(WEIGHTS_SHA_PREFIX)
+            self.name = "inception-pool" + ("" if standard else " (NON-STANDARD weights)")
+        elif a.features == "pixels":
+            self.name = "pixels"
+        elif not os.path.isfile(a.features):
+            raise FileNotFoundError(f"--features {a.features} does not exist (a TorchScript file, or: pixels)")
+        else:
+            self.kind, self.name, self.size = "torchscript", os.path.basename(a.features), a.feat_size
+            self.net = torch.jit.load(a.features, map_location=device).eval()
+            mean, std = {"imagenet": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]), "none": ([0, 0, 0], [1, 1, 1]),
+                         "minus1_1": ([0.5] * 3, [0.5] * 3)}[a.feat_norm]
+            self.mean, self.std = (torch.tensor(v, device=device)[:, None, None] for v in (mean, std))
 
     @torch.no_grad()
-    def fn(images):
+    def __call__(self, images):
+        if self.kind == "inception":
+            return F.normalize(torch.from_numpy(inception_features(self.net, images, self.batch)["pool"]), dim=1)
+        if self.kind == "pixels":
+            x = torch.from_numpy(np.array(images, dtype=np.float64)).flatten(1)
+            return F.normalize(x - x.mean(1, keepdim=True), dim=1)
         out = []
-        for i in range(0, len(images), a.batch):
-            x = torch.from_numpy(np.array(images[i:i + a.batch])).to(device).permute(0, 3, 1, 2) / 255
-            x = F.interpolate(x.float().expand(-1, 3, -1, -1), size=(a.feat_size, a.feat_size), mode="bilinear",
+        for i in range(0, len(images), self.batch):
+            x = torch.from_numpy(np.array(images[i:i + self.batch])).to(self.device).permute(0, 3, 1, 2) / 255
+            x = F.interpolate(x.float().expand(-1, 3, -1, -1), size=(self.size, self.size), mode="bilinear",
                               align_corners=False, antialias=True)
-            out.append(model((x - mean) / std).float().cpu())
+            out.append(self.net((x - self.mean) / self.std).float().cpu())
         return F.normalize(torch.cat(out).double(), dim=1)
-    return fn, dataset(fn), os.path.basename(a.features)
+
+    def of_dataset(self, folder, rows=None):
+        """The same for a dataset folder's images (rows: those of a --subset); Inception's from the cache."""
+        if self.kind == "inception":
+            pool = reference(folder, self.net, self.sha, None)["pool"]
+            return F.normalize(torch.from_numpy(np.asarray(pool if rows is None else pool[rows], np.float64)), dim=1)
+        images = image_folder(folder)[0]
+        return self(images if rows is None else images[np.sort(rows)])
 
 
 def cmd_repro(a):
@@ -467,8 +464,8 @@ def cmd_repro(a):
         if len(s) != len(sets[0]):
             raise ValueError(f"{a.samples[0]} has {len(sets[0])} samples and {p} {len(s)}: repro compares sample i "
                              f"with sample i")
-    fn, _, name = feature_fn(a, resolve_device(a.device))
-    feats = [fn(s) for s in sets]
+    features = Features(a, resolve_device(a.device))
+    feats, name = [features(s) for s in sets], features.name
     k = len(sets)
     rp, mean_sim = np.ones((k, k)), np.ones((k, k))
     for i in range(k):
@@ -487,8 +484,7 @@ def cmd_repro(a):
         for i, p in enumerate(a.samples):
             print(f"  [{i}] " + " ".join(f"{v:.3f}" for v in rp[i]) + f"  {p}")
     if a.out:
-        save_json(a.out, r)
-        print(f"wrote {a.out}")
+        print(f"wrote {save_result(r, a.out, None, None)}")
     return r
 
 
@@ -509,22 +505,19 @@ def cmd_memorization(a):
     """Highest similarity of each sample to any training image; memorized fraction above the threshold."""
     images, _, _ = load_samples(a.samples)
     folder, rows = training_rows(a.ref)
-    if not os.path.isfile(os.path.join(folder, "images.npy")):
-        raise FileNotFoundError(f"{folder}/images.npy missing: --ref must be the training set's dataset folder or "
-                                f"the run folder")
-    if np.load(os.path.join(folder, "images.npy"), mmap_mode="r").shape[1:] != images.shape[1:]:
+    if image_folder(folder)[0].shape[1:] != images.shape[1:]:
         raise ValueError(f"{folder} holds images of another shape than {a.samples}")
     device = resolve_device(a.device)
-    fn, dataset_fn, name = feature_fn(a, device)
-    s, r = fn(images).float().to(device), dataset_fn(folder, rows).float().to(device)
+    features = Features(a, device)
+    s, r = features(images).float().to(device), features.of_dataset(folder, rows).float().to(device)
     best = torch.cat([(s[i:i + 4096] @ r.T).max(1).values for i in range(0, len(s), 4096)]).cpu()
     mem = (best > a.threshold).double().mean().item()
     out = dict(memorized_fraction=mem, generalization_score=1 - mem, threshold=a.threshold,
-               mean_max_similarity=best.mean().item(), num_samples=len(images), num_train=len(r), features=name,
-               samples=os.path.abspath(a.samples))
+               mean_max_similarity=best.mean().item(), num_samples=len(images), num_train=len(r),
+               features=features.name, samples=os.path.abspath(a.samples))
     path = save_result(out, a.out, a.samples, "memorization.json")
     print(f"memorized {mem:.4f}, generalization score {1 - mem:.4f} (max cosine to {len(r)} training images "
-          f"> {a.threshold}) | features: {name} | wrote {path}")
+          f"> {a.threshold}) | features: {features.name} | wrote {path}")
     return out
 
 
@@ -572,21 +565,16 @@ def cmd_classify(a):
     """Conditioning accuracy: the fraction of samples that a classifier fit to the reference set reads as the
     class (or the class named in the caption) they were generated for."""
     images, conditions, _ = load_samples(a.samples)
-    for f in ("images.npy", "labels.npy", "meta.json"):
-        if not os.path.isfile(os.path.join(a.ref, f)):
-            raise FileNotFoundError(f"{a.ref}/{f} missing: --ref must be a labelled dataset folder")
+    ref, meta, ref_labels = image_folder(a.ref, need_labels=True)
     if conditions is None:
         raise ValueError(f"{a.samples} stores no labels or captions: sample it with sample.py")
-    meta = json.load(open(os.path.join(a.ref, "meta.json")))
-    ref = np.load(os.path.join(a.ref, "images.npy"), mmap_mode="r")
     if ref.shape[1:] != images.shape[1:]:
         raise ValueError(f"--ref {a.ref} holds {list(ref.shape[1:])} images, the samples are {list(images.shape[1:])}")
     want = intended_classes(conditions, meta["class_names"])
     known = want >= 0
     if not known.any():
         raise ValueError("no sample's condition names exactly one class of --ref (check its class_names)")
-    predict, held_acc = fit_classifier(ref, np.load(os.path.join(a.ref, "labels.npy")), meta["num_classes"],
-                                       a.epochs, resolve_device(a.device))
+    predict, held_acc = fit_classifier(ref, ref_labels, meta["num_classes"], a.epochs, resolve_device(a.device))
     got = predict(images[known])
     r = dict(accuracy=float((got == want[known]).mean()), judged=int(known.sum()), num_samples=len(images),
              classifier_heldout_accuracy=held_acc, epochs=a.epochs, samples=os.path.abspath(a.samples),
@@ -617,7 +605,7 @@ def collect(run_dirs):
             n = cfg["train"].get("subset") or cfg["data"]["count"]
             rp = json.load(open(os.path.join(d, "repro.json")))["rp_score"] if has("repro.json") else None
             study.append(dict(run=run, images=n, log2n=float(np.log2(n)), seed=cfg["train"]["seed"], rp=rp,
-                              width=cfg["model"].get("ch", PRESETS.get(cfg["model"]["preset"], {}).get("ch")),
+                              width=cfg["model"].get("ch", PRESETS[cfg["model"]["preset"]].get("unet", {}).get("ch")),
                               gl=m["generalization_score"], features=m["features"]))
         if not has("metrics.json") and not has("memorization.json"):
             print(f"skipping {d}: no metrics.json or memorization.json", file=sys.stderr)
@@ -628,26 +616,23 @@ def collect(run_dirs):
             sorted(study, key=lambda r: (r["width"], r["images"], r["seed"])))
 
 
-def markdown_table(rows):
-    f = lambda v, p: "-" if v is None else f"{v:{p}}"
-    lines = ["| run | cond | eta (%) | corruption | CEP | cfg | samples | FID | sFID | IS | precision | recall |",
-             "|" + "---|" * 12]
-    for r in rows:
-        cep = r["cep"] if r["cep"] == "none" else f"{r['cep']} (gamma {r['gamma']:g})"
-        lines.append(f"| {r['run']} | {r['cond']} | {r['eta'] * 100:g} | {r['corruption']}/{r['mode']} | {cep} | "
-                     f"{f(r['cfg'], 'g')} | {r['n']} | {f(r['fid'], '.2f')} | {f(r['sfid'], '.2f')} | "
-                     f"{f(r['is_mean'], '.2f')} | {f(r['precision'], '.3f')} | {f(r['recall'], '.3f')} |")
-    return "\n".join(lines) + "\n"
+def markdown(columns, rows):
+    """A markdown table: columns is [(title, row -> cell text)]."""
+    lines = ["| " + " | ".join(title for title, _ in columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(cell(r) for _, cell in columns) + " |" for r in rows]) + "\n"
 
 
-def study_table(rows):
-    f = lambda v: "-" if v is None else f"{v:.3f}"
-    lines = ["| run | training images | width | seed | reproducibility | generalization | features |", "|" + "---|" * 7]
-    lines += [f"| {r['run']} | {r['images']} | {r['width']} | {r['seed']} | {f(r['rp'])} | {f(r['gl'])} | "
-              f"{r['features']} |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
+num = lambda key, spec: lambda r: "-" if r[key] is None else f"{r[key]:{spec}}"
+ETA_COLUMNS = [("run", lambda r: r["run"]), ("cond", lambda r: r["cond"]), ("eta (%)", lambda r: f"{r['eta'] * 100:g}"),
+               ("corruption", lambda r: f"{r['corruption']}/{r['mode']}"),
+               ("CEP", lambda r: r["cep"] if r["cep"] == "none" else f"{r['cep']} (gamma {r['gamma']:g})"),
+               ("cfg", num("cfg", "g")), ("samples", lambda r: str(r["n"])), ("FID", num("fid", ".2f")),
+               ("sFID", num("sfid", ".2f")), ("IS", num("is_mean", ".2f")), ("precision", num("precision", ".3f")),
+               ("recall", num("recall", ".3f"))]
+STUDY_COLUMNS = [("run", lambda r: r["run"]), ("training images", lambda r: str(r["images"])),
+                 ("width", lambda r: str(r["width"])), ("seed", lambda r: str(r["seed"])),
+                 ("reproducibility", num("rp", ".3f")), ("generalization", num("gl", ".3f")),
+                 ("features", lambda r: r["features"])]
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75)]
 
 
@@ -671,11 +656,9 @@ def plot(rows, path, x, xlabel, panels, series_of, w=420, h=300):
         if not pts:
             d.text((left + (right - left) // 2 - 21, (top + bottom) // 2 - 6), "no data", fill="black")
             continue
-        xs, ys = [v for v, _ in pts], [v for _, v in pts]
-        x0, x1 = min(xs), max(xs)
-        y0, y1 = min(ys), max(ys)
+        (x0, x1), (y0, y1) = [(min(v), max(v)) for v in zip(*pts)]
         xpad, pad = (x1 - x0) * 0.06 or 1.0, (y1 - y0) * 0.1 or abs(y0) * 0.1 or 1.0  # no point on the frame
-        (x0, x1), (y0, y1) = (x0 - xpad, x1 + xpad), (y0 - pad, y1 + pad)
+        xs, (x0, x1), (y0, y1) = [v for v, _ in pts], (x0 - xpad, x1 + xpad), (y0 - pad, y1 + pad)
         X = lambda v: left + (v - x0) / (x1 - x0) * (right - left)
         Y = lambda v: bottom - (v - y0) / (y1 - y0) * (bottom - top)
         whole = all(float(v).is_integer() for v in xs)  # e.g. log2 of subset sizes: a tick at each integer
@@ -689,11 +672,8 @@ def plot(rows, path, x, xlabel, panels, series_of, w=420, h=300):
             d.text((X(xv) - 8, bottom + 6), f"{xv:.3g}", fill="black")
         for s, (name, rs) in enumerate(series.items()):
             c = COLOURS[s % len(COLOURS)]
-            at = {}
-            for r in rs:
-                if r[key] is not None:
-                    at.setdefault(r[x], []).append(r[key])
-            xy = [(X(v), Y(float(np.mean(at[v])))) for v in sorted(at)]
+            at = {v: [r[key] for r in rs if r[x] == v and r[key] is not None] for v in sorted({r[x] for r in rs})}
+            xy = [(X(v), Y(float(np.mean(ys)))) for v, ys in at.items() if ys]
             if len(xy) > 1:
                 d.line(xy, fill=c, width=2)
             for u, v in xy:
@@ -713,7 +693,7 @@ def cmd_report(a):
     a.out = a.out or os.path.join(os.path.commonpath([os.path.dirname(os.path.abspath(d)) for d in dirs]), "report")
     table, wrote = "", []
     if rows:
-        table += markdown_table(rows)
+        table += markdown(ETA_COLUMNS, rows)
         cep = lambda r: "no CEP" if r["cep"] == "none" else f"CEP-{r['cep'][0].upper()} gamma {r['gamma']:g}"
         rows = [dict(r, eta_pct=r["eta"] * 100) for r in rows]
         plot(rows, a.out + ".png", "eta_pct", "eta (%)", [("fid", "FID", "FID"), ("is_mean", "IS", "IS"),
@@ -721,7 +701,7 @@ def cmd_report(a):
              lambda r: f"{r['cond']}, {cep(r)}, {r['corruption']}/{r['mode']}")
         wrote.append(a.out + ".png")
     if study:
-        table += ("\n" if table else "") + study_table(study)
+        table += ("\n" if table else "") + markdown(STUDY_COLUMNS, study)
         plot(study, a.out + "-study.png", "log2n", "log2 training images",
              [("rp", "reproducibility (between seeds)", "pairs with cosine > threshold"),
               ("gl", "generalization", "1 - memorized fraction")], lambda r: f"width {r['width']}")
@@ -733,72 +713,60 @@ def cmd_report(a):
 
 # ----------------------------------------------------------------------------- main
 
-def add_common(p):
-    p.add_argument("--inception-weights", help=f"path to {WEIGHTS_NAME} (default: cached download)")
-    p.add_argument("--batch", type=int, default=500)
-    p.add_argument("--device", default="auto")
+def get_parser():
+    """One sub-command per result; `metrics` is the default and needs no name. -> (parser, {command: its parser})."""
+    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd")
+    cmd = lambda name, about: sub.add_parser(name, help=about, description=about)
+    count, out = Interval(int, "[1, inf)"), "JSON file for the result (default: beside the samples)"
+    m = cmd("metrics", "FID, sFID, IS, precision/recall of samples against a reference (the default command)")
+    m.add_argument("--samples", required=True, help="samples npz (arr_0 uint8 [N, H, W, C])")
+    m.add_argument("--ref", required=True, help="dataset folder, pytorch-fid stats npz or ADM reference npz")
+    m.add_argument("--allow-small", action="store_true", help=f"allow FID on fewer than {MIN_FID_SAMPLES}")
+    m.add_argument("--save-features", help="write the samples' pool features to this npz")
+    r = cmd("repro", "reproducibility: index-matched pairs of two or more sample sets (Zhang et al.)")
+    r.add_argument("samples", nargs="+", help="two or more samples.npz of the same seed and conditions")
+    mem = cmd("memorization", "highest similarity of each sample to the training set; memorized fraction")
+    mem.add_argument("--samples", required=True)
+    mem.add_argument("--ref", required=True, help="the training set's dataset folder, or the run folder (only "
+                                                  "the images that run trained on, e.g. its --subset)")
+    c = cmd("classify", "conditioning accuracy: does each sample show the class it was asked for?")
+    c.add_argument("--samples", required=True)
+    c.add_argument("--ref", required=True, help="a labelled dataset folder at the samples' resolution")
+    c.add_argument("--epochs", type=count, default=3, help="epochs of the classifier over --ref")
+    for q in (m, r, mem):
+        q.add_argument("--inception-weights", help=f"path to {WEIGHTS_NAME} (default: cached download)")
+        q.add_argument("--batch", type=count, default=500)
+    for q in (r, mem):
+        q.add_argument("--features", help="TorchScript feature model (e.g. SSCD) or `pixels`; default Inception "
+                                          "pool features")
+        q.add_argument("--feat-size", type=count, default=320, help="input size of --features")
+        q.add_argument("--feat-norm", default="imagenet", choices=["imagenet", "none", "minus1_1"])
+        q.add_argument("--threshold", type=Interval(float, "[-1, 1]"), default=0.6,
+                       help="cosine similarity threshold (paper: 0.6)")
+    for q in (m, r, mem, c):
+        q.add_argument("--device", default="auto")
+        q.add_argument("--out", help=out)
+    rep = cmd("report", "the eta table and plots of run folders (and the reproducibility study's)")
+    rep.add_argument("runs", nargs="+", help="run folders holding metrics.json")
+    rep.add_argument("--out", help="writes OUT.md and OUT.png (default: report.md and report.png in the run "
+                                   "folders' parent, e.g. runs/)")
+    return p, sub.choices
 
 
-def add_features(p):
-    p.add_argument("--features", help="TorchScript feature model (e.g. SSCD) or `pixels`; default Inception "
-                                      "pool features")
-    p.add_argument("--feat-size", type=int, default=320, help="input size of --features")
-    p.add_argument("--feat-norm", default="imagenet", choices=["imagenet", "none", "minus1_1"])
-    p.add_argument("--threshold", type=float, default=0.6, help="cosine similarity threshold (paper: 0.6)")
-    p.add_argument("--out", help="JSON file for the result")
-
-
-COMMANDS = ("repro", "memorization", "classify", "report")
-RANGES = dict(batch="[1, inf)", feat_size="[1, inf)", threshold="[-1, 1]", epochs="[1, inf)")
-
-
-def parse(p, argv):
-    a = p.parse_args(argv)
-    check_ranges(vars(a), RANGES)
-    return a
+COMMANDS = dict(metrics=cmd_metrics, repro=cmd_repro, memorization=cmd_memorization, classify=cmd_classify,
+                report=cmd_report)
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    cmd = argv[0] if argv and argv[0] in COMMANDS else "metrics"
-    p = argparse.ArgumentParser(prog=f"evaluate.py{'' if cmd == 'metrics' else ' ' + cmd}", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    if cmd == "metrics":
-        p.add_argument("--samples", required=True, help="samples npz (arr_0 uint8 [N, H, W, C])")
-        p.add_argument("--ref", required=True, help="dataset folder, pytorch-fid stats npz or ADM reference npz")
-        p.add_argument("--allow-small", action="store_true", help=f"allow FID on fewer than {MIN_FID_SAMPLES}")
-        p.add_argument("--save-features", help="write the samples' pool features to this npz")
-        p.add_argument("--out", help="metrics JSON (default: metrics.json beside the samples)")
-        add_common(p)
-        return cmd_metrics(parse(p, argv))
-    argv = argv[1:]
-    if cmd == "repro":
-        p.add_argument("samples", nargs="+", help="two or more samples.npz of the same seed and conditions")
-        add_common(p)
-        add_features(p)
-        return cmd_repro(parse(p, argv))
-    if cmd == "memorization":
-        p.add_argument("--samples", required=True)
-        p.add_argument("--ref", required=True, help="the training set's dataset folder, or the run folder (only "
-                                                    "the images that run trained on, e.g. its --subset)")
-        add_common(p)
-        add_features(p)
-        return cmd_memorization(parse(p, argv))
-    if cmd == "classify":
-        p.add_argument("--samples", required=True)
-        p.add_argument("--ref", required=True, help="a labelled dataset folder at the samples' resolution")
-        p.add_argument("--epochs", type=int, default=3, help="epochs of the classifier over --ref")
-        p.add_argument("--device", default="auto")
-        p.add_argument("--out", help="JSON file (default: classify.json beside the samples)")
-        return cmd_classify(parse(p, argv))
-    p.add_argument("runs", nargs="+", help="run folders holding metrics.json")
-    p.add_argument("--out", help="writes OUT.md and OUT.png (default: report.md and report.png in the run folders' "
-                                 "parent, e.g. runs/)")
-    return cmd_report(parse(p, argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        argv = ["metrics"] + argv
+    p, commands = get_parser()
+    a = p.parse_args(argv)
+    return COMMANDS[a.cmd](check_flags(commands[a.cmd], a))
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError) as e:
-        sys.exit(f"evaluate.py: error: {e}")
+    cli(main, "evaluate.py")

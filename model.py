@@ -1,41 +1,54 @@
-"""The denoiser (UNet + condition embedder), the Gaussian diffusion, and the checkpoint format.
+"""slightdiff's model: the networks, the diffusion and its samplers, the condition embedders.
 
-UNet in the DDPM (Ho et al. 2020) / ADM (Dhariwal & Nichol 2021) style. The condition enters in two ways, so text
-tokens or control metadata can be added without touching the UNet:
-  c_vec    [B, emb_dim]      added to the time embedding; drives each ResBlock's (scale-shift) norm;
-  c_tokens [B, L, ctx_dim]   attended to by cross-attention at the attention resolutions (if ctx_dim is set).
+  PRESETS            every network by name: the UNets tiny, cifar (DDPM), in64 (ADM), ldm4 (LDM-4) and the DiTs
+                     dit-tiny, dit-s2 ... dit-xl2 (Peebles & Xie), with their text-encoder size and schedule
+  attention          the one multi-head attention (SDPA) of the UNet, the DiT and the text encoder
+  UNet               ResBlock, AttentionBlock (self-, cross-attention, LDM's feed-forward), ResAttnBlock, UNet
+  DiT                sincos_2d, DiTBlock (adaLN-Zero), DiT
+  conditions         ClassEmbedder, TextEncoder (UTF-8 bytes), ControlEmbedder (Berrada et al.), cep_delta (Chen et al.)
+  Denoiser           a backbone and its condition embedders: what train.py trains and sample.py samples
+  Diffusion          noise schedules, the training loss, the denoiser D(x, sigma) that every sampler walks
+  samplers           sample_ddim (and DDPM), sample_dpmpp_2m, sample_heun; guided (CFG); generate (noise per sample)
+  autoencoders       load_autoencoder, ae_encode, latent_decoder: the latent path (diffusers)
+
+The condition enters a backbone in two ways, so text tokens or control metadata are added without touching it:
+  c_vec    [B, emb_dim]      added to the time embedding (a UNet's scale-shift norms, a DiT's adaLN);
+  c_tokens [B, L, ctx_dim]   attended to by cross-attention (if ctx_dim is set).
 """
-import contextlib
-import datetime
 import hashlib
 import json
 import math
 import os
-import pickle
-import textwrap
-import urllib.request
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from plumbing import seed_of, to_device, to_uint8, weights_hash
+
 PRESETS = {
-    # CPU tests and the quick start.
-    "tiny": dict(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, attn_res=(8,), dropout=0.0, head_ch=64, scale_shift=True),
+    # UNets. CPU tests and the quick start.
+    "tiny": dict(unet=dict(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, attn_res=(8,), dropout=0.0, head_ch=64,
+                           scale_shift=True), text=(64, 2)),
     # DDPM's CIFAR-10 UNet (35.7M parameters): additive time embedding as in Ho et al., one attention head.
-    "cifar": dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=(16,), dropout=0.1, head_ch=256,
-                  scale_shift=False),
+    "cifar": dict(unet=dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=(16,), dropout=0.1, head_ch=256,
+                            scale_shift=False), text=(256, 4)),
     # ADM's ImageNet 64x64 UNet (Dhariwal & Nichol, Table 14), with conv resampling.
-    "in64": dict(ch=192, ch_mult=(1, 2, 3, 4), num_res_blocks=3, attn_res=(32, 16, 8), dropout=0.1, head_ch=64,
-                 scale_shift=True),
+    "in64": dict(unet=dict(ch=192, ch_mult=(1, 2, 3, 4), num_res_blocks=3, attn_res=(32, 16, 8), dropout=0.1,
+                           head_ch=64, scale_shift=True)),
     # LDM-4 on 64x64x3 VQ-f4 latents (Chen et al. Table 3; CompVis cin256-v2): one attention head, the class through
     # cross-attention on a 512-wide embedding as LDM (class_ctx; 0 sends it through c_vec), LDM's schedule.
-    "ldm4": dict(ch=192, ch_mult=(1, 2, 3, 5), num_res_blocks=2, attn_res=(32, 16, 8), dropout=0.0, head_ch=None,
-                 scale_shift=False, ff=True, class_ctx=512, schedule="scaled_linear"),
-}
+    "ldm4": dict(unet=dict(ch=192, ch_mult=(1, 2, 3, 5), num_res_blocks=2, attn_res=(32, 16, 8), dropout=0.0,
+                           head_ch=None, scale_shift=False, ff=True), class_ctx=512, schedule="scaled_linear"),
+    # DiTs (depth, width, heads, patch): a CPU-sized one and DiT's S/2, B/2, L/2, XL/2 (Peebles & Xie, Table 1).
+    "dit-tiny": dict(dit=dict(depth=4, dim=128, heads=4, patch=2), text=(64, 2)),
+    "dit-s2": dict(dit=dict(depth=12, dim=384, heads=6, patch=2)),
+    "dit-b2": dict(dit=dict(depth=12, dim=768, heads=12, patch=2)),
+    "dit-l2": dict(dit=dict(depth=24, dim=1024, heads=16, patch=2)),
+    "dit-xl2": dict(dit=dict(depth=28, dim=1152, heads=16, patch=2)),
+}  # text: (width, layers) of the text encoder, default (384, 6); schedule: default linear
 T = 1000  # diffusion timesteps of every schedule here: the network's time input and the control phase-in span [0, T)
 
 
@@ -50,6 +63,14 @@ def zero_init(m):
     nn.init.zeros_(m.weight)
     nn.init.zeros_(m.bias)
     return m
+
+
+def attention(q, k, v, mask=None):
+    """Multi-head attention [B, heads, L, d] through SDPA (flash on a GPU). The fused kernels (flash,
+    memory-efficient, cuDNN) need the head dimension at stride 1; a UNet's NCHW convolution gives it at stride H*W,
+    which would leave only the math path (measured on an H100)."""
+    q, k, v = (z if z.stride(-1) == 1 else z.contiguous() for z in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 def norm(ch):
@@ -77,13 +98,14 @@ class ResBlock(nn.Module):
         return self.skip(x) + self.conv2(self.drop(F.silu(h)))
 
 
-class Attention(nn.Module):
-    """Self-attention over the pixels, then (if ctx_dim) cross-attention from the pixels to the condition tokens."""
+class AttentionBlock(nn.Module):
+    """Self-attention over the pixels, then (ctx_dim) cross-attention from the pixels to the condition tokens, then
+    (ff) LDM's feed-forward layer: with both, the transformer block of LDM's UNet."""
 
     def __init__(self, ch, head_ch, ctx_dim=None, ff=False):
         super().__init__()
         self.ff = ff
-        if ff:  # LDM's transformer block ends in a feed-forward layer (GEGLU, 4x wide)
+        if ff:  # GEGLU, 4x wide
             self.norm_ff, self.ff_in = norm(ch), nn.Conv2d(ch, 8 * ch, 1)
             self.ff_out = zero_init(nn.Conv2d(4 * ch, ch, 1))
         self.heads = max(1, ch // head_ch) if head_ch else 1
@@ -93,34 +115,27 @@ class Attention(nn.Module):
             self.norm_x, self.q_x = norm(ch), nn.Conv2d(ch, ch, 1)
             self.kv_x, self.proj_x = nn.Linear(ctx_dim, 2 * ch), zero_init(nn.Conv2d(ch, ch, 1))
 
-    def _attend(self, q, k, v, hw):
-        # the fused kernels (flash, memory-efficient, cuDNN) need the head dimension at stride 1; an NCHW
-        # convolution's output has it at stride H*W, which would leave only the math path (measured on an H100)
-        q, k, v = (z if z.stride(-1) == 1 else z.contiguous() for z in (q, k, v))
-        o = F.scaled_dot_product_attention(q, k, v)
-        return rearrange(o, "b h (y x) d -> b (h d) y x", y=hw[0])
-
     def forward(self, x, tokens=None):
-        hw = x.shape[2:]
+        pixels = lambda o: rearrange(o, "b h (y x) d -> b (h d) y x", y=x.shape[2])
         q, k, v = rearrange(self.qkv(self.norm(x)), "b (n h d) y x -> n b h (y x) d", n=3, h=self.heads)
-        x = x + self.proj(self._attend(q, k, v, hw))
+        x = x + self.proj(pixels(attention(q, k, v)))
         if tokens is not None and self.cross:
             q = rearrange(self.q_x(self.norm_x(x)), "b (h d) y x -> b h (y x) d", h=self.heads)
             k, v = rearrange(self.kv_x(tokens).to(q.dtype), "b l (n h d) -> n b h l d", n=2, h=self.heads)
-            x = x + self.proj_x(self._attend(q, k, v, hw))
+            x = x + self.proj_x(pixels(attention(q, k, v)))
         if self.ff:
             a, gate = self.ff_in(self.norm_ff(x)).chunk(2, 1)
             x = x + self.ff_out(a * F.gelu(gate))
         return x
 
 
-class Level(nn.Module):
-    """One ResBlock, optionally followed by attention."""
+class ResAttnBlock(nn.Module):
+    """A ResBlock, followed at the attention resolutions by an AttentionBlock."""
 
     def __init__(self, cin, cout, emb_dim, dropout, scale_shift, attn, head_ch, ctx_dim, ff):
         super().__init__()
         self.res = ResBlock(cin, cout, emb_dim, dropout, scale_shift)
-        self.attn = Attention(cout, head_ch, ctx_dim, ff) if attn else None
+        self.attn = AttentionBlock(cout, head_ch, ctx_dim, ff) if attn else None
 
     def forward(self, h, emb, tokens):
         h = self.res(h, emb)
@@ -159,18 +174,18 @@ class UNet(nn.Module):
         self.down, skips, cur, res = nn.ModuleList(), [ch], ch, resolution
         for i, m in enumerate(ch_mult):
             for _ in range(num_res_blocks):
-                self.down.append(Level(cur, ch * m, attn=res in attn_res, **blk))
+                self.down.append(ResAttnBlock(cur, ch * m, attn=res in attn_res, **blk))
                 cur = ch * m
                 skips.append(cur)
             if i < len(ch_mult) - 1:
                 self.down.append(Downsample(cur))
                 skips.append(cur)
                 res //= 2
-        self.mid = nn.ModuleList([Level(cur, cur, attn=True, **blk), Level(cur, cur, attn=False, **blk)])
+        self.mid = nn.ModuleList([ResAttnBlock(cur, cur, attn=True, **blk), ResAttnBlock(cur, cur, attn=False, **blk)])
         self.up = nn.ModuleList()
         for i, m in reversed(list(enumerate(ch_mult))):
             for _ in range(num_res_blocks + 1):
-                self.up.append(Level(cur + skips.pop(), ch * m, attn=res in attn_res, **blk))
+                self.up.append(ResAttnBlock(cur + skips.pop(), ch * m, attn=res in attn_res, **blk))
                 cur = ch * m
             if i > 0:
                 self.up.append(Upsample(cur))
@@ -180,8 +195,7 @@ class UNet(nn.Module):
 
     def forward(self, x, t, c_vec=None, c_tokens=None):
         emb = self.time_mlp(timestep_embedding(t, self.ch))
-        if c_vec is not None:
-            emb = emb + c_vec
+        emb = emb if c_vec is None else emb + c_vec
         h = self.conv_in(x)
         hs = [h]
         for m in self.down:
@@ -196,11 +210,6 @@ class UNet(nn.Module):
 
 # ----------------------------------------------------------------------------- DiT (Peebles & Xie 2023)
 
-# depth, width, heads, patch; DiT's S/2, B/2, L/2, XL/2 (Table 1) and a CPU-sized one
-DIT_PRESETS = {"dit-tiny": (4, 128, 4, 2), "dit-s2": (12, 384, 6, 2), "dit-b2": (12, 768, 12, 2),
-               "dit-l2": (24, 1024, 16, 2), "dit-xl2": (28, 1152, 16, 2)}
-
-
 def sincos_2d(dim, grid):
     """DiT's fixed 2-D sin-cos position embedding [grid * grid, dim]: half the channels for each axis."""
     ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
@@ -214,7 +223,7 @@ def attend(q_in, kv_in, heads, q, kv, proj):
     """Multi-head attention of q_in's tokens to kv_in's [B, L, D] through SDPA (flash on a GPU)."""
     qh = rearrange(q(q_in), "b l (h d) -> b h l d", h=heads)
     k, v = rearrange(kv(kv_in).to(qh.dtype), "b l (n h d) -> n b h l d", n=2, h=heads)
-    return proj(rearrange(F.scaled_dot_product_attention(qh, k, v), "b h l d -> b l (h d)"))
+    return proj(rearrange(attention(qh, k, v), "b h l d -> b l (h d)"))
 
 
 class DiTBlock(nn.Module):
@@ -285,7 +294,6 @@ class ClassEmbedder(nn.Module):
 
 
 CLS, PAD = 256, 257  # byte tokens 0..255, a summary token that starts every caption, padding
-TEXT_PRESETS = {"tiny": (64, 2), "dit-tiny": (64, 2), "cifar": (256, 4)}  # (width, layers) of the text encoder
 
 
 def tokenize(captions, max_len):
@@ -318,7 +326,7 @@ class TextBlock(nn.Module):
 
     def forward(self, h, keep):
         q, k, v = rearrange(self.qkv(self.norm1(h)), "b l (n h d) -> n b h l d", n=3, h=self.heads)
-        h = h + self.proj(rearrange(F.scaled_dot_product_attention(q, k, v, attn_mask=keep), "b h l d -> b l (h d)"))
+        h = h + self.proj(rearrange(attention(q, k, v, keep), "b h l d -> b l (h d)"))
         return h + self.mlp(self.norm2(h))
 
 
@@ -402,29 +410,23 @@ class Denoiser(nn.Module):
 
     def __init__(self, num_classes, resolution=32, channels=3, preset="tiny", cond="class", text_dim=None,
                  text_layers=None, max_len=64, ext_dim=None, replicate_pad=True, pad_noise=0.1, control=None,
-                 **overrides):
+                 class_ctx=None, **unet):
+        """preset: a name in PRESETS; unet: a UNet preset's values changed (ch, dropout, attn_res); class_ctx: the
+        class through cross-attention on an embedding this wide (0: through c_vec; default: the preset's)."""
         super().__init__()
-        if preset not in PRESETS and preset not in DIT_PRESETS:
-            raise ValueError(f"unknown preset {preset!r}: choose from {', '.join([*PRESETS, *DIT_PRESETS])}")
-        if preset in DIT_PRESETS and set(overrides) - {"class_ctx"}:
-            raise ValueError(f"--channels and --dropout set a UNet ({', '.join(sorted(overrides))}); a DiT preset "
-                             f"takes neither")
-        cfg = {**PRESETS.get(preset, {}), **overrides}
-        cfg.pop("schedule", None)
-        class_ctx = cfg.pop("class_ctx", None)
+        spec = PRESETS[preset]
+        if "dit" in spec and unet:
+            raise ValueError(f"{preset} is a DiT: {', '.join(sorted(unet))} are a UNet's settings")
+        class_ctx = spec.get("class_ctx") if class_ctx is None else class_ctx
         self.class_ctx = class_ctx if cond == "class" else None
-        if self.class_ctx:
-            cfg["ctx_dim"] = self.class_ctx
         self.num_classes, self.cond, self.resolution = num_classes, cond, resolution
         self.pad_noise, self.control_mode = pad_noise, control
-        if cond == "text":
-            text_dim = text_dim or TEXT_PRESETS.get(preset, (384, 6))[0]
-            text_layers = text_layers or TEXT_PRESETS.get(preset, (384, 6))[1]
-            cfg["ctx_dim"] = text_dim
-        if preset in DIT_PRESETS:
-            self.dit = DiT(resolution, channels, *DIT_PRESETS[preset], ctx_dim=cfg.get("ctx_dim"))
+        text_dim, text_layers = (a or b for a, b in zip((text_dim, text_layers), spec.get("text", (384, 6))))
+        ctx_dim = text_dim if cond == "text" else self.class_ctx or None
+        if "dit" in spec:
+            self.dit = DiT(resolution, channels, **spec["dit"], ctx_dim=ctx_dim)
         else:
-            self.unet = UNet(resolution=resolution, in_ch=channels, **cfg)
+            self.unet = UNet(resolution=resolution, in_ch=channels, ctx_dim=ctx_dim, **{**spec["unet"], **unet})
         emb_dim = self.backbone.emb_dim
         if cond == "class":
             self.label_embed = ClassEmbedder(num_classes, self.class_ctx or emb_dim)
@@ -495,8 +497,6 @@ def make_betas(schedule, T, shift=1.0):
 
 class Diffusion:
     def __init__(self, schedule="linear", T=T, prediction="eps", shift=1.0, clip=True):
-        if prediction not in ("eps", "v"):
-            raise ValueError(f"unknown prediction {prediction!r}: use eps or v")
         self.T, self.prediction, self.clip = T, prediction, clip  # clip: x0 in the data range [-1, 1] (not latents)
         betas = make_betas(schedule, T, shift)
         ac = np.cumprod(1.0 - betas)
@@ -572,22 +572,23 @@ class Diffusion:
             sig = s[self.ddim_timesteps(steps)]
         return [float(v) for v in sig] + [0.0]
 
-    def resolve_sampler(self, sampler, steps, eta=0.0, spacing="time"):
-        """(sampler, steps, eta, spacing) as walked: DDPM is DDIM with eta 1 over all T steps, spaced in t."""
-        if sampler not in SAMPLERS and sampler != "ddpm":
-            raise ValueError(f"unknown sampler {sampler!r}: use ddpm, {', '.join(SAMPLERS)}")
-        if eta and sampler != "ddim":
-            raise ValueError(f"eta is for ddim; {sampler} is deterministic")
-        return ("ddim", self.T, 1.0, "time") if sampler == "ddpm" else (sampler, steps, eta, spacing)
-
     @torch.no_grad()
-    def sample(self, model_fn, x, sampler="ddim", steps=50, eta=0.0, noise_fn=None, spacing="time"):
+    def sample(self, model_fn, x, sampler="ddim", steps=50, eta=0.0, spacing="time", noise_fn=None):
         """Pure noise x ~ N(0, I) -> samples in [-1, 1]. noise_fn(k): fresh noise of step k (ddim with eta > 0)."""
-        sampler, steps, eta, spacing = self.resolve_sampler(sampler, steps, eta, spacing)
-        sigmas = self.sigmas(sampler, steps, spacing)
+        walk = resolve_sampler(sampler, steps, eta, spacing, self.T)
+        sigmas = self.sigmas(walk["sampler"], walk["steps"], walk["spacing"])
         x = x.float() * math.sqrt(1 + sigmas[0] ** 2)
-        extra = dict(eta=eta, noise_fn=noise_fn) if eta else {}
-        return SAMPLERS[sampler](self.denoiser(model_fn), x, sigmas, **extra)
+        extra = dict(eta=walk["eta"], noise_fn=noise_fn) if walk["eta"] else {}
+        return SAMPLERS[walk["sampler"]](self.denoiser(model_fn), x, sigmas, **extra)
+
+
+def resolve_sampler(sampler, steps, eta=0.0, spacing="time", T=T):
+    """The walk as taken: DDPM is DDIM with eta 1 over all T steps, spaced in t; eta belongs to DDIM alone."""
+    if eta and sampler != "ddim":
+        raise ValueError(f"eta is for ddim (sample.py: --ddim-eta is for --sampler ddim); {sampler} is deterministic")
+    if sampler == "ddpm":
+        return dict(sampler="ddim", steps=T, eta=1.0, spacing="time")
+    return dict(sampler=sampler, steps=steps, eta=eta, spacing=spacing)
 
 
 def sample_ddim(D, x, sigmas, eta=0.0, noise_fn=None):
@@ -646,16 +647,16 @@ def guided(model, c, cfg_scale, ctrl=None):
     return fn
 
 
-def generate(net, diffusion, idx, c, ctrl, seed, shape, device, use_bf16, sampler="ddim", steps=50, eta=0.0,
-             spacing="time", cfg_scale=1.0, decode=None):
-    """Samples for global indices idx with conditions c and control metadata ctrl [1, 7] or None -> uint8
+def generate(net, diffusion, idx, cond, *, seed, shape, device, bf16=False, sampler="ddim", steps=50, eta=0.0,
+             spacing="time", cfg_scale=1.0, ctrl=None, decode=None):
+    """Samples for global indices idx with conditions cond and control metadata ctrl [1, 7] or None -> uint8
     [b, H, W, C]; sample i's noise depends only on (seed, i). decode: latents -> images (latent_decoder)."""
     x = to_device(sample_noise(seed, idx, shape), device)
     noise_fn = lambda k: to_device(sample_noise(seed, idx, shape, step=k), device)
     ctrl = None if ctrl is None else ctrl.to(device).expand(len(idx), -1)
-    model_fn = guided(net, to_device(c, device), cfg_scale, ctrl)
-    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
-        x = diffusion.sample(model_fn, x, sampler, steps, eta, noise_fn, spacing)
+    model_fn = guided(net, to_device(cond, device), cfg_scale, ctrl)
+    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+        x = diffusion.sample(model_fn, x, sampler, steps, eta, spacing, noise_fn)
         return to_uint8(x if decode is None else decode(x))
 
 
@@ -667,91 +668,6 @@ def sample_noise(seed, indices, shape, step=None):
         g = torch.Generator().manual_seed(seed_of(seed, int(i), *([] if step is None else [step + 1])))
         out[j] = torch.randn(shape, generator=g)
     return out
-
-
-# ----------------------------------------------------------------------------- device, ranks, seeds
-
-def seed_of(*key):
-    """A 63-bit seed for a tuple of integers (run seed, step, sample index, ...): independent streams per key."""
-    return int(np.random.SeedSequence(list(key)).generate_state(1, np.uint64)[0] >> 1)
-
-
-def resolve_device(name, local_rank=0):
-    """--device auto|cpu|cuda -> torch.device; auto picks CUDA when there is one, each rank its own GPU."""
-    kind = name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(f"cuda:{local_rank}" if kind == "cuda" else kind)
-
-
-def setup_device(name, local_rank, compile=None, bf16=None, tf32=False):
-    """(device, use_compile, use_bf16): torch.compile and bf16 autocast default to on where CUDA is, off elsewhere
-    (bf16 only ever on CUDA); cuDNN picks its fastest kernels once, as a run's shapes never change."""
-    device = resolve_device(name, local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
-        if tf32:
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    use_compile = compile if compile is not None else device.type == "cuda"
-    return device, use_compile, (bf16 if bf16 is not None else True) and device.type == "cuda"
-
-
-@contextlib.contextmanager
-def distributed(device_name, timeout_s):
-    """Under torchrun (RANK set): join the process group (NCCL on GPUs, gloo on the CPU; a dead rank makes the
-    others fail within timeout_s) and leave it at the end. Yields (ddp, rank, world size, local rank)."""
-    if "RANK" not in os.environ:
-        yield False, 0, 1, 0
-        return
-    backend = "nccl" if torch.cuda.is_available() and device_name != "cpu" else "gloo"
-    try:
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-    except RuntimeError as e:  # a rank that never came: the store times out
-        raise OSError(f"cannot join the other ranks ({str(e).strip().splitlines()[0][:150]}): start them all, as "
-                      f"torchrun does") from None
-    try:
-        yield True, dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
-    finally:
-        dist.destroy_process_group()
-
-
-@contextlib.contextmanager
-def peers(rank, then="continue it with --resume"):
-    """Around a collective: another rank's death (gloo: a RuntimeError; NCCL: an error or the --dist-timeout)
-    ends the run with one line instead of a traceback; `then` says how to go on."""
-    try:
-        yield
-    except RuntimeError as e:
-        raise OSError(f"rank {rank} lost the other ranks ({str(e).splitlines()[0][:150]}): the run stops; "
-                      f"{then}") from None
-
-
-def to_device(t, device):
-    """Host tensor -> device without a stream sync: a pageable host-to-device copy waits for the GPU."""
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
-
-
-def to_uint8(x):
-    """[-1, 1] float [B, C, H, W] -> uint8 [B, H, W, C] numpy."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def save_grid(path, images, nrow, labels=None, width=100):
-    """uint8 [N, H, W, C] -> one PNG with nrow rows; labels: each row's class name or caption, whole, wrapped in a
-    band of `width` pixels at the row's start (a row grows to fit a long caption)."""
-    from PIL import Image, ImageDraw
-    n, h, w, c = images.shape
-    ncol, lw = math.ceil(n / nrow), width if labels else 0
-    lines = [textwrap.wrap(label, lw // 6) or [""] for label in labels] if labels else [[]] * nrow
-    tops = np.cumsum([0] + [max(h, 11 * len(l) + 2) for l in lines])  # PIL's default font: 6 x 11 pixels
-    grid = np.zeros((tops[-1], lw + ncol * w, c), dtype=np.uint8)
-    for k in range(n):
-        r, q = divmod(k, ncol)
-        grid[tops[r]:tops[r] + h, lw + q * w:lw + (q + 1) * w] = images[k]
-    img = Image.fromarray(grid.squeeze(-1) if c == 1 else grid)
-    for r, rows in enumerate(lines):
-        for j, line in enumerate(rows):
-            ImageDraw.Draw(img).text((2, tops[r] + 1 + 11 * j), line, fill=255 if c == 1 else (255, 255, 255))
-    save_atomic(path, lambda f: img.save(f, "PNG"))
 
 
 # ----------------------------------------------------------------------------- autoencoders (the latent path)
@@ -801,138 +717,6 @@ def latent_decoder(latent, vae=None, device="cpu"):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-CKPT_FORMAT = "slightdiff-ckpt-v1"
-
-
 def build(config):
     """(Denoiser, Diffusion) from a checkpoint's stored config."""
-    m, d = config["model"], config["diffusion"]
-    return Denoiser(**m), Diffusion(**d)
-
-
-def save_atomic(path, write):
-    """write(f) into a temp file in the same folder, fsync, rename: a crash never leaves a half-written file, and a
-    failed write (disk full) removes its temp file and leaves the previous file as it was.
-
-    e.g. save_atomic(path, lambda f: torch.save(state, f)) or save_npz(path, x=x)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:  # whatever the writer raised, Ctrl-C included, no temp file is left
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, ValueError) or not isinstance(e, Exception):  # a check of ours (download), or Ctrl-C
-            raise
-        # torch.save reports a full disk as RuntimeError ("enforce fail at inline_container.cc ... unexpected pos")
-        why = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {str(e).strip()[:120]}"
-        raise OSError(f"cannot write {path} ({why.splitlines()[0]}); the previous file, if any, is unchanged: free "
-                      f"some space and run again") from None
-
-
-def save_npz(path, **arrays):
-    """np.savez, atomically and byte for byte the same for the same arrays (zip entries without a timestamp), so
-    a resumed run's file equals an uninterrupted one's."""
-    import zipfile
-
-    def write(f):
-        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
-            for name, a in arrays.items():
-                with z.open(zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0)), "w",
-                            force_zip64=True) as fh:
-                    np.lib.format.write_array(fh, np.asanyarray(a), allow_pickle=False)
-    save_atomic(path, write)
-
-
-def save_json(path, obj):
-    save_atomic(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
-
-
-def load_weights(net, state, path, fits="the model in its config",
-                 hint="was it written by another version of slightdiff or edited?"):
-    """load_state_dict with a one-line error where the weights do not fit the model."""
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as e:
-        detail = "; ".join(l.strip() for l in str(e).splitlines()[1:2])
-        raise ValueError(f"{path}: its weights do not fit {fits} ({detail}); {hint}") from None
-
-
-def download(url, dest, algo, digest, hint):
-    """Fetch url to dest through save_atomic, hashing as it streams: a file whose algo hexdigest does not start with
-    digest is never renamed into place. hint: what to do without a network."""
-    from tqdm import tqdm
-    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
-    try:
-        r = urllib.request.urlopen(url, timeout=60)
-    except OSError as e:
-        raise OSError(f"cannot download {url} ({e}); {hint}") from None
-
-    def write(f):
-        h = hashlib.new(algo)
-        with r, tqdm(total=int(r.headers.get("Content-Length", 0)) or None, unit="B", unit_scale=True,
-                     desc=os.path.basename(dest)) as bar:
-            for chunk in iter(lambda: r.read(1 << 20), b""):
-                f.write(chunk)
-                h.update(chunk)
-                bar.update(len(chunk))
-        if not h.hexdigest().startswith(digest):
-            raise ValueError(f"downloaded {os.path.basename(dest)} fails its {algo} check; download it again")
-    save_atomic(dest, write)
-    return dest
-
-
-def file_hash(path, algo="sha256"):
-    h = hashlib.new(algo)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def weights_hash(state):
-    """sha256 of a state dict (names, dtypes, shapes, bytes): what a resumable output of these weights is keyed by,
-    so that another model saved under the same path and step is never taken for this one."""
-    h = hashlib.sha256()
-    for k in sorted(state):
-        t = state[k].detach().cpu().contiguous()
-        h.update(f"{k} {t.dtype} {list(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
-
-
-def ckpt_path(path):
-    """A run folder or a checkpoint file -> the checkpoint file (its folder is the run folder)."""
-    return os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
-
-
-def load_checkpoint(path):
-    """Load a slightdiff checkpoint with weights_only=True; a missing, truncated or foreign file is a ValueError."""
-    folder, path = os.path.isdir(path), ckpt_path(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"the run folder {os.path.dirname(path)} has no checkpoint yet (train.py writes "
-                                f"ckpt.pt every --ckpt-every steps)" if folder else f"checkpoint {path} not found: "
-                                f"give a run folder or its ckpt.pt")
-    with open(path, "rb") as f:
-        if f.read(4) != b"PK\x03\x04":  # torch.save writes a zip archive
-            raise ValueError(f"{path} is not a checkpoint (truncated or not a torch file): give a run folder or its "
-                             f"ckpt.pt")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # weights_only refuses anything but tensors and plain containers
-        what = next((l.split("error: ")[-1].split(".")[0] for l in str(e).splitlines() if "Unsupported" in l), "")
-        raise ValueError(f"refusing {path}: it holds pickled objects, which weights-only loading does not run "
-                         f"({what}); a slightdiff checkpoint holds only tensors and plain values") from None
-    except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path} (truncated or not a torch file: "
-                         f"{type(e).__name__}); use an earlier checkpoint or retrain") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
-        raise ValueError(f"{path} is not a slightdiff checkpoint (format {CKPT_FORMAT})")
-    missing = {"model", "ema", "opt", "step", "config"} - set(ckpt)
-    if missing or not {"model", "diffusion", "train", "data"} <= set(ckpt["config"]):
-        raise ValueError(f"{path} lacks {', '.join(sorted(missing)) or 'parts of its config'}: it was not written by "
-                         f"this version of slightdiff's train.py")
-    return ckpt
+    return Denoiser(**config["model"]), Diffusion(**config["diffusion"])

@@ -25,15 +25,13 @@ import pickle
 import shutil
 import sys
 import tarfile
-import time
 
 import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from corrupt import check_ranges
+from plumbing import Interval, check_flags, cli, download, file_hash, read_dataset
 
-RANGES = dict(resolution="[8, 1024]", workers="[1, inf)", count="[10, inf)", vae_scale="(0, inf)", batch="[1, inf)")
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -143,18 +141,12 @@ def prepare_shapes(out, train_count, test_count, res=32):
 
 # ----------------------------------------------------------------------------- CIFAR-10
 
-def md5sum(path):
-    from model import file_hash  # imported here only: decode workers import this file and need no torch
-    return file_hash(path, "md5")
-
-
-def download(url, dest, md5):
+def fetch(url, dest, md5):
     """Fetch url to dest over HTTPS, checked, unless a file with the right md5 is already there."""
-    if os.path.exists(dest) and md5sum(dest) == md5:
+    if os.path.exists(dest) and file_hash(dest, "md5") == md5:
         return dest
-    from model import download as fetch
-    return fetch(url, dest, "md5", md5, f"with no network, fetch it elsewhere and pass --archive PATH (or put it at "
-                                        f"{dest})")
+    return download(url, dest, "md5", md5, f"with no network, fetch it elsewhere and pass --archive PATH (or put it "
+                                           f"at {dest})")
 
 
 class CifarUnpickler(pickle.Unpickler):
@@ -196,10 +188,10 @@ def read_cifar10(archive):
 
 def prepare_cifar10(out, archive=None, expected_md5=CIFAR10_MD5):
     if archive is None:
-        archive = download(CIFAR10_URL, os.path.join(out, "downloads", "cifar-10-python.tar.gz"), expected_md5)
+        archive = fetch(CIFAR10_URL, os.path.join(out, "downloads", "cifar-10-python.tar.gz"), expected_md5)
     if not os.path.isfile(archive):
         raise FileNotFoundError(f"--archive {archive} does not exist")
-    got = md5sum(archive)
+    got = file_hash(archive, "md5")
     if got != expected_md5:  # checked before the archive is opened
         raise ValueError(f"{archive} has md5 {got}, expected {expected_md5}: re-download cifar-10-python.tar.gz")
     for split, (images, labels) in read_cifar10(archive).items():
@@ -330,11 +322,12 @@ def prepare_latents(src, out, name, split, vae, scale=None, batch=64, shard_size
     encoding a flipped image), in shards keyed by the autoencoder's and the images' hashes (a killed run resumes;
     under torchrun each rank encodes its shards), bf16 on a GPU."""
     import torch
-    from model import ae_encode, distributed, load_autoencoder, peers, save_atomic, setup_device
-    if not all(os.path.isfile(os.path.join(src, f)) for f in ("images.npy", "labels.npy", "meta.json")):
-        raise FileNotFoundError(f"--src {src} is not a dataset folder of images (images.npy, labels.npy, meta.json)")
-    meta, images = json.load(open(os.path.join(src, "meta.json"))), np.load(os.path.join(src, "images.npy"), "r")
-    out_dir = os.path.join(out, name, split)
+    from model import ae_encode, load_autoencoder
+    from plumbing import distributed, remove_shards, run_shards, setup_device
+    data = read_dataset(src)
+    if data.latent:
+        raise ValueError(f"--src {src} holds latents already: give a dataset folder of images")
+    meta, images = data.meta, data.images
     with distributed("auto", 1800) as (ddp, rank, world, local_rank):
         device, _, bf16 = setup_device("auto", local_rank)
         ae, info = load_autoencoder(vae, device)
@@ -345,33 +338,23 @@ def prepare_latents(src, out, name, split, vae, scale=None, batch=64, shard_size
                   else ""))
         key = hashlib.sha256(json.dumps([info["sha256"], meta.get("source_checksum"), list(images.shape),
                                          bf16]).encode()).hexdigest()[:12]
-        shard_dir, n_shards = f"{out_dir}.shards-{key}", -(-len(images) // shard_size)
-        shard = lambda s: os.path.join(shard_dir, f"{s:06d}.npy")
-        os.makedirs(shard_dir, exist_ok=True)
-        todo = [s for s in range(n_shards) if not os.path.exists(shard(s))][rank::world]
-        bar = tqdm(total=sum(min(shard_size, len(images) - s * shard_size) for s in todo), unit="img",
-                   disable=rank != 0, desc="encoding")
-        t0 = time.perf_counter()
-        for s in todo:
+
+        def encode(lo, hi, bar):
             parts = []
-            for b in range(s * shard_size, min((s + 1) * shard_size, len(images)), batch):
-                x = torch.from_numpy(np.array(images[b:min(b + batch, (s + 1) * shard_size)])).to(device)
+            for b in range(lo, hi, batch):
+                x = torch.from_numpy(np.array(images[b:min(b + batch, hi)])).to(device)
                 x = (x.permute(0, 3, 1, 2).float() / 127.5 - 1).expand(-1, 3, -1, -1)
                 with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
                     z = ae_encode(ae, torch.cat([x, x.flip(3)])).float()
                 parts.append(torch.stack(z.chunk(2), 1).cpu().numpy().astype(np.float16))
                 bar.update(len(x))
-            save_atomic(shard(s), lambda f: np.save(f, np.concatenate(parts)))
-        bar.close()
-        if todo:
-            print(f"rank {rank}: {bar.n} images in {time.perf_counter() - t0:.1f} s, "
-                  f"{bar.n / (time.perf_counter() - t0):.1f} images/s on {device}")
-        if ddp:
-            with peers(rank, then="run it again: the shards it finished are kept"):
-                torch.distributed.barrier()
+            return np.concatenate(parts)
+        out_dir = os.path.join(out, name, split)
+        shards = run_shards(out_dir, key, len(images), shard_size, encode, ddp, rank, world, "images",
+                            "prepare_data.py", announce=lambda missing, total: None)
         if rank == 0:
-            assemble_latents(src, out_dir, meta, [shard(s) for s in range(n_shards)], info, scale)
-            shutil.rmtree(shard_dir)
+            assemble_latents(src, out_dir, meta, shards, info, scale)
+            remove_shards(shards)
 
 
 def assemble_latents(src, out_dir, meta, shards, info, scale):
@@ -401,25 +384,29 @@ def assemble_latents(src, out_dir, meta, shards, info, scale):
 
 # ----------------------------------------------------------------------------- main
 
-def main(argv=None):
+def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", required=True, choices=["shapes", "cifar10", "imagefolder", "latents"])
-    p.add_argument("--out", default="data", help="root of the dataset folders")
-    p.add_argument("--archive", help="cifar10: a cifar-10-python.tar.gz already on disk")
-    p.add_argument("--src", help="imagefolder: folder with one sub-folder of images per class; latents: a dataset "
-                                 "folder of images")
-    p.add_argument("--name", help="imagefolder: dataset name under --out (default: the folder's name); latents: "
-                                  "(default: the source dataset's name + -latents)")
-    p.add_argument("--split", help="split name to write (default: train; latents: the source's)")
-    p.add_argument("--vae", help="latents: autoencoder, a hub id or a folder in diffusers' format (ID:subfolder)")
-    p.add_argument("--vae-scale", type=float, help="latents: scaling factor (default: the autoencoder config's)")
-    p.add_argument("--batch", type=int, default=64, help="latents: images per encoder batch")
-    p.add_argument("--captions", help="imagefolder: JSONL or TSV of (image path relative to --src, caption)")
-    p.add_argument("--resolution", type=int, default=64, help="imagefolder: output size")
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="imagefolder: decoding processes")
-    p.add_argument("--count", type=int, default=10000, help="shapes: training images (test gets a fifth)")
-    a = p.parse_args(argv)
-    check_ranges(vars(a), RANGES)
+    a, count = p.add_argument, Interval(int, "[1, inf)")
+    a("--dataset", required=True, choices=["shapes", "cifar10", "imagefolder", "latents"])
+    a("--out", default="data", help="root of the dataset folders")
+    a("--archive", help="cifar10: a cifar-10-python.tar.gz already on disk")
+    a("--src", help="imagefolder: folder with one sub-folder of images per class; latents: a dataset folder of images")
+    a("--name", help="imagefolder: dataset name under --out (default: the folder's name); latents: (default: the "
+                     "source dataset's name + -latents)")
+    a("--split", help="split name to write (default: train; latents: the source's)")
+    a("--vae", help="latents: autoencoder, a hub id or a folder in diffusers' format (ID:subfolder)")
+    a("--vae-scale", type=Interval(float, "(0, inf)"), help="latents: scaling factor (default: the autoencoder's)")
+    a("--batch", type=count, default=64, help="latents: images per encoder batch")
+    a("--captions", help="imagefolder: JSONL or TSV of (image path relative to --src, caption)")
+    a("--resolution", type=Interval(int, "[8, 1024]"), default=64, help="imagefolder: output size")
+    a("--workers", type=count, default=os.cpu_count(), help="imagefolder: decoding processes")
+    a("--count", type=Interval(int, "[10, inf)"), default=10000, help="shapes: training images (test gets a fifth)")
+    return p
+
+
+def main(argv=None):
+    p = get_parser()
+    a = check_flags(p, p.parse_args(argv))
     if a.dataset == "shapes":
         prepare_shapes(a.out, a.count, max(10, a.count // 5))
     elif a.dataset == "cifar10":
@@ -438,7 +425,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError, tarfile.TarError, pickle.UnpicklingError) as e:
-        sys.exit(f"prepare_data.py: error: {e}")
+    cli(main, "prepare_data.py", (ValueError, OSError, tarfile.TarError, pickle.UnpicklingError))

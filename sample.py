@@ -18,23 +18,16 @@ import glob
 import hashlib
 import json
 import os
-import shutil
 import sys
-import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from tqdm import tqdm
 
-from corrupt import check_ranges
-from model import (T, build, ckpt_path, distributed, generate, latent_decoder, load_checkpoint, load_weights,
-                   neutral_control, peers, save_atomic, save_grid, save_npz, setup_device, tokenize, weights_hash)
+from model import T, build, generate, latent_decoder, neutral_control, resolve_sampler, tokenize
+from plumbing import (Interval, check_flags, ckpt_path, cli, distributed, load_checkpoint, load_weights, remove_shards,
+                      run_shards, save_grid, save_npz, setup_device, weights_hash)
 
-
-RERUN = "run sample.py again: the shards it finished are kept"
-RANGES = dict(num="[1, inf)", steps=f"[1, {T}]", ddim_eta="[0, 1]", cfg_scale="[0, inf)", seed="[0, inf)",
-              batch="[1, inf)", shard_size="[1, inf)", dist_timeout="(0, inf)")
+COUNT = Interval(int, "[1, inf)")
 
 
 def get_parser():
@@ -42,16 +35,16 @@ def get_parser():
     a = p.add_argument
     a("--ckpt", required=True, help="run folder or checkpoint file")
     # --num-samples under torchrun: its parser rejects --num as an abbreviation of its own --numa-binding
-    a("--num", "--num-samples", dest="num", type=int, default=50000, help="number of samples")
+    a("--num", "--num-samples", dest="num", type=COUNT, default=50000, help="number of samples")
     a("--sampler", default="ddim", choices=["ddim", "ddpm", "dpm++", "heun"],
       help="DDIM, DDPM ancestral, DPM-Solver++(2M), EDM's deterministic Heun (see model.py)")
-    a("--steps", type=int, help="sampling steps (default 50; heun: 18 noise levels, 35 evaluations, as EDM; "
-                                "ddpm always uses all T)")
-    a("--ddim-eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like")
+    a("--steps", type=Interval(int, f"[1, {T}]"),
+      help="sampling steps (default 50; heun: 18 noise levels, 35 evaluations, as EDM; ddpm always uses all T)")
+    a("--ddim-eta", type=Interval(float, "[0, 1]"), default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like")
     a("--spacing", default="time", choices=["time", "logsnr"],
       help="ddim and dpm++: noise levels uniform in t (the paper's DPM-Solver default) or in log-SNR")
-    a("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale s (1 = off)")
-    a("--seed", type=int, default=0)
+    a("--cfg-scale", type=Interval(float, "[0, inf)"), default=1.0, help="classifier-free guidance scale s (1 = off)")
+    a("--seed", type=Interval(int, "[0, inf)"), default=0)
     a("--labels", help="classes to cycle through, comma-separated indices or names (e.g. 0,3 or 'red disk,blue "
                        "ring'; default: all classes, balanced)")
     a("--prompt", help="text models: one caption for every sample")
@@ -63,20 +56,19 @@ def get_parser():
     a("--ctrl-flip", action="store_true", help="control models: condition on a flipped image")
     a("--vae", help="latent models: where the autoencoder recorded in the checkpoint lives now (its hash is checked)")
     a("--weights", default="ema", choices=["ema", "model"], help="EMA (default) or raw weights")
-    a("--batch", type=int, help="per-process batch (default: 500 on a GPU, 32 on the CPU)")
-    a("--shard-size", type=int, default=1000, help="samples per resumable shard")
+    a("--batch", type=COUNT, help="per-process batch (default: 500 on a GPU, 32 on the CPU)")
+    a("--shard-size", type=COUNT, default=1000, help="samples per resumable shard")
     a("--out", help="output npz (default: samples.npz in the run folder; the preview is the same name .png)")
     a("--overwrite", action="store_true", help="replace an existing --out (and remove the JSON results of it)")
     a("--device", default="auto")
-    a("--dist-timeout", type=float, default=600, help="seconds a rank waits for the others before it gives up")
+    a("--dist-timeout", type=Interval(float, "(0, inf)"), default=600, help="seconds a rank waits for the others")
     a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on CUDA)")
     a("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
     return p
 
 
 def class_labels(num, num_classes, spec=None, names=()):
-    """Label of sample i: cycles through the given classes (indices or names; default all), so classes are
-    balanced."""
+    """Label of sample i: cycles through the given classes (indices or names; default all), balanced."""
     classes = np.arange(num_classes)
     if spec:
         words = [c.strip() for c in str(spec).split(",") if c.strip()]
@@ -148,16 +140,11 @@ def control(args, m, data):
     return ctrl
 
 
-def check_args(a):
-    check_ranges(vars(a), RANGES)
-    if a.ddim_eta and a.sampler != "ddim":
-        raise ValueError("--ddim-eta is for --sampler ddim; dpm++ and heun are deterministic")
-    a.steps = a.steps or (18 if a.sampler == "heun" else 50)
-
-
 def main(argv=None):
-    args = get_parser().parse_args(argv)
-    check_args(args)
+    p = get_parser()
+    args = check_flags(p, p.parse_args(argv))
+    args.steps = args.steps or (18 if args.sampler == "heun" else 50)
+    resolve_sampler(args.sampler, args.steps, args.ddim_eta, args.spacing)  # before any work: eta is for ddim
     with distributed(args.device, args.dist_timeout) as (ddp, rank, world, local_rank):
         run(args, ddp, rank, world, local_rank)
 
@@ -171,68 +158,46 @@ def run(args, ddp, rank, world, local_rank):
     device, use_compile, use_bf16 = setup_device(args.device, local_rank, args.compile, args.bf16)
     batch = args.batch or (500 if device.type == "cuda" else 32)
 
-    cfg = ckpt["config"]
+    # The model, the conditions and the walk, all from the checkpoint and the flags
+    cfg, m = ckpt["config"], ckpt["config"]["model"]
     net, diffusion = build(cfg)
     diffusion.to(device)
     load_weights(net, ckpt[args.weights], args.ckpt)
     net = net.to(device).eval().requires_grad_(False)
     fwd = torch.compile(net) if use_compile else net
-    m = cfg["model"]
     shape = (m["channels"], m["resolution"], m["resolution"])
     cond, stored, _ = conditions(args, m, args.num, cfg.get("data", {}).get("class_names", []))
     ctrl = control(args, m, cfg.get("data", {}))
     latent = cfg.get("data", {}).get("latent")  # decoded in each batch by the autoencoder the latents came from
     decode = latent_decoder(latent, args.vae, device) if latent else None
-    walk = diffusion.resolve_sampler(args.sampler, args.steps, args.ddim_eta, args.spacing)
+    walk = resolve_sampler(args.sampler, args.steps, args.ddim_eta, args.spacing, diffusion.T)
     # resumed shards are keyed by everything that decides their content: the weights' hash first, then the settings
     settings = dict(ckpt=os.path.abspath(args.ckpt), step=ckpt["step"], weights=args.weights,
-                    weights_sha256=weights_hash(ckpt[args.weights]), num=args.num,
-                    sampler=args.sampler, steps=walk[1],
-                    ddim_eta=args.ddim_eta, spacing=args.spacing, cfg_scale=args.cfg_scale, seed=args.seed,
-                    labels=args.labels,
+                    weights_sha256=weights_hash(ckpt[args.weights]), num=args.num, sampler=args.sampler,
+                    steps=walk["steps"], ddim_eta=args.ddim_eta, spacing=args.spacing, cfg_scale=args.cfg_scale,
+                    seed=args.seed, labels=args.labels,
                     conditions=hashlib.sha256(next(iter(stored.values())).tobytes()).hexdigest()[:16],
                     control=None if ctrl is None else ctrl[0].tolist(), bf16=use_bf16, config=cfg)
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    shard_dir = f"{out}.shards-{key}"
-    os.makedirs(shard_dir, exist_ok=True)
-    n_shards = -(-args.num // args.shard_size)
-    shard_path = lambda s: os.path.join(shard_dir, f"{s:06d}.npy")
-    missing = [s for s in range(n_shards) if not os.path.exists(shard_path(s))]
-    todo = missing[rank::world]
-    if ddp:  # every rank lists the shards before any rank writes one
-        with peers(rank, then=RERUN):
-            dist.barrier()
-    if rank == 0:
-        print(f"{args.num} samples, {args.sampler} {settings['steps']} steps, cfg {args.cfg_scale}, seed {args.seed}, "
-              f"{args.weights} weights at step {ckpt['step']} | {len(missing)} of {n_shards} shards to do on "
-              f"{world} x {device} | bf16={use_bf16} compile={use_compile}")
-    t0, done = time.perf_counter(), 0
-    bar = tqdm(total=sum(min(args.shard_size, args.num - s * args.shard_size) for s in todo), disable=rank != 0,
-               unit="img", dynamic_ncols=True)
-    for s in todo:
-        lo, hi = s * args.shard_size, min((s + 1) * args.shard_size, args.num)
+
+    # Shards of samples, each batch padded for a compiled model (one batch shape: no recompile), then merged
+    def make(lo, hi, bar):
         parts = []
         for b in range(lo, hi, batch):
             idx = np.arange(b, min(b + batch, hi))
-            # a compiled model sees one batch shape (no recompile for a short last batch): pad, then drop the extra
             padded = np.pad(idx, (0, batch - len(idx)), mode="edge") if use_compile else idx
-            images = generate(fwd, diffusion, padded, cond[padded], ctrl, args.seed, shape, device, use_bf16, *walk,
-                              cfg_scale=args.cfg_scale, decode=decode)
-            parts.append(images[:len(idx)])
+            parts.append(generate(fwd, diffusion, padded, cond[padded], seed=args.seed, shape=shape, device=device,
+                                  bf16=use_bf16, **walk, cfg_scale=args.cfg_scale, ctrl=ctrl,
+                                  decode=decode)[:len(idx)])
             bar.update(len(idx))
-            done += len(idx)
-        save_atomic(shard_path(s), lambda f: np.save(f, np.concatenate(parts)))
-    bar.close()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    if done:
-        dt = time.perf_counter() - t0
-        print(f"rank {rank}: {done} samples in {dt:.1f} s, {done / dt:.1f} images/s")
-    if ddp:
-        with peers(rank, then=RERUN):
-            dist.barrier()
+        return np.concatenate(parts)
+    announce = lambda missing, total: print(
+        f"{args.num} samples, {args.sampler} {settings['steps']} steps, cfg {args.cfg_scale}, seed {args.seed}, "
+        f"{args.weights} weights at step {ckpt['step']} | {missing} of {total} shards to do on {world} x {device} | "
+        f"bf16={use_bf16} compile={use_compile}")
+    shards = run_shards(out, key, args.num, args.shard_size, make, ddp, rank, world, "samples", "sample.py", announce)
     if rank == 0:
-        merge_shards(out, [shard_path(s) for s in range(n_shards)], settings, stored, cfg.get("data", {}))
+        merge_shards(out, shards, settings, stored, cfg.get("data", {}))
 
 
 def merge_shards(out, shards, settings, stored, data_meta):
@@ -244,7 +209,7 @@ def merge_shards(out, shards, settings, stored, data_meta):
             os.remove(f)
             print(f"removed {f}: it was computed from the samples being replaced")
     save_npz(out, arr_0=images, settings=np.array(json.dumps(settings)), **stored)
-    shutil.rmtree(os.path.dirname(shards[0]))
+    remove_shards(shards)
     kind, names = next(iter(stored)), data_meta.get("class_names")
     name = (lambda k: names[k] if names else f"class {k}") if kind == "arr_1" else \
         str if kind == "captions" else (lambda k: f"embedding row {k}")
@@ -266,7 +231,4 @@ def save_preview(path, images, conditions, name):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError) as e:
-        sys.exit(f"sample.py: error: {e}")
+    cli(main, "sample.py")

@@ -15,16 +15,15 @@ generators seeded by (seed, step), for the global batch, before it is split over
 for any number of GPUs at the same global batch, and the step number is the whole RNG state for --resume.
 """
 import argparse
-import collections
 import copy
 import functools
 import glob
 import json
 import math
 import os
-import sys
 import time
 import types
+from collections import namedtuple
 
 import numpy as np
 import torch
@@ -33,99 +32,103 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import corrupt
-from model import (CKPT_FORMAT, DIT_PRESETS, PRESETS, T, Denoiser, Diffusion, ckpt_path, distributed, generate,
-                   latent_decoder, load_checkpoint, load_weights, neutral_control, peers, save_atomic, save_grid,
-                   save_json, save_npz, seed_of, setup_device, to_device, tokenize)
+from model import PRESETS, T, Denoiser, Diffusion, generate, latent_decoder, neutral_control, tokenize
+from plumbing import (CKPT_FORMAT, Interval, barrier, bench_steps, check_flags, ckpt_path, cli, distributed,
+                      flag_adder, load_checkpoint, load_weights, mfu, peak_flops, peers, read_dataset, resumable_flags,
+                      save_atomic, save_grid, save_json, save_npz, seed_of, setup_device, to_device)
 
-# Flags a resumed run may change; every other flag must match the checkpoint's stored config.
-RESUMABLE = {"steps", "log_every", "ckpt_every", "snapshot_every", "compile", "cuda_graphs", "batch_gpu", "device",
-             "grid_cfg", "grid_steps", "dist_timeout"}
-# The range of every numeric flag, checked before any work (an int flag given "nan" or "inf" is argparse's error).
-RANGES = {**dict.fromkeys(("channels", "text_dim", "text_layers", "subset", "batch_size", "batch_gpu", "steps",
-                           "log_every", "ckpt_every"), "[1, inf)"),
-          **dict.fromkeys(("class_ctx", "cep_gamma", "pad_noise", "warmup", "weight_decay", "grad_clip",
-                           "ema_halflife_kimg", "ema_rampup", "seed", "data_seed", "snapshot_every", "grid_cfg",
-                           "bench"), "[0, inf)"),
-          **dict.fromkeys(("eta", "label_dropout", "dropout"), "[0, 1)"),
-          **dict.fromkeys(("lr", "schedule_shift", "dist_timeout"), "(0, inf)"),
-          "max_len": "[2, inf)", "crop_scale": "(0, 1]", "grid_steps": f"[1, {T}]"}
-# Dense bf16 tensor-core peaks (FLOP/s) for MFU, from the vendors' data sheets.
-PEAK_BF16 = {"H100 SXM": 989.4e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989.4e12, "H200": 989.4e12,
-             "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165.2e12}
+# How this process runs: device, ranks, and the speed switches resolved from --compile, --bf16, --cuda-graphs.
+Runtime = namedtuple("Runtime", "device rank world ddp compile bf16 graphs")
+COUNT, FRACTION, NONNEG = Interval(int, "[1, inf)"), Interval(float, "[0, 1)"), Interval(float, "[0, inf)")
 
 
 def get_parser():
+    """The flags; resumable=True marks the few that a resumed run may change (every other one must match the
+    checkpoint's stored config)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
+    a = flag_adder(p)
     a("--data", default="data/cifar10/train", help="dataset split folder from prepare_data.py")
     a("--out", help="run folder (default runs/<dataset>-<preset>[-text]-eta<eta>[-cep<kind>])")
     a("--resume", help="run folder or ckpt.pt of a run to continue with its stored config")
-    a("--preset", default="cifar", choices=[*PRESETS, *DIT_PRESETS],
+    a("--preset", default="cifar", choices=list(PRESETS),
       help="UNets: tiny (CPU), cifar (DDPM), in64 (ADM), ldm4 (LDM-4 on 64x64x3 latents); DiTs: dit-tiny (CPU), "
            "dit-s2, dit-b2, dit-l2, dit-xl2 (DiT-S/2 ... DiT-XL/2)")
-    a("--channels", type=int, help="UNet base width over the preset's (Zhang et al.'s UNet-64/128/256)")
-    a("--dropout", type=float, help="override the preset's dropout")
+    a("--channels", type=COUNT, help="UNet base width over the preset's (Zhang et al.'s UNet-64/128/256)")
+    a("--dropout", type=FRACTION, help="override the preset's dropout")
     a("--schedule", choices=["linear", "scaled_linear", "cosine"],
       help="noise schedule (default: the preset's; linear, the paper's pixel runs and DiT; scaled_linear, LDM's)")
-    a("--class-ctx", type=int, help="width of the class embedding read by cross-attention (ldm4: 512, as LDM; 0: "
-                                    "through the time embedding, as the other presets)")
+    a("--class-ctx", type=Interval(int, "[0, inf)"), help="width of the class embedding read by cross-attention "
+      "(ldm4: 512, as LDM; 0: through the time embedding, as the other presets)")
     a("--prediction", default="eps", choices=["eps", "v"])
     a("--cond", default="class", choices=["class", "text"], help="condition on class labels or on captions")
-    a("--eta", type=float, default=0.0, help="fraction of corrupted labels (or swapped captions), in [0, 1)")
+    a("--eta", type=FRACTION, default=0.0, help="fraction of corrupted labels (or swapped captions), in [0, 1)")
     a("--corruption", choices=["symmetric", "asymmetric", "swap"],
       help="label flips (default for class) or caption swaps (default for text)")
     a("--corruption-mode", default="fixed", choices=["fixed", "resample"],
       help="fixed once (paper) or drawn anew each epoch (paper App. E.4)")
     a("--corrupt-classes", help="asymmetric: the class subset (indices or names, comma-separated)")
     a("--cep", default="none", choices=["none", "uniform", "gaussian"], help="condition embedding perturbation")
-    a("--cep-gamma", type=float, default=1.0)
-    a("--label-dropout", type=float, default=0.1, help="probability of the null class or empty caption (CFG)")
-    a("--text-dim", type=int, help="text encoder width (default: by preset, 64/256/384)")
-    a("--text-layers", type=int, help="text encoder layers (default: by preset, 2/4/6)")
-    a("--max-len", type=int, default=64, help="caption length in UTF-8 bytes (longer captions are cut)")
+    a("--cep-gamma", type=NONNEG, default=1.0)
+    a("--label-dropout", type=FRACTION, default=0.1, help="probability of the null class or empty caption (CFG)")
+    a("--text-dim", type=COUNT, help="text encoder width (default: by preset, 64/256/384)")
+    a("--text-layers", type=COUNT, help="text encoder layers (default: by preset, 2/4/6)")
+    a("--max-len", type=Interval(int, "[2, inf)"), default=64, help="caption length in UTF-8 bytes (longer: cut)")
     a("--text-emb", help="precomputed caption embeddings .npy [N, D] or [N, L, D] in images.npy order, in place of "
                          "the built-in encoder")
     a("--replicate-pad", action=argparse.BooleanOptionalAction, default=True,
       help="noisy replicate padding of the caption tokens (Berrada et al. 2024)")
-    a("--pad-noise", type=float, default=0.1, help="std of the replicate-padding noise (training only)")
+    a("--pad-noise", type=NONNEG, default=0.1, help="std of the replicate-padding noise (training only)")
     a("--control", default="none", choices=["none", "phased", "sum"],
       help="control metadata (crop, size, flip): phased in over the noise level (Berrada et al.) or summed into c_vec")
-    a("--crop-scale", type=float, default=1.0, help="random crops of side in [crop-scale, 1] of the image (1: off)")
+    a("--crop-scale", type=Interval(float, "(0, 1]"), default=1.0,
+      help="random crops of side in [crop-scale, 1] of the image (1: off)")
     a("--init-from", help="run folder to start from (its EMA weights) at this dataset's resolution")
-    a("--schedule-shift", type=float, help="divide the SNR by shift^2 (default 1; --init-from: new/old resolution)")
-    a("--subset", type=int, help="train on a seeded subset of this many images (Zhang et al. 2024)")
+    a("--schedule-shift", type=Interval(float, "(0, inf)"),
+      help="divide the SNR by shift^2 (default 1; --init-from: new/old resolution)")
+    a("--subset", type=COUNT, help="train on a seeded subset of this many images (Zhang et al. 2024)")
     a("--hflip", action=argparse.BooleanOptionalAction, default=True, help="random horizontal flips")
-    a("--batch-size", type=int, default=128, help="global batch over all ranks and accumulation steps")
-    a("--batch-gpu", type=int, help="per-rank micro-batch (default: batch-size / world size)")
-    a("--lr", type=float, default=2e-4)
-    a("--warmup", type=int, default=5000, help="linear lr warm-up steps")
-    a("--weight-decay", type=float, default=0.0)
-    a("--grad-clip", type=float, default=1.0)
-    a("--ema-halflife-kimg", type=float, default=500.0, help="EMA half-life in thousands of images")
-    a("--ema-rampup", type=float, default=0.05, help="half-life is at most this fraction of images seen (0: off)")
-    a("--steps", type=int, default=800_000)
-    a("--seed", type=int, default=0, help="training randomness")
-    a("--data-seed", type=int, default=0, help="corruption and subset")
-    a("--log-every", type=int, default=100)
-    a("--ckpt-every", type=int, default=5000, help="save ckpt.pt and a sample grid every N steps")
-    a("--snapshot-every", type=int, default=0, help="also keep ckpt-<step>.pt every N steps (0: never)")
-    a("--grid-cfg", type=float, default=1.0, help="guidance scale of the sample grid")
-    a("--grid-steps", type=int, default=50, help="DDIM steps of the sample grid")
-    a("--device", default="auto", help="auto, cpu or cuda")
-    a("--dist-timeout", type=float, default=600, help="seconds a rank waits for the others before it gives up")
-    a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on CUDA)")
-    a("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
-    a("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
-      help="CUDA graphs for the compiled step (torch.compile mode reduce-overhead; default: on with --compile on CUDA)")
-    a("--channels-last", action="store_true", help="NHWC weights and inputs (measured 8%% slower than NCHW on an H100 "
-                                                   "with CUDA graphs: see README; fixed for a run)")
-    a("--bench", type=int, default=0, help="time N steps after warm-up, print images/s, memory, MFU, and exit")
+    a("--batch-size", type=COUNT, default=128, help="global batch over all ranks and accumulation steps")
+    a("--batch-gpu", type=COUNT, resumable=True, help="per-rank micro-batch (default: batch-size / world size)")
+    a("--lr", type=Interval(float, "(0, inf)"), default=2e-4)
+    a("--warmup", type=Interval(int, "[0, inf)"), default=5000, help="linear lr warm-up steps")
+    a("--weight-decay", type=NONNEG, default=0.0)
+    a("--grad-clip", type=NONNEG, default=1.0)
+    a("--ema-halflife-kimg", type=NONNEG, default=500.0, help="EMA half-life in thousands of images")
+    a("--ema-rampup", type=NONNEG, default=0.05, help="half-life is at most this fraction of images seen (0: off)")
+    add_run_flags(a)
     return p
 
 
+def add_run_flags(a):
+    """How long, how logged and on what hardware: mostly the flags a resumed run may change."""
+    a("--steps", type=COUNT, default=800_000, resumable=True)
+    a("--seed", type=Interval(int, "[0, inf)"), default=0, help="training randomness")
+    a("--data-seed", type=Interval(int, "[0, inf)"), default=0, help="corruption and subset")
+    a("--log-every", type=COUNT, default=100, resumable=True)
+    a("--ckpt-every", type=COUNT, default=5000, resumable=True, help="save ckpt.pt and a sample grid every N steps")
+    a("--snapshot-every", type=Interval(int, "[0, inf)"), default=0, resumable=True,
+      help="also keep ckpt-<step>.pt every N steps (0: never)")
+    a("--grid-cfg", type=NONNEG, default=1.0, resumable=True, help="guidance scale of the sample grid")
+    a("--grid-steps", type=Interval(int, f"[1, {T}]"), default=50, resumable=True, help="DDIM steps of the grid")
+    a("--device", default="auto", resumable=True, help="auto, cpu or cuda")
+    a("--dist-timeout", type=Interval(float, "(0, inf)"), default=600, resumable=True,
+      help="seconds a rank waits for the others before it gives up")
+    a("--compile", action=argparse.BooleanOptionalAction, default=None, resumable=True,
+      help="torch.compile (default: on CUDA)")
+    a("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
+    a("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None, resumable=True,
+      help="CUDA graphs for the compiled step (torch.compile mode reduce-overhead; default: on with --compile on CUDA)")
+    a("--channels-last", action="store_true", help="NHWC weights and inputs (measured 8%% slower than NCHW on an H100 "
+                                                   "with CUDA graphs: see README; fixed for a run)")
+    a("--bench", type=Interval(int, "[0, inf)"), default=0,
+      help="time N steps after warm-up, print images/s, memory, MFU (and the same as JSON), and exit")
+
+
 def parse_args(argv=None):
+    """The flags, checked, and args.given: the flags on the command line. That needs a second parse with every
+    default None, since a given flag may equal its default (a resumed run must tell them apart)."""
     p = get_parser()
-    args = p.parse_args(argv)
+    args = check_flags(p, p.parse_args(argv))
     p.set_defaults(**{k: None for k in vars(args)})
     args.given = sorted(k for k, v in vars(p.parse_args(argv)).items() if v is not None)
     return args
@@ -135,22 +138,22 @@ def parse_args(argv=None):
 
 def resolve_config(args, world):
     """Flags -> the run's config, read-only (a named tuple), and the checkpoint of --resume (or None). A resumed run
-    takes its stored config (only the RESUMABLE flags may change); then the defaults that depend on other flags
+    takes its stored config (only the resumable flags may change); then the defaults that depend on other flags
     (corruption kind, run folder, per-rank batch) are filled in, and everything is checked before any work starts."""
-    flags, ckpt = {k: v for k, v in vars(args).items() if k != "given"}, None
+    flags, ckpt, resumable = {k: v for k, v in vars(args).items() if k != "given"}, None, resumable_flags(get_parser())
     if args.resume:
         ckpt = load_checkpoint(args.resume)
         stored = ckpt["config"]["train"]
         for k in args.given:
-            if k not in RESUMABLE | {"resume", "out"} and flags[k] != stored.get(k):
+            if k not in resumable | {"resume", "out"} and flags[k] != stored.get(k):
                 raise ValueError(f"--{k.replace('_', '-')} differs from the checkpoint's stored value "
                                  f"{stored.get(k)!r}; a resumed run keeps its config (only "
-                                 f"{', '.join(sorted(RESUMABLE))} may change)")
+                                 f"{', '.join(sorted(resumable))} may change)")
         flags.update({k: v for k, v in stored.items() if k in flags},
-                     **{k: flags[k] for k in args.given if k in RESUMABLE})
+                     **{k: flags[k] for k in args.given if k in resumable})
         flags["out"] = args.out if "out" in args.given else os.path.dirname(ckpt_path(args.resume))
     flags["corruption"] = flags["corruption"] or ("swap" if flags["cond"] == "text" else "symmetric")
-    flags["schedule"] = flags["schedule"] or PRESETS.get(flags["preset"], {}).get("schedule", "linear")
+    flags["schedule"] = flags["schedule"] or PRESETS[flags["preset"]].get("schedule", "linear")
     if flags["out"] is None:
         dataset = os.path.basename(os.path.dirname(os.path.abspath(flags["data"])))
         cep = "" if flags["cep"] == "none" else f"-cep{flags['cep']}"
@@ -163,7 +166,7 @@ def resolve_config(args, world):
         raise ValueError(f"--batch-size {flags['batch_size']} must split into {world} ranks x --batch-gpu "
                          f"{batch_gpu} x a whole number of accumulation steps")
     flags.update(batch_gpu=batch_gpu, world_size=world, accum=flags["batch_size"] // world // batch_gpu)
-    cfg = collections.namedtuple("Config", flags)(**flags)
+    cfg = namedtuple("Config", flags)(**flags)
     if not cfg.resume and not cfg.bench and os.path.exists(os.path.join(cfg.out, "ckpt.pt")):
         raise ValueError(f"{cfg.out} already holds a run: continue it with --resume {cfg.out} or pick another --out")
     return cfg, ckpt
@@ -177,42 +180,23 @@ def check_args(a):
         raise ValueError("--text-emb, --text-dim and --text-layers are for --cond text; this is a class model")
     if a.corruption == "asymmetric" and not a.corrupt_classes:
         raise ValueError("--corruption asymmetric needs --corrupt-classes")
+    if "dit" in PRESETS[a.preset] and (a.channels or a.dropout is not None):
+        raise ValueError("--channels and --dropout set a UNet; a DiT preset takes neither")
 
 
 # ----------------------------------------------------------------------------- data
 
 def load_dataset(path, subset, data_seed):
-    """(images or latents, labels, rows used, meta) of a dataset folder: uint8 images [N, H, W, C], or a latent
-    folder's float16 latents [N, 2 (image, mirror), K, C, h, w] (prepare_data.py --dataset latents)."""
-    array = "latents.npy" if os.path.isfile(os.path.join(path, "latents.npy")) else "images.npy"
-    for f in (array, "labels.npy", "meta.json"):
-        if not os.path.isfile(os.path.join(path, f)):
-            raise FileNotFoundError(f"{path}/{f} missing: build the dataset with prepare_data.py "
-                                    f"(e.g. python prepare_data.py --dataset shapes)")
-    try:
-        meta = json.load(open(os.path.join(path, "meta.json")))
-        num_classes, names = int(meta["num_classes"]), list(meta["class_names"])
-        images = np.load(os.path.join(path, array), mmap_mode="r")
-        labels = np.load(os.path.join(path, "labels.npy"))
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: cannot read meta.json (with num_classes, class_names), {array} or labels.npy "
-                         f"({type(e).__name__}: {str(e)[:80]}); rebuild the dataset with prepare_data.py") from None
-    want = (np.float16, 6, "float16 [N, 2, K, C, h, w]") if "latent" in meta else (np.uint8, 4, "uint8 [N, H, W, C]")
-    if images.dtype != want[0] or images.ndim != want[1] or len(images) != len(labels) or labels.ndim != 1:
-        raise ValueError(f"{path}: {array} must be {want[2]} and labels.npy [N], found {images.dtype} "
-                         f"{list(images.shape)} and {list(labels.shape)}; rebuild the dataset with prepare_data.py")
-    h, w = images.shape[4:6] if "latent" in meta else images.shape[1:3]
-    if len(names) != num_classes or h != w or meta.get("resolution") != h \
-            or not len(labels) or labels.min() < 0 or labels.max() >= num_classes:
-        raise ValueError(f"{path}: meta.json does not describe its arrays (num_classes, class_names, resolution, "
-                         f"labels in [0, num_classes)); rebuild the dataset with prepare_data.py")
-    index = np.arange(len(labels))
+    """(images or latents, labels, rows used, meta) of a dataset folder (plumbing.read_dataset), cut to a seeded
+    --subset."""
+    d = read_dataset(path)
+    index, labels = np.arange(len(d.labels)), d.labels
     if subset:
         if not 1 <= subset <= len(labels):
             raise ValueError(f"--subset must be in [1, {len(labels)}]")
         index = np.sort(np.random.default_rng([data_seed, 1]).choice(len(labels), subset, replace=False))
         labels = labels[index]
-    return images, labels.astype(np.int64), index, meta
+    return d.images, labels, index, d.meta
 
 
 def load_text(path, count, text_emb=None):
@@ -295,8 +279,9 @@ def make_cond(cond, cond_ids, index, captions, text_emb, seed, step, max_len):
     return tokenize([captions[r][rng.integers(len(captions[r]))] for r in rows], max_len)
 
 
-def load_data(cfg, device):
-    """The dataset, its (corrupted) conditions and the batch stream, as one namespace."""
+def load_data(cfg, device, rank=0):
+    """The dataset, its (corrupted) conditions and the batch stream, as one namespace; decode: latents -> images for
+    rank 0's grids, by the autoencoder the latents were made with (its hash checked)."""
     images, clean_labels, index, meta = load_dataset(cfg.data, cfg.subset, cfg.data_seed)
     captions, text_emb = load_text(cfg.data, len(images), cfg.text_emb) if cfg.cond == "text" else (None, None)
     sizes_path = os.path.join(cfg.data, "sizes.npy")
@@ -317,6 +302,7 @@ def load_data(cfg, device):
         sizes=None if sizes is None else sizes[index],  # original sizes by position in the (subset) dataset
         control_size=np.median(sizes, 0).round().astype(int).tolist() if sizes is not None else [image_res] * 2,
         batches=Batches(images, index, device, cfg.seed, label_fn, in_memory),
+        decode=latent_decoder(latent, None, device) if latent and rank == 0 and not cfg.bench else None,
         cond_of=functools.partial(make_cond, cfg.cond, index=index, captions=captions, text_emb=text_emb,
                                   seed=cfg.seed, max_len=cfg.max_len))
 
@@ -360,9 +346,13 @@ def model_config(cfg, data, ckpt):
         # attention stays at the same levels (attn_res scaled by new / old resolution); the SNR is divided by
         # (new / old)^2 unless --schedule-shift says otherwise
         old = src["config"]["model"]
-        ratio = model_cfg["resolution"] / old["resolution"]
-        if old["preset"] in PRESETS:
-            model_cfg["attn_res"] = [round(r * ratio) for r in old.get("attn_res", PRESETS[old["preset"]]["attn_res"])]
+        ratio, kind = model_cfg["resolution"] / old["resolution"], "unet" if "unet" in PRESETS[old["preset"]] else "dit"
+        if kind not in PRESETS[cfg.preset]:
+            raise ValueError(f"--init-from {cfg.init_from} is a {kind.upper()} ({old['preset']}) and --preset "
+                             f"{cfg.preset} is not: start from a run of the same backbone, with its --preset")
+        if kind == "unet":
+            model_cfg["attn_res"] = [round(r * ratio) for r in old.get("attn_res", PRESETS[old["preset"]]["unet"]
+                                                                         ["attn_res"])]
         if cfg.schedule_shift is None:
             diff_cfg["shift"] = src["config"]["diffusion"].get("shift", 1.0) * ratio
     return model_cfg, diff_cfg, src
@@ -388,7 +378,8 @@ def build_state(cfg, model_cfg, diff_cfg, ckpt, src, device, ddp):
         for p in net.parameters():
             dist.broadcast(p.data, 0)
     return types.SimpleNamespace(net=net, ema=ema, opt=opt, diffusion=Diffusion(**diff_cfg).to(device),
-                                 step=0 if ckpt is None else ckpt["step"], memory_format=memory_format)
+                                 step=0 if ckpt is None else ckpt["step"], memory_format=memory_format,
+                                 params=list(net.parameters()), meter=LossMeter(device))
 
 
 def prepare_run_folder(out, config, corruption, step):
@@ -426,7 +417,8 @@ def check_same_run(out, config, stored, **corruption):
 
 def draw_step(step, cfg, data, net, device, rank=0, world=1):
     """Everything random in a step, drawn from (seed, step) for the global batch and then cut to this rank's share:
-    the run is the same for any number of ranks at the same global batch, and the step is the whole RNG state."""
+    the run is the same for any number of ranks at the same global batch, and the step is the whole RNG state.
+    -> {name: per-sample tensor}: idx (dataset positions), t, noise, cond, flip [, delta, crop, ctrl, eps]."""
     batch, shape, crop_scale = cfg.batch_size, (data.ch, data.res, data.res), cfg.crop_scale
     gen = torch.Generator(device=device).manual_seed(seed_of(cfg.seed, step))
     idx, cond_ids = data.batches.indices(step, batch)
@@ -436,28 +428,26 @@ def draw_step(step, cfg, data, net, device, rank=0, world=1):
     drop = torch.rand(batch, generator=gen, device=device) < cfg.label_dropout  # the null condition, for CFG
     cond = torch.where(drop.view(-1, *[1] * (cond.dim() - 1)), net.null_cond(cond), cond)
     flip = (torch.rand(batch, generator=gen, device=device) < 0.5) & cfg.hflip
-    delta = net.cond_noise(cond, cfg.cep, cfg.cep_gamma, gen)  # CEP, and the replicate-padding noise
-    top, left = torch.zeros(batch, device=device), torch.zeros(batch, device=device)
-    side = torch.ones(batch, device=device)
+    d = dict(idx=idx, t=t, noise=noise, cond=cond, flip=flip)
+    d["delta"] = net.cond_noise(cond, cfg.cep, cfg.cep_gamma, gen)  # CEP, and the replicate-padding noise
+    zero = torch.zeros(batch, device=device)
+    top, left, side = zero, zero, zero + 1
     if crop_scale < 1:
         side = crop_scale + (1 - crop_scale) * torch.rand(batch, generator=gen, device=device)
         top, left = (torch.rand(2, batch, generator=gen, device=device) * (1 - side)).unbind()
-    ctrl = None
+        d["crop"] = torch.stack([top, left, side], 1)
     if cfg.control != "none":  # what was done to each image: the crop box, its original size, the flip
         hw = torch.full((batch, 2), float(data.image_res), device=device) if data.sizes is None else \
             to_device(torch.from_numpy(data.sizes[idx]), device).float()
-        ctrl = torch.cat([torch.stack([top, left, side, side], 1), hw, flip[:, None].float()], 1)
-    kl = data.latent is not None and data.latent["kind"] == "kl"  # a fresh draw from each latent's posterior
-    eps = torch.randn(batch, *shape, generator=gen, device=device) if kl else None
+        d["ctrl"] = torch.cat([torch.stack([top, left, side, side], 1), hw, flip[:, None].float()], 1)
+    if data.latent is not None and data.latent["kind"] == "kl":  # a fresh draw from each latent's posterior
+        d["eps"] = torch.randn(batch, *shape, generator=gen, device=device)
     share = slice(rank * batch // world, (rank + 1) * batch // world)
-    cut = lambda v: None if v is None else v[share]
-    return types.SimpleNamespace(
-        idx=idx[share], t=t[share], noise=noise[share], cond=cond[share], flip=flip[share], delta=cut(delta),
-        crop=None if crop_scale == 1 else (top[share], left[share], side[share]), ctrl=cut(ctrl), eps=cut(eps),
-        dropout_seed=seed_of(cfg.seed, step, rank, 3))  # dropout masks: per rank, not part of the global draw
+    return {k: v[share] for k, v in d.items() if v is not None}
 
 
-def micro_loss(net, diffusion, memory_format, latent_scale, x, flip, crop, cond, t, noise, delta, ctrl, eps):
+def micro_loss(net, diffusion, memory_format, latent_scale, x, *, t, noise, cond, flip, delta=None, crop=None,
+               ctrl=None, eps=None):
     """Per-sample loss of one micro-batch: uint8 NHWC images to [-1, 1] in the run's layout, crop, flip; or latents
     [b, 2 (image, mirror), K, C, h, w]: the mirror's for a flip, mean + std * eps for a KL autoencoder (a fresh draw
     each step, as EDM2), times the scaling factor."""
@@ -467,33 +457,31 @@ def micro_loss(net, diffusion, memory_format, latent_scale, x, flip, crop, cond,
         return diffusion.loss(net, x, cond, t, noise, delta, ctrl)
     x = (x.permute(0, 3, 1, 2).float() / 127.5 - 1).contiguous(memory_format=memory_format)
     if crop is not None:
-        x = random_crop(x, *crop)
+        x = random_crop(x, *crop.unbind(1))
     x = torch.where(flip[:, None, None, None], x.flip(3), x)
     return diffusion.loss(net, x, cond, t, noise, delta, ctrl)
 
 
-def train_step(d, lr, loss_fn, images_at, s, accum, grad_clip, ddp, rank, world, use_bf16, use_graphs):
-    """One optimizer step on this rank's share d of the draws: accumulate gradients over the micro-batches, average
-    them over the ranks, clip, Adam."""
-    torch.manual_seed(d.dropout_seed)
+def train_step(batch, *, lr, dropout_seed, loss_fn, images_at, s, accum, grad_clip, rt):
+    """One optimizer step on this rank's share of the draws: accumulate gradients over the micro-batches (each a
+    slice of every per-sample input), average them over the ranks, clip, Adam."""
+    torch.manual_seed(dropout_seed)
     for g in s.opt.param_groups:
         g["lr"] = lr
-    n, params = len(d.t) // accum, s.params
+    n = len(batch["t"]) // accum
     for m in range(accum):
-        mb = slice(m * n, (m + 1) * n)
-        if use_graphs:
+        mb = {k: v[m * n:(m + 1) * n] for k, v in batch.items()}
+        if rt.graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        with torch.autocast(d.t.device.type, torch.bfloat16, enabled=use_bf16):
-            losses = loss_fn(images_at(d.idx[mb]), d.flip[mb], None if d.crop is None else [c[mb] for c in d.crop],
-                             d.cond[mb], d.t[mb], d.noise[mb], None if d.delta is None else d.delta[mb],
-                             None if d.ctrl is None else d.ctrl[mb], None if d.eps is None else d.eps[mb])
+        with torch.autocast(rt.device.type, torch.bfloat16, enabled=rt.bf16):
+            losses = loss_fn(images_at(mb.pop("idx")), **mb)
             (losses.mean() / accum).backward()
-        s.meter.add(losses.detach(), d.t[mb])
-    if ddp:
-        with peers(rank):
-            average_gradients(params, world)
+        s.meter.add(losses.detach(), mb["t"])
+    if rt.ddp:
+        with peers(rt.rank):
+            average_gradients(s.params, rt.world)
     if grad_clip:
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        torch.nn.utils.clip_grad_norm_(s.params, grad_clip)
     s.opt.step()
     s.opt.zero_grad(set_to_none=True)
 
@@ -511,25 +499,24 @@ def average_gradients(params, world):
 
 def ema_beta(halflife_kimg, rampup, nimg, batch):
     """Per-step EMA decay for a half-life in images, ramped up over the first images as in EDM."""
-    halflife = halflife_kimg * 1000
-    if rampup:
-        halflife = min(halflife, nimg * rampup)
+    halflife = min(halflife_kimg * 1000, nimg * rampup) if rampup else halflife_kimg * 1000
     return 0.5 ** (batch / max(halflife, 1e-8))
 
 
-def make_step_fn(cfg, data, s, device, rank, world, ddp, use_compile, use_graphs, use_bf16):
+def make_step_fn(cfg, data, s, rt):
     """step -> lr: draw, optimizer step, EMA update; the function the training loop and --bench both call."""
     loss_fn = functools.partial(micro_loss, s.net, s.diffusion, s.memory_format,
                                 data.latent["scale"] if data.latent else None)
     # one compiled graph per micro-batch; with CUDA graphs its hundreds of kernels are one launch (the step was bound
     # by the host launching them). Checkpoints are saved from `net`: no _orig_mod. keys.
-    loss_fn = torch.compile(loss_fn, mode="reduce-overhead" if use_graphs else None) if use_compile else loss_fn
-    s.params, ema_params = list(s.net.parameters()), list(s.ema.parameters())
+    loss_fn = torch.compile(loss_fn, mode="reduce-overhead" if rt.graphs else None) if rt.compile else loss_fn
+    ema_params = list(s.ema.parameters())
 
     def step_fn(step):
         lr = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
-        train_step(draw_step(step, cfg, data, s.net, device, rank, world), lr, loss_fn, data.batches.images_at, s,
-                   cfg.accum, cfg.grad_clip, ddp, rank, world, use_bf16, use_graphs)
+        train_step(draw_step(step, cfg, data, s.net, rt.device, rt.rank, rt.world), lr=lr, loss_fn=loss_fn,
+                   dropout_seed=seed_of(cfg.seed, step, rt.rank, 3),  # dropout masks: per rank, not a global draw
+                   images_at=data.batches.images_at, s=s, accum=cfg.accum, grad_clip=cfg.grad_clip, rt=rt)
         with torch.no_grad():
             beta = ema_beta(cfg.ema_halflife_kimg, cfg.ema_rampup, (step + 1) * cfg.batch_size, cfg.batch_size)
             torch._foreach_lerp_(ema_params, s.params, 1 - beta)
@@ -589,8 +576,8 @@ def grid_rows(cond, class_names, captions, text_emb, max_len):
 def draw_grid(ema, diffusion, rows, labels, ctrl_size, shape, device, cfg_scale, steps, path, decode=None, ncol=8):
     """ncol samples per row condition, fixed noise, DDIM from the EMA weights, no crop and no flip; latents decoded."""
     ctrl = neutral_control(1, shape[-1], ctrl_size) if ema.control_mode else None
-    x = generate(ema, diffusion, range(len(rows) * ncol), rows.repeat_interleave(ncol, 0), ctrl, 0, shape, device,
-                 False, "ddim", steps, cfg_scale=cfg_scale, decode=decode)
+    x = generate(ema, diffusion, range(len(rows) * ncol), rows.repeat_interleave(ncol, 0), seed=0, shape=shape,
+                 device=device, steps=steps, cfg_scale=cfg_scale, ctrl=ctrl, decode=decode)
     save_grid(path, x, nrow=len(rows), labels=labels)
 
 
@@ -607,9 +594,9 @@ def train_flops_per_image(net, diffusion, shape, c, device):
 
 # ----------------------------------------------------------------------------- the loop
 
-def train(cfg, config, data, s, step_fn, grid, device, ddp, rank, mfu):
+def train(cfg, config, data, s, step_fn, grid, rt, flops_img):
     """Steps until cfg.steps: log every log_every steps, checkpoint and grid every ckpt_every steps and at the end."""
-    master, saved = rank == 0, s.step or None
+    master, saved, peak = rt.rank == 0, s.step or None, peak_flops(rt.device)
     if s.step >= cfg.steps:
         return print(f"{cfg.out} is at step {s.step} of --steps {cfg.steps} already: raise --steps to train on")
     if master and s.step:
@@ -625,12 +612,12 @@ def train(cfg, config, data, s, step_fn, grid, device, ddp, rank, mfu):
             bar.update(1)
             last = s.step == cfg.steps
             if s.step % cfg.log_every == 0 or s.step % cfg.ckpt_every == 0 or last:
-                loss, loss_q, images_per_s = s.meter.read(ddp, rank)
+                loss, loss_q, images_per_s = s.meter.read(rt.ddp, rt.rank)
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss} at step {s.step}: stopped; {cfg.out}/ckpt.pt keeps the "
                                              f"last good state (try a lower --lr or --bf16 off, then --resume)")
-                rec = dict(step=s.step, loss=loss, loss_q=loss_q, lr=lr, img_per_s=images_per_s, mfu=mfu(images_per_s),
-                           nimg=s.step * cfg.batch_size)
+                rec = dict(step=s.step, loss=loss, loss_q=loss_q, lr=lr, img_per_s=images_per_s,
+                           mfu=mfu(flops_img, images_per_s, peak, rt.world), nimg=s.step * cfg.batch_size)
                 if master:
                     with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
                         f.write(json.dumps(rec) + "\n")
@@ -639,12 +626,10 @@ def train(cfg, config, data, s, step_fn, grid, device, ddp, rank, mfu):
             if s.step % cfg.ckpt_every == 0 or last:
                 if master:
                     save_checkpoint(cfg.out, s, config, s.step, cfg.batch_size, cfg.snapshot_every)
-                    draw_grid(s.ema, s.diffusion, *grid, data.control_size, shape, device, cfg.grid_cfg, cfg.grid_steps,
-                              os.path.join(cfg.out, f"grid-{s.step:07d}.png"), data.decode)
+                    draw_grid(s.ema, s.diffusion, *grid, data.control_size, shape, rt.device, cfg.grid_cfg,
+                              cfg.grid_steps, os.path.join(cfg.out, f"grid-{s.step:07d}.png"), data.decode)
                     saved = s.step
-                if ddp:
-                    with peers(rank):
-                        dist.barrier()
+                barrier(rt.ddp, rt.rank, "continue it with --resume")
     except KeyboardInterrupt:  # say what there is to continue from
         raise KeyboardInterrupt(f"{cfg.out}/ckpt.pt holds step {saved}: continue with --resume {cfg.out}" if saved else
                                 f"no checkpoint yet (the first is written at step {cfg.ckpt_every}): start again, with "
@@ -658,18 +643,18 @@ def train(cfg, config, data, s, step_fn, grid, device, ddp, rank, mfu):
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None):
-    args = parse_args(argv)
-    corrupt.check_ranges(vars(args), RANGES)  # before anything, the process group included
+    args = parse_args(argv)  # flags checked before anything, the process group included
     with distributed(args.device, args.dist_timeout) as (ddp, rank, world, local_rank):
         # Configuration: resolved once, then read-only
         cfg, ckpt = resolve_config(args, world)
         device, use_compile, use_bf16 = setup_device(cfg.device, local_rank, cfg.compile, cfg.bf16, tf32=True)
-        use_graphs = use_compile and device.type == "cuda" and cfg.cuda_graphs is not False
+        rt = Runtime(device, rank, world, ddp, use_compile, use_bf16,
+                     graphs=use_compile and device.type == "cuda" and cfg.cuda_graphs is not False)
         if ddp and device.type == "cpu":  # several CPU ranks on one machine share its cores
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
 
         # Data, model, optimizer: fresh, --resume or --init-from
-        data = load_data(cfg, device)
+        data = load_data(cfg, device, rank)
         model_cfg, diff_cfg, src = model_config(cfg, data, ckpt)
         config = dict(model=model_cfg, diffusion=diff_cfg,
                       train={k: v for k, v in cfg._asdict().items() if k != "resume"},
@@ -677,54 +662,41 @@ def main(argv=None):
                                 checksum=data.meta.get("source_checksum"),
                                 **{k: data.meta[k] for k in ("num_classes", "class_names", "resolution", "count")},
                                 **({"latent": data.latent} if data.latent else {})))
-        # grids of a latent run are decoded by the autoencoder its latents were made with (its hash checked)
-        data.decode = latent_decoder(data.latent, None, device) if data.latent and rank == 0 and not cfg.bench else None
         if ckpt is not None:
             check_same_run(cfg.out, config["data"], ckpt["config"]["data"], **data.corruption)
         s = build_state(cfg, model_cfg, diff_cfg, ckpt, src, device, ddp)
-        s.meter = LossMeter(device)
         grid = grid_rows(cfg.cond, data.meta["class_names"], data.captions, data.text_emb, cfg.max_len)
-        peak = next((v for k, v in PEAK_BF16.items() if k in torch.cuda.get_device_name(device)), None) \
-            if device.type == "cuda" else None
         flops_img = train_flops_per_image(s.net, s.diffusion, (data.ch, data.res, data.res),
-                                          grid[0].repeat_interleave(2, 0), device) if peak or cfg.bench else None
-        mfu = lambda images_per_s: flops_img * images_per_s / (peak * world) if peak else None
-        step_fn = make_step_fn(cfg, data, s, device, rank, world, ddp, use_compile, use_graphs, use_bf16)
+                                          grid[0].repeat_interleave(2, 0), device) \
+            if peak_flops(device) or cfg.bench else None
+        step_fn = make_step_fn(cfg, data, s, rt)
         if rank == 0:
-            print(summary(cfg, data, s.net, device, use_compile, use_bf16, use_graphs))
+            print(summary(cfg, data, s.net, rt))
 
-        # Benchmark: the same step function, timed by bench.py, and nothing written
+        # Benchmark: the same step function, timed, and nothing written
         if cfg.bench:
-            import bench
             s.net.train()
-            return bench.time_training(step_fn, s.step, cfg.bench, cfg.batch_size, device, flops_img, peak, world,
-                                       f"{cfg.preset} batch {cfg.batch_size} on {world}x", use_compile, use_bf16, rank)
+            return bench_steps(step_fn, s.step, cfg.bench, cfg.batch_size, flops_img, device, world, rank,
+                               f"{cfg.preset} batch {cfg.batch_size} on {world}x compile={rt.compile} bf16={rt.bf16}")
 
         # Train
         if rank == 0:
             prepare_run_folder(cfg.out, config, dict(**data.corruption, seed=cfg.data_seed, eta=cfg.eta,
                                                      kind=cfg.corruption, mode=cfg.corruption_mode), s.step)
-        train(cfg, config, data, s, step_fn, grid, device, ddp, rank, mfu)
+        train(cfg, config, data, s, step_fn, grid, rt, flops_img)
 
 
-def summary(cfg, data, net, device, use_compile, use_bf16, use_graphs):
+def summary(cfg, data, net, rt):
     """The one line a run starts with: model size, data, corruption, CEP, batch split, device and run folder."""
     what = "labels corrupted" if cfg.cond == "class" else "caption embeddings swapped"
-    if data.captions is not None:  # a swap between two identical captions changes nothing
-        caps, index = data.captions, data.index
-        what = f"captions swapped, {sum(caps[index[i]] != caps[index[j]] for i, j in enumerate(data.fixed_ids))} "\
-               f"changed"
+    if data.captions is not None:
+        what = f"captions swapped, {corrupt.changed_captions(data.captions, data.fixed_ids, data.index)} changed"
     return (f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters | {len(data.index)} images, "
             f"{data.num_classes} classes, cond {cfg.cond} | eta {cfg.eta} ({int(data.mask.sum())} {what}, "
             f"{cfg.corruption}/{cfg.corruption_mode}) | cep {cfg.cep} | batch {cfg.batch_size} = {cfg.world_size} x "
-            f"{cfg.batch_gpu} x {cfg.accum} | {device} compile={use_compile} bf16={use_bf16} cuda_graphs={use_graphs} "
+            f"{cfg.batch_gpu} x {cfg.accum} | {rt.device} compile={rt.compile} bf16={rt.bf16} cuda_graphs={rt.graphs} "
             f"channels_last={cfg.channels_last} | {cfg.out}")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError, FloatingPointError) as e:
-        sys.exit(f"train.py: error: {e}")
-    except KeyboardInterrupt as e:
-        sys.exit(f"train.py: interrupted: {e}" if e.args else "train.py: interrupted before training began")
+    cli(main, "train.py", (ValueError, OSError, FloatingPointError))

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import plumbing
 import prepare_data
 import train
 
@@ -56,7 +57,7 @@ def fake_cifar_tarball(path):
             info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
             info.size = len(blob)
             tar.addfile(info, io.BytesIO(blob))
-    return prepare_data.md5sum(path)
+    return plumbing.file_hash(path, "md5")
 
 
 def test_cifar_reader_and_md5_check(tmp_path):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import model
+import plumbing
 import train
 from helpers import assert_moments_close
 
@@ -21,7 +22,7 @@ def test_parameter_counts_are_dits():
     output layer. With them, XL/2 is DiT's 675,129,632 exactly."""
     want = {"dit-s2": 33.0e6, "dit-b2": 130.5e6, "dit-l2": 458.1e6, "dit-xl2": 675.13e6}
     for preset, published in want.items():
-        depth, dim, heads, patch = model.DIT_PRESETS[preset]
+        dim, patch = (model.PRESETS[preset]["dit"][k] for k in ("dim", "patch"))
         with torch.device("meta"):
             net = model.Denoiser(1000, 32, 4, preset)
         theirs = sum(p.numel() for p in net.parameters()) + 16 * 16 * dim + dim * patch * patch * 4 + patch * patch * 4
@@ -52,7 +53,7 @@ def test_class_through_attention_keeps_the_class_out_of_adaln_and_still_conditio
     assert torch.equal(seen[0], seen[1])  # the adaLN input is the time embedding alone
     out = tmp_path / "attn"
     ckpt = train.main(["--data", f"{shapes16}/train", *RUN, "--class-ctx", "64", "--steps", "6", "--ckpt-every", "6",
-                       "--out", str(out)]) or model.load_checkpoint(str(out))
+                       "--out", str(out)]) or plumbing.load_checkpoint(str(out))
     trained = model.Denoiser(**ckpt["config"]["model"])
     trained.load_state_dict(ckpt["model"])
     with torch.no_grad():
@@ -66,23 +67,23 @@ def test_dit_run_resumes_bit_identically_and_matches_two_processes(shapes16, tmp
     train.main(["--data", data, *RUN, *text, "--steps", "4", "--ckpt-every", "2", "--out", str(tmp_path / "full")])
     train.main(["--data", data, *RUN, *text, "--steps", "2", "--ckpt-every", "2", "--out", str(tmp_path / "cut")])
     train.main(["--resume", str(tmp_path / "cut"), "--steps", "4"])
-    a, b = model.load_checkpoint(str(tmp_path / "full")), model.load_checkpoint(str(tmp_path / "cut"))
+    a, b = plumbing.load_checkpoint(str(tmp_path / "full")), plumbing.load_checkpoint(str(tmp_path / "cut"))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert any(k.startswith("dit.blocks.0.kv_x") for k in a["model"])  # text tokens through cross-attention
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           f"{ROOT}/train.py", "--data", data, *RUN, *text, "--steps", "4", "--ckpt-every", "4",
                           "--batch-gpu", "4", "--out", str(tmp_path / "two")], capture_output=True, text=True, cwd=ROOT)
     assert two.returncode == 0, two.stderr[-2000:]
-    c = model.load_checkpoint(str(tmp_path / "two"))
+    c = plumbing.load_checkpoint(str(tmp_path / "two"))
     assert_moments_close(a, c)
 
 
 def test_init_from_a_lower_resolution_dit(shapes16, shapes, tmp_path):
     low = train.main(["--data", f"{shapes16}/train", *RUN, "--steps", "2", "--ckpt-every", "2", "--out",
-                      str(tmp_path / "r16")]) or model.load_checkpoint(str(tmp_path / "r16"))
+                      str(tmp_path / "r16")]) or plumbing.load_checkpoint(str(tmp_path / "r16"))
     train.main(["--data", f"{shapes}/train", *RUN, "--steps", "1", "--ckpt-every", "1", "--lr", "1e-30",
                 "--init-from", str(tmp_path / "r16"), "--out", str(tmp_path / "r32")])
-    high = model.load_checkpoint(str(tmp_path / "r32"))
+    high = plumbing.load_checkpoint(str(tmp_path / "r32"))
     assert high["config"]["model"]["resolution"] == 32 and high["config"]["diffusion"]["shift"] == 2.0
     assert all(torch.allclose(low["ema"][k], high["model"][k], atol=1e-6) for k in low["ema"])  # every weight
     net = model.Denoiser(**high["config"]["model"])

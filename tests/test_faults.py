@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 import model
+import plumbing
 import prepare_data
 import train
 from helpers import finish, interrupted_sampling
@@ -49,7 +50,7 @@ def equal_states(a, b):
 def test_kill_9_at_random_points_then_resume_gives_the_uninterrupted_weights(shapes16, tmp_path):
     args = ["--data", f"{shapes16}/train", *TINY, "--steps", "12", "--ckpt-every", "3"]
     train.main(args + ["--out", str(tmp_path / "ref")])
-    ref = model.load_checkpoint(str(tmp_path / "ref"))
+    ref = plumbing.load_checkpoint(str(tmp_path / "ref"))
     out = str(tmp_path / "killed")
     fresh = [sys.executable, f"{ROOT}/train.py", *args, "--out", out]
     resume = [sys.executable, f"{ROOT}/train.py", "--resume", out]
@@ -58,7 +59,7 @@ def test_kill_9_at_random_points_then_resume_gives_the_uninterrupted_weights(sha
     for at in points:
         assert not finish(fresh, resume, out, at), points  # killed there
     assert finish(fresh, resume, out)
-    got = model.load_checkpoint(out)
+    got = plumbing.load_checkpoint(out)
     assert got["step"] == 12, points
     assert equal_states(ref["model"], got["model"]) and equal_states(ref["ema"], got["ema"]), points
     assert [json.loads(l)["step"] for l in open(os.path.join(out, "log.jsonl"))] == list(range(1, 13))
@@ -84,9 +85,9 @@ def test_kill_9_while_writing_a_checkpoint(shapes16, tmp_path):
             f"train.main({args + ['--out', out]!r})\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == -signal.SIGKILL
-    assert model.load_checkpoint(out)["step"] == 2 and any(".tmp" in f for f in os.listdir(out))  # the half file
+    assert plumbing.load_checkpoint(out)["step"] == 2 and any(".tmp" in f for f in os.listdir(out))  # the half file
     train.main(["--resume", out])
-    ref, got = model.load_checkpoint(str(tmp_path / "ref")), model.load_checkpoint(out)
+    ref, got = plumbing.load_checkpoint(str(tmp_path / "ref")), plumbing.load_checkpoint(out)
     assert got["step"] == 6 and equal_states(ref["model"], got["model"]) and equal_states(ref["ema"], got["ema"])
     assert not [f for f in os.listdir(out) if ".tmp" in f]  # the resumed run swept the half-written file
 
@@ -103,7 +104,7 @@ def test_kill_9_of_a_two_process_torchrun_then_resume(shapes16, tmp_path):
     at = int(np.random.default_rng().integers(3, 7))
     assert not finish(run(out), resume(out), out, kill_at=at)  # torchrun, its agent and both ranks
     assert finish(run(out), resume(out), out)
-    a, b = model.load_checkpoint(ref), model.load_checkpoint(out)
+    a, b = plumbing.load_checkpoint(ref), plumbing.load_checkpoint(out)
     assert b["step"] == 8 and equal_states(a["model"], b["model"]) and equal_states(a["ema"], b["ema"]), at
 
 
@@ -133,7 +134,7 @@ def test_disk_full_leaves_the_previous_files_and_says_so_in_one_line(shapes, tin
     train.main(["--data", f"{shapes}/train", *TINY, "--steps", "2", "--ckpt-every", "2", "--out", str(run)])
     r = script("train.py", "--resume", run, "--steps", "4", limit=1 << 20)
     one_line_error(r, "train.py", "cannot write", "ckpt.pt", "File too large", "unchanged")
-    assert model.load_checkpoint(str(run))["step"] == 2 and not [f for f in os.listdir(run) if ".tmp" in f]
+    assert plumbing.load_checkpoint(str(run))["step"] == 2 and not [f for f in os.listdir(run) if ".tmp" in f]
     # a sample shard (and so samples.npz, written the same way)
     r = script("sample.py", "--ckpt", tiny_run, "--num", "4", "--steps", "1", "--out", tmp_path / "s.npz", limit=4000)
     one_line_error(r, "sample.py", "cannot write", "000000.npy", "unchanged")
@@ -160,7 +161,7 @@ def test_damaged_run_and_dataset_files_give_one_line_errors(shapes, tmp_path):
     data, run = tmp_path / "data", tmp_path / "run"
     prepare_data.prepare_shapes(str(data), 100, 10)
     train.main(["--data", f"{data}/shapes/train", *TINY, "--steps", "2", "--ckpt-every", "2", "--out", str(run)])
-    ckpt = model.load_checkpoint(str(run))
+    ckpt = plumbing.load_checkpoint(str(run))
     # weights of another model under this run's config (another preset, another code version)
     other = model.Denoiser(10, 32, 3, "tiny", ch=16).state_dict()
     torch.save(dict(ckpt, model=other, ema=other), run / "other.pt")
@@ -174,7 +175,7 @@ def test_damaged_run_and_dataset_files_give_one_line_errors(shapes, tmp_path):
     # the dataset rebuilt under the run with another count
     prepare_data.prepare_shapes(str(data), 120, 10)
     one_line_error(script("train.py", "--resume", run, "--steps", "4"), "train.py", "not the dataset this run started")
-    assert model.load_checkpoint(str(run))["step"] == 2
+    assert plumbing.load_checkpoint(str(run))["step"] == 2
     # dataset folders whose files disagree
     broken = tmp_path / "broken"
     for case, fix in [("lengths", lambda d: np.save(d / "labels.npy", np.zeros(150, np.int64))),
@@ -214,7 +215,7 @@ def test_hostile_archives_and_images(tmp_path, monkeypatch):
             info.size = len(blob)
             tar.addfile(info, io.BytesIO(blob))
         with pytest.raises((pickle.UnpicklingError, ValueError), match="refusing"):
-            prepare_data.prepare_cifar10(str(tmp_path / "data"), str(archive), prepare_data.md5sum(archive))
+            prepare_data.prepare_cifar10(str(tmp_path / "data"), str(archive), plumbing.file_hash(archive, "md5"))
     assert not (tmp_path / "exploited").exists() and not (tmp_path / "data/cifar10").exists()
     # an image folder with files that are not images, a zero-byte one and one claiming 100000 x 100000 pixels
     src = tmp_path / "src/cls"
@@ -245,7 +246,7 @@ def test_injected_nan_stops_the_run_and_keeps_the_last_good_checkpoint(shapes, t
     with pytest.raises(FloatingPointError, match="loss is nan at step 5"):
         train.main(["--data", f"{shapes}/train", *TINY, "--steps", "8", "--ckpt-every", "2", "--out",
                     str(tmp_path / "run")])
-    ckpt = model.load_checkpoint(str(tmp_path / "run"))
+    ckpt = plumbing.load_checkpoint(str(tmp_path / "run"))
     assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
@@ -290,7 +291,7 @@ def test_resumed_sampling_never_mixes_two_models_saved_at_one_path(tiny_run, tmp
     sample.main([*args[:-1], str(tmp_path / "fresh.npz")])
     mixed, fresh = np.load(tmp_path / "s.npz")["arr_0"], np.load(tmp_path / "fresh.npz")["arr_0"]
     assert np.array_equal(mixed, fresh)  # all eight from model B
-    assert json.loads(str(np.load(tmp_path / "s.npz")["settings"]))["weights_sha256"] == model.weights_hash(
+    assert json.loads(str(np.load(tmp_path / "s.npz")["settings"]))["weights_sha256"] == plumbing.weights_hash(
         ckpt["ema"])
 
 
@@ -317,10 +318,10 @@ def test_a_checkpoint_write_that_fails_anywhere_is_one_line_and_leaves_nothing(t
     size = os.path.getsize(os.path.join(tiny_run, "ckpt.pt"))
     limit = {"early": 200, "in a tensor": size // 2, "zip directory": size - 300}[where]
     (tmp_path / "ckpt.pt").write_bytes(b"previous")
-    code = (f"import sys, resource, torch; sys.path.insert(0, {ROOT!r}); import model\n"
+    code = (f"import sys, resource, torch; sys.path.insert(0, {ROOT!r}); import plumbing\n"
             f"state = torch.load({os.path.join(tiny_run, 'ckpt.pt')!r}, weights_only=True)\n"
             f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n"
-            f"try:\n    model.save_atomic({str(tmp_path / 'ckpt.pt')!r}, lambda f: torch.save(state, f))\n"
+            f"try:\n    plumbing.save_atomic({str(tmp_path / 'ckpt.pt')!r}, lambda f: torch.save(state, f))\n"
             f"except OSError as e:\n    sys.exit(f'train.py: error: {{e}}')\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     one_line_error(r, "train.py", "cannot write", "ckpt.pt", "unchanged")
@@ -328,15 +329,18 @@ def test_a_checkpoint_write_that_fails_anywhere_is_one_line_and_leaves_nothing(t
 
 
 def numeric_flags(script):
-    """(flag dest, int or float, nargs) of every add_argument with type=int or float in a script's source."""
-    import ast
-    out = []
-    for node in ast.walk(ast.parse(open(os.path.join(ROOT, script)).read())):
-        kw = {k.arg: k.value for k in getattr(node, "keywords", [])}
-        if isinstance(node, ast.Call) and "type" in kw and getattr(kw["type"], "id", None) in ("int", "float"):
-            dest = kw["dest"].value if "dest" in kw else node.args[0].value[2:].replace("-", "_")
-            out.append((dest, kw["type"].id, "nargs" in kw))
-    return out
+    """(flag dest, int or float, nargs, its interval or None) of every numeric flag of a script's parser(s)."""
+    mod = __import__(script[:-3])
+    parsers = mod.get_parser()
+    parsers = parsers[1].values() if isinstance(parsers, tuple) else [parsers]  # evaluate.py: one per sub-command
+    out = {}
+    for p in parsers:
+        for act in p._actions:
+            if act.type in (int, float):  # a numeric flag without a range
+                out[act.dest] = (act.dest, act.type.__name__, act.nargs is not None, None)
+            elif isinstance(act.type, plumbing.Interval):
+                out[act.dest] = (act.dest, act.type.kind.__name__, act.nargs is not None, act.type.spec)
+    return list(out.values())
 
 
 def inside(value, spec):  # the test's own reading of an interval
@@ -359,10 +363,9 @@ EVALUATE_COMMAND = {"feat_size": ["repro", "a", "b"], "threshold": ["repro", "a"
 def test_every_numeric_flag_of_every_script_is_range_checked_before_any_work(script, shapes, tmp_path):
     mod = __import__(script[:-3])
     flags = numeric_flags(script)
-    assert flags and {d for d, _, nargs in flags if not nargs} <= set(mod.RANGES), "a numeric flag without a range"
+    assert flags and all(spec for *_, spec in flags), "a numeric flag without a range"
     refused = 0
-    for dest, kind, nargs in flags:
-        spec = mod.RANGES.get(dest, "[1, inf)")  # bench's batch lists: every entry at least 1
+    for dest, kind, nargs, spec in flags:  # a list flag (bench's batches): every entry in the range
         for value in ("0", "-1", "nan", "inf"):
             if inside(float(value), spec) and not (kind == "int" and value in ("nan", "inf")):
                 continue

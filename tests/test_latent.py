@@ -12,6 +12,7 @@ import torch
 pytest.importorskip("diffusers")  # requirements-latent.txt, installed by CI through requirements-dev.txt
 
 import model  # noqa: E402
+import plumbing  # noqa: E402
 import prepare_data  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
@@ -78,21 +79,21 @@ def test_kl_latent_draw_is_the_posterior_and_reproducible_from_seed_and_step(lat
     data = train.load_data(cfg, cpu)
     net = model.Denoiser(**train.model_config(cfg, data, None)[0])
     a, b = train.draw_step(3, cfg, data, net, cpu), train.draw_step(3, cfg, data, net, cpu)
-    assert a.eps.shape == (16, 4, 8, 8) and torch.equal(a.eps, b.eps) and torch.equal(a.flip, b.flip)
-    halves = [train.draw_step(3, cfg, data, net, cpu, rank, 2).eps for rank in (0, 1)]
-    assert torch.equal(torch.cat(halves), a.eps)
+    assert a["eps"].shape == (16, 4, 8, 8) and torch.equal(a["eps"], b["eps"]) and torch.equal(a["flip"], b["flip"])
+    halves = [train.draw_step(3, cfg, data, net, cpu, rank, 2)["eps"] for rank in (0, 1)]
+    assert torch.equal(torch.cat(halves), a["eps"])
     seen = {}
 
     class Capture:
         def loss(self, net, x, *rest):
             seen["x"] = x
             return x.flatten(1).mean(1)
-    z = torch.from_numpy(np.load(f"{latents['kl'][0]}/latents.npy")[a.idx]).float()
-    train.micro_loss(net, Capture(), torch.contiguous_format, 0.5, z.half(), a.flip, None, a.cond, a.t, a.noise,
-                     None, None, a.eps)
-    picked = z[torch.arange(16), a.flip.long()]  # the mirror's latents where the step flips
-    torch.testing.assert_close(seen["x"], (picked[:, 0] + picked[:, 1] * a.eps) * 0.5)
-    assert a.flip.any() and not a.flip.all()
+    z = torch.from_numpy(np.load(f"{latents['kl'][0]}/latents.npy")[a["idx"]]).float()
+    train.micro_loss(net, Capture(), torch.contiguous_format, 0.5, z.half(), t=a["t"], noise=a["noise"], cond=a["cond"],
+                     flip=a["flip"], eps=a["eps"])
+    picked = z[torch.arange(16), a["flip"].long()]  # the mirror's latents where the step flips
+    torch.testing.assert_close(seen["x"], (picked[:, 0] + picked[:, 1] * a["eps"]) * 0.5)
+    assert a["flip"].any() and not a["flip"].all()
 
 
 def test_latent_run_resumes_bit_identically_after_a_kill_and_matches_two_processes(latents, tmp_path):
@@ -101,9 +102,9 @@ def test_latent_run_resumes_bit_identically_after_a_kill_and_matches_two_process
     fresh = [sys.executable, f"{ROOT}/train.py", "--data", data, *RUN, "--steps", "4", "--ckpt-every", "2",
              "--log-every", "1", "--out", cut]
     assert not finish(fresh, None, cut, kill_at=3)  # SIGKILL once step 3 is logged, after the step-2 checkpoint
-    assert model.load_checkpoint(cut)["step"] == 2
+    assert plumbing.load_checkpoint(cut)["step"] == 2
     assert finish(None, [sys.executable, f"{ROOT}/train.py", "--resume", cut], cut)
-    a, b = model.load_checkpoint(str(full)), model.load_checkpoint(cut)
+    a, b = plumbing.load_checkpoint(str(full)), plumbing.load_checkpoint(cut)
     assert b["step"] == 4 and all(torch.equal(a[w][k], b[w][k]) for w in ("model", "ema") for k in a[w])
     assert a["config"]["data"]["latent"]["kind"] == "kl" and a["config"]["diffusion"]["clip"] is False
     assert os.path.exists(full / "grid-0000004.png")  # decoded by the autoencoder
@@ -111,7 +112,7 @@ def test_latent_run_resumes_bit_identically_after_a_kill_and_matches_two_process
                           f"{ROOT}/train.py", "--data", data, *RUN, "--steps", "4", "--ckpt-every", "4", "--batch-gpu",
                           "4", "--out", str(tmp_path / "two")], capture_output=True, text=True, cwd=ROOT)
     assert two.returncode == 0, two.stderr[-2000:]
-    c = model.load_checkpoint(str(tmp_path / "two"))
+    c = plumbing.load_checkpoint(str(tmp_path / "two"))
     assert_moments_close(a, c)
     with pytest.raises(ValueError, match="--crop-scale does not apply to precomputed latents"):
         train.main(["--data", data, *RUN, "--steps", "1", "--crop-scale", "0.8", "--out", str(tmp_path / "crop")])

@@ -11,6 +11,7 @@ from PIL import Image
 import corrupt
 import evaluate
 import model
+import plumbing
 import sample
 import train
 
@@ -83,7 +84,7 @@ def test_corrupt_prints_and_writes_only_with_out(shapes, tmp_path, monkeypatch, 
 def test_long_captions_are_wrapped_whole_beside_their_row(tmp_path):
     images = np.zeros((4, 16, 16, 3), np.uint8)
     caption = "a small red disk in the top left corner of the image"
-    model.save_grid(str(tmp_path / "g.png"), images, nrow=2, labels=[caption, "x"])
+    plumbing.save_grid(str(tmp_path / "g.png"), images, nrow=2, labels=[caption, "x"])
     img = Image.open(tmp_path / "g.png")
     assert img.size[0] == 100 + 2 * 16 and img.size[1] > 2 * 16  # the first row grew to hold every word
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import model
+import plumbing
 from model import Denoiser, Diffusion
 
 
@@ -102,7 +103,7 @@ def test_sampler_noise_levels():
         d.ddim_timesteps(0)
     s_max, s_min = math.exp(d.log_sigmas[-1].item()), math.exp(d.log_sigmas[0].item())
     for sampler, steps, n in [("ddim", 50, 51), ("dpm++", 20, 21), ("ddpm", 0, 1001), ("heun", 18, 19)]:
-        sig = d.sigmas(*d.resolve_sampler(sampler, steps)[:2])
+        sig = d.sigmas(*list(model.resolve_sampler(sampler, steps).values())[:2])
         assert len(sig) == n and sig[-1] == 0 and all(a > b for a, b in zip(sig, sig[1:]))
         assert sig[0] == pytest.approx(s_max, rel=1e-5) and sig[-2] == pytest.approx(s_min, rel=1e-5)
     heun = np.array(d.sigmas("heun", 18)[:-1])
@@ -116,7 +117,7 @@ def test_ddpm_is_ancestral_with_the_posterior_variance():
     ac, ac_prev = d.alphas_cumprod[t].double(), d.alphas_cumprod[t - 1].double()
     beta = 1 - ac / ac_prev
     xt = torch.full((n, 1), 0.7)
-    sig = d.sigmas(*d.resolve_sampler("ddpm", 0)[:2])
+    sig = d.sigmas(*list(model.resolve_sampler("ddpm", 0).values())[:2])
     s, s_next = sig[999 - t], sig[1000 - t]
     out = model.sample_ddim(lambda x, sigma: torch.full_like(x, x0), xt * math.sqrt(1 + s ** 2), [s, s_next, 0.0][:2],
                             eta=1.0, noise_fn=lambda k: torch.randn(n, 1, dtype=torch.float64))
@@ -220,41 +221,41 @@ class Exploit:
 def test_checkpoint_errors(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="not found"):
-        model.load_checkpoint(str(tmp_path / "nope.pt"))
-    good = dict(format=model.CKPT_FORMAT, model={"w": torch.ones(1000)}, ema={}, opt={}, step=3,
+        plumbing.load_checkpoint(str(tmp_path / "nope.pt"))
+    good = dict(format=plumbing.CKPT_FORMAT, model={"w": torch.ones(1000)}, ema={}, opt={}, step=3,
                 config=dict(model={}, diffusion={}, train={}, data={}))
-    model.save_atomic(str(tmp_path / "good.pt"), lambda f: torch.save(good, f))
+    plumbing.save_atomic(str(tmp_path / "good.pt"), lambda f: torch.save(good, f))
     data = (tmp_path / "good.pt").read_bytes()
     for cut in sorted(np.random.default_rng(0).choice(len(data) - 1, 12, replace=False)):  # truncated anywhere
         (tmp_path / "cut.pt").write_bytes(data[:cut])
         with pytest.raises(ValueError, match="truncated or not a torch file"):
-            model.load_checkpoint(str(tmp_path / "cut.pt"))
+            plumbing.load_checkpoint(str(tmp_path / "cut.pt"))
     torch.save({"state_dict": {}}, str(tmp_path / "foreign.pt"))
     with pytest.raises(ValueError, match="not a slightdiff checkpoint"):
-        model.load_checkpoint(str(tmp_path / "foreign.pt"))
+        plumbing.load_checkpoint(str(tmp_path / "foreign.pt"))
     torch.save({k: v for k, v in good.items() if k != "ema"}, str(tmp_path / "old.pt"))
     with pytest.raises(ValueError, match="lacks ema"):
-        model.load_checkpoint(str(tmp_path / "old.pt"))
+        plumbing.load_checkpoint(str(tmp_path / "old.pt"))
     torch.save(dict(good, step=Exploit()), str(tmp_path / "evil.pt"))
     with pytest.raises(ValueError, match="refusing .*pickled objects"):
-        model.load_checkpoint(str(tmp_path / "evil.pt"))
+        plumbing.load_checkpoint(str(tmp_path / "evil.pt"))
     assert not (tmp_path / "exploited").exists()
-    assert model.load_checkpoint(str(tmp_path / "good.pt"))["model"]["w"].sum() == 1000
+    assert plumbing.load_checkpoint(str(tmp_path / "good.pt"))["model"]["w"].sum() == 1000
     assert [p.name for p in tmp_path.iterdir() if "tmp" in p.name] == []
 
 
 def test_save_atomic_keeps_the_previous_file_when_a_write_fails(tmp_path):
     path = str(tmp_path / "f.npz")
-    model.save_npz(path, x=np.arange(3))
+    plumbing.save_npz(path, x=np.arange(3))
     before = (tmp_path / "f.npz").read_bytes()
 
     def disk_full(f):
         f.write(b"partial")
         raise OSError(28, "No space left on device")
     with pytest.raises(OSError, match="cannot write .*f.npz .No space left on device.*unchanged"):
-        model.save_atomic(path, disk_full)
+        plumbing.save_atomic(path, disk_full)
     assert (tmp_path / "f.npz").read_bytes() == before and os.listdir(tmp_path) == ["f.npz"]
-    model.save_npz(str(tmp_path / "g.npz"), x=np.arange(3))
+    plumbing.save_npz(str(tmp_path / "g.npz"), x=np.arange(3))
     assert (tmp_path / "g.npz").read_bytes() == before  # no timestamps: the same arrays, the same bytes
 
 

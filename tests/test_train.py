@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import model
+import plumbing
 import train
 from helpers import assert_moments_close
 
@@ -18,7 +19,7 @@ def run_train(data, out, *extra):
     base = ["--data", data, "--out", str(out), "--preset", "tiny", "--batch-size", "16", "--warmup", "2",
             "--lr", "1e-3", "--log-every", "2", "--grid-steps", "2"]
     train.main(base + [str(e) for e in extra])
-    return model.load_checkpoint(str(out))
+    return plumbing.load_checkpoint(str(out))
 
 
 def cli(*args):
@@ -59,7 +60,7 @@ def test_channels_last_gives_the_same_gradients_and_resumes(shapes, tmp_path):
         memory_format=torch.channels_last)
     assert_moments_close(plain, nhwc, rel=1e-4)
     train.main(["--resume", str(tmp_path / "nhwc"), "--steps", "3"])  # optimizer state keeps the weights' layout
-    assert model.load_checkpoint(str(tmp_path / "nhwc"))["step"] == 3
+    assert plumbing.load_checkpoint(str(tmp_path / "nhwc"))["step"] == 3
     net, _ = model.build(nhwc["config"])  # sampling loads NHWC weights into the default layout
     net.load_state_dict(nhwc["ema"])
 
@@ -76,7 +77,7 @@ def test_resume_ends_with_identical_weights(shapes16, tmp_path, cond):
     with open(tmp_path / "cut/log.jsonl", "a") as f:  # a line the killed run wrote after its last checkpoint
         f.write(json.dumps({"step": 5, "loss": 1.0}) + "\n")
     train.main(["--resume", str(tmp_path / "cut"), "--steps", "8"])
-    resumed = model.load_checkpoint(str(tmp_path / "cut"))
+    resumed = plumbing.load_checkpoint(str(tmp_path / "cut"))
     assert resumed["step"] == 8
     assert states_equal(full["model"], resumed["model"]) and states_equal(full["ema"], resumed["ema"])
     steps = [json.loads(l)["step"] for l in open(tmp_path / "cut/log.jsonl")]
@@ -92,10 +93,10 @@ def test_two_process_ddp_matches_one_process(shapes16, tmp_path, cond):
                           f"{ROOT}/train.py", *args, "--out", str(tmp_path / "two"), "--batch-gpu", "4"],
                          capture_output=True, text=True, cwd=ROOT)
     assert two.returncode == 0, two.stderr
-    a, b = model.load_checkpoint(str(tmp_path / "one")), model.load_checkpoint(str(tmp_path / "two"))
+    a, b = plumbing.load_checkpoint(str(tmp_path / "one")), plumbing.load_checkpoint(str(tmp_path / "two"))
     assert b["config"]["train"]["world_size"] == 2 and b["config"]["train"]["accum"] == 2
     assert_moments_close(a, b)
-    assert not states_equal(a["model"], model.load_checkpoint(str(tmp_path / "one"))["ema"])
+    assert not states_equal(a["model"], plumbing.load_checkpoint(str(tmp_path / "one"))["ema"])
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -141,7 +142,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(shapes, tmp_path):
             "--grid-steps", "1")
     last = r.stderr.strip().splitlines()[-1]  # the progress bar shares stderr
     assert r.returncode == 1 and "Traceback" not in r.stderr and last.startswith("train.py: error: loss is"), last
-    ckpt = model.load_checkpoint(str(tmp_path / "run"))
+    ckpt = plumbing.load_checkpoint(str(tmp_path / "run"))
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
     failed_at = int(last.split(" at step ")[1].split(":")[0])
     assert ckpt["step"] < failed_at
@@ -228,10 +229,11 @@ def test_step_randomness_comes_from_seed_and_step_alone_for_any_rank_layout(shap
     data = train.load_data(cfg, cpu)
     net = model.Denoiser(**train.model_config(cfg, data, None)[0])
     draw = lambda step, rank=0, world=1: train.draw_step(step, cfg, data, net, cpu, rank, world)
-    fields = lambda d: [torch.as_tensor(d.idx), d.t, d.noise, d.cond, d.flip, d.delta, *d.crop, d.ctrl]
+    fields = lambda d: [torch.as_tensor(d["idx"]), d["t"], d["noise"], d["cond"], d["flip"], d["delta"],
+                        *d["crop"].unbind(1), d["ctrl"]]
     a, b, other = fields(draw(5)), fields(draw(5)), fields(draw(6))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not any(torch.equal(x, y) for x, y in zip(a[1:], other[1:]))  # every draw changes with the step
     halves = [fields(draw(5, rank, 2)) for rank in (0, 1)]  # two ranks: each its half of the same global batch
     assert all(torch.equal(x, torch.cat([h0, h1])) for x, h0, h1 in zip(a, *halves))
-    assert draw(5, 0, 2).dropout_seed != draw(5, 1, 2).dropout_seed  # dropout masks differ per rank
+    assert train.seed_of(cfg.seed, 5, 0, 3) != train.seed_of(cfg.seed, 5, 1, 3)  # dropout masks differ per rank
