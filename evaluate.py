@@ -612,7 +612,8 @@ def collect(run_dirs):
     if not rows and not study:
         raise ValueError("no run folder with a metrics.json (or memorization.json): run sample.py and evaluate.py "
                          "first")
-    return (sorted(rows, key=lambda r: (r["cond"], r["cep"], r["gamma"] or 0, r["corruption"], r["mode"], r["eta"])),
+    return (sorted(rows, key=lambda r: (r["cond"], r["cep"], r["gamma"] or 0, r["corruption"], r["mode"],
+                                        r["eta"] if r["eta"] is not None else -1)),
             sorted(study, key=lambda r: (r["width"], r["images"], r["seed"])))
 
 
@@ -623,7 +624,8 @@ def markdown(columns, rows):
 
 
 num = lambda key, spec: lambda r: "-" if r[key] is None else f"{r[key]:{spec}}"
-ETA_COLUMNS = [("run", lambda r: r["run"]), ("cond", lambda r: r["cond"]), ("eta (%)", lambda r: f"{r['eta'] * 100:g}"),
+ETA_COLUMNS = [("run", lambda r: r["run"]), ("cond", lambda r: r["cond"]),
+               ("eta (%)", lambda r: "-" if r["eta"] is None else f"{r['eta'] * 100:g}"),
                ("corruption", lambda r: f"{r['corruption']}/{r['mode']}"),
                ("CEP", lambda r: r["cep"] if r["cep"] == "none" else f"{r['cep']} (gamma {r['gamma']:g})"),
                ("cfg", num("cfg", "g")), ("samples", lambda r: str(r["n"])), ("FID", num("fid", ".2f")),
@@ -695,7 +697,7 @@ def cmd_report(a):
     if rows:
         table += markdown(ETA_COLUMNS, rows)
         cep = lambda r: "no CEP" if r["cep"] == "none" else f"CEP-{r['cep'][0].upper()} gamma {r['gamma']:g}"
-        rows = [dict(r, eta_pct=r["eta"] * 100) for r in rows]
+        rows = [dict(r, eta_pct=r["eta"] * 100) for r in rows if r["eta"] is not None]
         plot(rows, a.out + ".png", "eta_pct", "eta (%)", [("fid", "FID", "FID"), ("is_mean", "IS", "IS"),
              ("precision", "precision", "precision"), ("recall", "recall", "recall")],
              lambda r: f"{r['cond']}, {cep(r)}, {r['corruption']}/{r['mode']}")

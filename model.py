@@ -10,15 +10,19 @@
   Diffusion          noise schedules, the training loss, the denoiser D(x, sigma) that every sampler walks
   samplers           sample_ddim (and DDPM), sample_dpmpp_2m, sample_heun; guided (CFG); generate (noise per sample)
   autoencoders       load_autoencoder, ae_encode, latent_decoder: the latent path (diffusers)
+  released models    load_model: a run, or a released DiT (DiT's own file, a diffusers DiT) converted on load
 
 The condition enters a backbone in two ways, so text tokens or control metadata are added without touching it:
   c_vec    [B, emb_dim]      added to the time embedding (a UNet's scale-shift norms, a DiT's adaLN);
   c_tokens [B, L, ctx_dim]   attended to by cross-attention (if ctx_dim is set).
 """
 import hashlib
+import inspect
 import json
 import math
 import os
+import re
+import zipfile
 
 import numpy as np
 import torch
@@ -26,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from plumbing import seed_of, to_device, to_uint8, weights_hash
+from plumbing import CKPT_FORMAT, file_hash, load_checkpoint, seed_of, to_device, to_uint8, weights_hash
 
 PRESETS = {
     # UNets. CPU tests and the quick start.
@@ -52,9 +56,11 @@ PRESETS = {
 T = 1000  # diffusion timesteps of every schedule here: the network's time input and the control phase-in span [0, T)
 
 
-def timestep_embedding(t, dim, max_period=10000.0):
+def timestep_embedding(t, dim, max_period=10000.0, shift=0):
+    """[cos, sin] of t at frequencies exp(-ln(max_period) i / (half - shift)); shift 1 is diffusers' DiT."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    i = torch.arange(half, device=t.device, dtype=torch.float32)
+    freqs = torch.exp(-math.log(max_period) * i / (half - shift))
     args = t.float()[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
 
@@ -231,10 +237,10 @@ class DiTBlock(nn.Module):
     conditioning vector c, the gates zero-initialised so that a fresh block is the identity; self-attention, then
     (ctx_dim) cross-attention to the condition tokens (PixArt-alpha), then the MLP."""
 
-    def __init__(self, dim, heads, ctx_dim=None):
+    def __init__(self, dim, heads, ctx_dim=None, mlp_eps=1e-6):
         super().__init__()
         self.heads, self.cross = heads, bool(ctx_dim)
-        self.norm1, self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6), nn.LayerNorm(dim, 1e-6, False)
+        self.norm1, self.norm2 = nn.LayerNorm(dim, 1e-6, elementwise_affine=False), nn.LayerNorm(dim, mlp_eps, False)
         self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim))
         self.ada = zero_init(nn.Linear(dim, 6 * dim))
@@ -255,21 +261,22 @@ class DiT(nn.Module):
     """Patchify, fixed sin-cos positions, adaLN-Zero blocks, final adaLN layer, unpatchify. The same interface as
     UNet: (x, t, c_vec, c_tokens). Epsilon (or v) only: DiT's learned variance is not trained (see README)."""
 
-    def __init__(self, resolution, in_ch, depth, dim, heads, patch, ctx_dim=None):
+    def __init__(self, resolution, in_ch, depth, dim, heads, patch, ctx_dim=None, freq_shift=0, mlp_eps=1e-6):
+        """freq_shift, mlp_eps: 0 and 1e-6 as DiT; diffusers' DiTs have 1 and their config's norm_eps."""
         super().__init__()
         if resolution % patch:
             raise ValueError(f"patch size {patch} does not divide the {resolution}x{resolution} input: pick another "
                              f"preset or resolution")
-        self.patch, self.grid, self.emb_dim, self.ch = patch, resolution // patch, dim, 256
+        self.patch, self.grid, self.emb_dim, self.freq_shift = patch, resolution // patch, dim, freq_shift
         self.x_embed = nn.Conv2d(in_ch, dim, patch, stride=patch)
         self.register_buffer("pos", sincos_2d(dim, self.grid), persistent=False)  # recomputed for any grid
         self.time_mlp = nn.Sequential(nn.Linear(256, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.blocks = nn.ModuleList(DiTBlock(dim, heads, ctx_dim) for _ in range(depth))
+        self.blocks = nn.ModuleList(DiTBlock(dim, heads, ctx_dim, mlp_eps) for _ in range(depth))
         self.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.ada_out, self.out = zero_init(nn.Linear(dim, 2 * dim)), zero_init(nn.Linear(dim, patch * patch * in_ch))
 
     def forward(self, x, t, c_vec=None, c_tokens=None):
-        c = self.time_mlp(timestep_embedding(t, 256))
+        c = self.time_mlp(timestep_embedding(t, 256, shift=self.freq_shift))
         c = c if c_vec is None else c + c_vec
         h = rearrange(self.x_embed(x), "b d y x -> b (y x) d") + self.pos.to(x.dtype)
         for block in self.blocks:
@@ -410,23 +417,23 @@ class Denoiser(nn.Module):
 
     def __init__(self, num_classes, resolution=32, channels=3, preset="tiny", cond="class", text_dim=None,
                  text_layers=None, max_len=64, ext_dim=None, replicate_pad=True, pad_noise=0.1, control=None,
-                 class_ctx=None, **unet):
-        """preset: a name in PRESETS; unet: a UNet preset's values changed (ch, dropout, attn_res); class_ctx: the
-        class through cross-attention on an embedding this wide (0: through c_vec; default: the preset's)."""
+                 class_ctx=None, **arch):
+        """preset: a name in PRESETS; arch: its backbone's values changed (a UNet's ch, dropout, attn_res; a DiT's
+        depth, dim, heads, patch, freq_shift, mlp_eps); class_ctx: the class through cross-attention on an
+        embedding this wide (0: through c_vec; default: the preset's)."""
         super().__init__()
         spec = PRESETS[preset]
-        if "dit" in spec and unet:
-            raise ValueError(f"{preset} is a DiT: {', '.join(sorted(unet))} are a UNet's settings")
+        kind, net = ("dit", DiT) if "dit" in spec else ("unet", UNet)
+        unknown = set(arch) - set(inspect.signature(net).parameters)
+        if unknown:
+            raise ValueError(f"{preset} is a {kind.upper()}: {', '.join(sorted(unknown))} are not its settings")
         class_ctx = spec.get("class_ctx") if class_ctx is None else class_ctx
         self.class_ctx = class_ctx if cond == "class" else None
         self.num_classes, self.cond, self.resolution = num_classes, cond, resolution
         self.pad_noise, self.control_mode = pad_noise, control
         text_dim, text_layers = (a or b for a, b in zip((text_dim, text_layers), spec.get("text", (384, 6))))
         ctx_dim = text_dim if cond == "text" else self.class_ctx or None
-        if "dit" in spec:
-            self.dit = DiT(resolution, channels, **spec["dit"], ctx_dim=ctx_dim)
-        else:
-            self.unet = UNet(resolution=resolution, in_ch=channels, ctx_dim=ctx_dim, **{**spec["unet"], **unet})
+        setattr(self, kind, net(resolution, channels, ctx_dim=ctx_dim, **{**spec[kind], **arch}))
         emb_dim = self.backbone.emb_dim
         if cond == "class":
             self.label_embed = ClassEmbedder(num_classes, self.class_ctx or emb_dim)
@@ -708,15 +715,196 @@ def ae_encode(ae, x):
 def latent_decoder(latent, vae=None, device="cpu"):
     """z (scaled latents) -> images in [-1, 1], with the autoencoder a latent dataset was made with (its record:
     meta.json's `latent`); vae: where that autoencoder lives now. Another autoencoder is refused."""
-    ae, info = load_autoencoder(vae or latent["vae"], device)
-    if info["sha256"] != latent["sha256"]:
+    if not (vae or latent["vae"]):
+        raise ValueError("this model comes without its autoencoder: give --vae (DiT's: stabilityai/sd-vae-ft-ema)")
+    try:
+        ae, info = load_autoencoder(vae or latent["vae"], device)
+    except ValueError as e:
+        if vae:
+            raise
+        raise ValueError(f"the autoencoder recorded in the run, {latent['vae']}, is not there any more or cannot be "
+                         f"reached ({str(e).split(' (', 1)[-1].split('):')[0][:120]}): give --vae PATH (or hub id) "
+                         f"where it lives now") from None
+    if latent["sha256"] and info["sha256"] != latent["sha256"]:
         raise ValueError(f"the autoencoder {vae or latent['vae']} is not the one these latents were made with (sha256 "
                          f"{info['sha256'][:12]} vs {latent['sha256'][:12]}): give --vae PATH where that one lives")
     return lambda z: ae.decode(z.float() / latent["scale"]).sample
 
 
-# ----------------------------------------------------------------------------- checkpoints
+# ----------------------------------------------------------------------------- checkpoints, released models
 
 def build(config):
     """(Denoiser, Diffusion) from a checkpoint's stored config."""
     return Denoiser(**config["model"]), Diffusion(**config["diffusion"])
+
+
+def load_model(spec, with_vae=True):
+    """--ckpt, --init-from: a slightdiff run folder or checkpoint, or a released DiT converted on load into one
+    (step 0, no optimizer state): DiT's own checkpoint (DiT-XL-2-256x256.pt) or a diffusers DiTTransformer2DModel
+    (a pipeline's folder or hub id, e.g. facebook/DiT-XL-2-256 or DiffusionNoise/dit-xl-2_imagenet_clean, or the
+    model's own folder). with_vae: record the pipeline's autoencoder, as a latent dataset records one."""
+    folder = os.path.isdir(spec)
+    if folder and not os.path.isfile(os.path.join(spec, "ckpt.pt")) and \
+            {"config.json", "model_index.json"} & set(os.listdir(spec)) or \
+            not os.path.exists(spec) and re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and not spec.endswith(".pt"):
+        state, arch, diffusion, names, vae = dit_from_diffusers(spec)
+        source = dict(kind="diffusers", id=os.path.abspath(spec) if folder else spec, sha256=weights_hash(state))
+    elif os.path.isfile(spec) and (theirs := dit_pt_state(spec)) is not None:
+        (state, arch), diffusion, names, vae = dit_from_pt(theirs, spec), dict(schedule="linear"), None, None
+        source = dict(kind="dit-pt", id=os.path.abspath(spec), sha256=file_hash(spec))
+    else:
+        return load_checkpoint(spec)
+    res, ch = arch.pop("resolution"), arch.pop("channels")
+    latent = dict(vae=None, cls="AutoencoderKL", sha256=None, scale=0.18215, kind="kl", image_channels=3,
+                  image_resolution=8 * res)  # DiT's: the SD autoencoder, 8x downsampling
+    if vae and with_vae:
+        ae, info = load_autoencoder(vae)
+        latent.update(vae=info["vae"], cls=info["cls"], sha256=info["sha256"], scale=info["scaling_factor"],
+                      image_resolution=2 ** (len(ae.config.block_out_channels) - 1) * res)
+    n = arch.pop("num_classes")
+    preset = next((k for k, v in PRESETS.items() if v.get("dit") == {a: arch[a] for a in v.get("dit", ())}),
+                  "dit-tiny")
+    # the paper's released models say their eta in their names (..._clean, ..._random_noise_2.5)
+    m = re.search(r"_(clean|random_noise_([\d.]+))", spec)
+    eta = None if m is None else float(m.group(2) or 0) / 100
+    config = dict(model=dict(num_classes=n, resolution=res, channels=ch, preset=preset, cond="class", **arch),
+                  diffusion=dict(dict(schedule="linear", T=T, prediction="eps", shift=1.0, clip=False), **diffusion),
+                  train=dict(cond="class", eta=eta, corruption="symmetric", corruption_mode="fixed", cep="none",
+                             cep_gamma=0.0, seed=0, subset=None),
+                  data=dict(num_classes=n, class_names=names or [str(k) for k in range(n)], resolution=res,
+                            count=0, latent=dict(latent, shape=[2, 2, ch, res, res])),
+                  source=source)
+    return dict(format=CKPT_FORMAT, model=state, ema=state, opt={}, step=0, nimg=0, config=config)
+
+
+def renamed(theirs, names):
+    """{our module: their module} -> our state dict entries (weight and bias) from theirs."""
+    return {f"{o}.{p}": theirs[f"{t}.{p}"] for o, t in names.items() for p in ("weight", "bias")}
+
+
+def without_sigma(state, key, channels, patch):
+    """The output layer of a learned-sigma DiT has 2C channels per patch pixel, (p q c) ordered: keep the first C."""
+    for p in ("weight", "bias"):
+        w = state[f"{key}.{p}"]
+        if w.shape[0] == 2 * channels * patch * patch:
+            state[f"{key}.{p}"] = w.view(patch * patch, 2 * channels, *w.shape[1:])[:, :channels].flatten(0, 1)
+    return state
+
+
+def dit_pt_state(path):
+    """The state dict of DiT's own checkpoint file (its EMA weights in a training checkpoint), or None."""
+    try:
+        with zipfile.ZipFile(path) as z:  # a slightdiff checkpoint says so in its pickle: not loaded twice
+            if any(n.endswith("data.pkl") and CKPT_FORMAT.encode() in z.read(n) for n in z.namelist()):
+                return None
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # not a torch file, or one with pickled objects: plumbing.load_checkpoint says which
+        return None
+    sd = sd.get("ema", sd) if isinstance(sd, dict) else None
+    return sd if isinstance(sd, dict) and "x_embedder.proj.weight" in sd else None
+
+
+def dit_from_pt(sd, path):
+    """DiT's checkpoint (facebookresearch/DiT models.py) -> (our state dict, architecture): the fused qkv split into
+    q and kv; the number of heads, which the file does not hold, from DiT's model of that depth and width."""
+    w = sd["x_embedder.proj.weight"]
+    dim, ch, patch = w.shape[0], w.shape[1], w.shape[-1]
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    heads = next((v["dit"]["heads"] for v in PRESETS.values() if "dit" in v and (v["dit"]["depth"], v["dit"]["dim"])
+                  == (depth, dim)), None)
+    if heads is None:
+        raise ValueError(f"refusing {path}: a DiT of depth {depth} and width {dim} is not one of DiT's models, so its "
+                         f"number of heads is unknown")
+    state = renamed(sd, {"dit.x_embed": "x_embedder.proj", "dit.time_mlp.0": "t_embedder.mlp.0",
+                         "dit.time_mlp.2": "t_embedder.mlp.2", "dit.ada_out": "final_layer.adaLN_modulation.1",
+                         "dit.out": "final_layer.linear"})
+    state["label_embed.embed.weight"] = sd["y_embedder.embedding_table.weight"]
+    for i in range(depth):
+        b, o = f"blocks.{i}.", f"dit.blocks.{i}."
+        state.update(renamed(sd, {o + "proj": b + "attn.proj", o + "mlp.0": b + "mlp.fc1", o + "mlp.2": b + "mlp.fc2",
+                                  o + "ada": b + "adaLN_modulation.1"}))
+        for p in ("weight", "bias"):
+            state[o + "q." + p], state[o + "kv." + p] = sd[b + "attn.qkv." + p].split([dim, 2 * dim])
+    n = sd["y_embedder.embedding_table.weight"].shape[0] - 1  # the last row is the null class
+    arch = dict(num_classes=n, resolution=math.isqrt(sd["pos_embed"].shape[1]) * patch, channels=ch, depth=depth,
+                dim=dim, heads=heads, patch=patch, freq_shift=0, mlp_eps=1e-6)
+    return without_sigma(state, "dit.out", ch, patch), arch
+
+
+
+def dit_from_diffusers(spec):
+    """A diffusers DiTTransformer2DModel (and its pipeline's scheduler, class names and autoencoder) -> (our state
+    dict, architecture, diffusion config, class names or None, autoencoder spec or None). Each of its blocks holds
+    its own timestep and class embedder: identical copies are one embedder here; copies that differ are refused."""
+    try:
+        import diffusers
+    except ImportError:
+        raise ValueError("released models in diffusers' format need diffusers: pip install -r "
+                         "requirements-latent.txt") from None
+    local = os.path.isdir(spec)
+    pipeline = os.path.isdir(os.path.join(spec, "transformer")) if local else True
+    try:
+        try:
+            cfg = diffusers.DiTTransformer2DModel.load_config(spec, subfolder="transformer" if pipeline else None)
+        except Exception:
+            if local:
+                raise
+            pipeline, cfg = False, diffusers.DiTTransformer2DModel.load_config(spec)
+        if cfg.get("_class_name") not in ("DiTTransformer2DModel", "Transformer2DModel"):
+            raise ValueError(f"a {cfg.get('_class_name')}, not a DiT")
+        net = diffusers.DiTTransformer2DModel.from_pretrained(spec, subfolder="transformer" if pipeline else None,
+                                                              low_cpu_mem_usage=False)
+    except Exception as e:  # no network, no such folder or id, another kind of model, bad files
+        raise ValueError(f"cannot load {spec} as a slightdiff run, a DiT checkpoint or a diffusers DiT (folder or hub "
+                         f"id reachable from here): {type(e).__name__}: {str(e).strip().splitlines()[0][:150]}") \
+            from None
+    c, sd = net.config, net.state_dict()
+    if (c.norm_type, c.activation_fn, c.attention_bias, c.norm_elementwise_affine) != \
+            ("ada_norm_zero", "gelu-approximate", True, False) or c.out_channels not in (None, c.in_channels,
+                                                                                        2 * c.in_channels):
+        raise ValueError(f"refusing {spec}: a DiT with {c.norm_type}, {c.activation_fn}, attention bias "
+                         f"{c.attention_bias}, affine norms {c.norm_elementwise_affine}, {c.out_channels} output "
+                         f"channels is not an architecture slightdiff's DiT has")
+    emb = "transformer_blocks.{}.norm1.emb."
+    for k in (k for k in sd if k.startswith(emb.format(0))):
+        for i in range(1, c.num_layers):
+            if not torch.equal(sd[k], sd[k.replace(emb.format(0), emb.format(i))]):
+                raise ValueError(f"refusing {spec}: block {i}'s {k.split('.emb.')[1]} differs from block 0's; "
+                                 f"slightdiff's DiT has one timestep and class embedder for all blocks")
+    dim, e = c.num_attention_heads * c.attention_head_dim, emb.format(0)
+    state = renamed(sd, {"dit.x_embed": "pos_embed.proj", "dit.time_mlp.0": e + "timestep_embedder.linear_1",
+                         "dit.time_mlp.2": e + "timestep_embedder.linear_2", "dit.ada_out": "proj_out_1",
+                         "dit.out": "proj_out_2"})
+    state["label_embed.embed.weight"] = table = sd[e + "class_embedder.embedding_table.weight"]
+    if len(table) != c.num_embeds_ada_norm + 1:
+        raise ValueError(f"refusing {spec}: its class embedding has no null class (trained without label dropout), "
+                         f"which classifier-free guidance needs")
+    for i in range(c.num_layers):
+        b, o = f"transformer_blocks.{i}.", f"dit.blocks.{i}."
+        state.update(renamed(sd, {o + "q": b + "attn1.to_q", o + "proj": b + "attn1.to_out.0", o + "mlp.0":
+                                  b + "ff.net.0.proj", o + "mlp.2": b + "ff.net.2", o + "ada": b + "norm1.linear"}))
+        for p in ("weight", "bias"):
+            state[o + "kv." + p] = torch.cat([sd[b + "attn1.to_k." + p], sd[b + "attn1.to_v." + p]])
+    arch = dict(num_classes=c.num_embeds_ada_norm, resolution=c.sample_size, channels=c.in_channels,
+                depth=c.num_layers, dim=dim, heads=c.num_attention_heads, patch=c.patch_size, freq_shift=1,
+                mlp_eps=c.norm_eps)
+    diffusion, names, vae = {}, None, None
+    if pipeline:
+        diffusion = released_schedule(diffusers, spec)
+        index = diffusers.DiffusionPipeline.load_config(spec)
+        names = [v for _, v in sorted((int(k), v) for k, v in (index.get("id2label") or {}).items())] or None
+        vae = f"{spec}:vae"
+    return without_sigma(state, "dit.out", c.in_channels, c.patch_size), arch, diffusion, names, vae
+
+
+def released_schedule(diffusers, spec):
+    """A pipeline's scheduler config -> our diffusion config; a schedule we do not have is refused."""
+    s = diffusers.DDIMScheduler.load_config(spec, subfolder="scheduler")
+    known = {("linear", 1e-4, 0.02): "linear", ("scaled_linear", 0.0015, 0.0195): "scaled_linear"}
+    schedule = known.get((s.get("beta_schedule"), s.get("beta_start"), s.get("beta_end")))
+    prediction = {"epsilon": "eps", "v_prediction": "v"}.get(s.get("prediction_type", "epsilon"))
+    if schedule is None or prediction is None or s.get("num_train_timesteps", T) != T:
+        raise ValueError(f"refusing {spec}: its scheduler ({s.get('beta_schedule')} {s.get('beta_start')}.."
+                         f"{s.get('beta_end')}, {s.get('prediction_type')}, T {s.get('num_train_timesteps')}) is "
+                         f"not a schedule slightdiff has")
+    return dict(schedule=schedule, prediction=prediction)

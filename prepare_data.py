@@ -347,6 +347,10 @@ def prepare_latents(src, out, name, split, vae, scale=None, batch=64, shard_size
                 with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
                     z = ae_encode(ae, torch.cat([x, x.flip(3)])).float()
                 parts.append(torch.stack(z.chunk(2), 1).cpu().numpy().astype(np.float16))
+                bad = np.flatnonzero(~np.isfinite(parts[-1].reshape(len(x), -1)).all(1))
+                if len(bad):  # nan, inf or beyond float16: refused here, not as a nan loss in training
+                    raise ValueError(f"{src}: image row {b + bad[0]} encodes to a non-finite latent (nan, inf or "
+                                     f"beyond float16): check that image and the autoencoder; nothing is written")
                 bar.update(len(x))
             return np.concatenate(parts)
         out_dir = os.path.join(out, name, split)

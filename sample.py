@@ -23,8 +23,8 @@ import sys
 import numpy as np
 import torch
 
-from model import T, build, generate, latent_decoder, neutral_control, resolve_sampler, tokenize
-from plumbing import (Interval, check_flags, ckpt_path, cli, distributed, load_checkpoint, load_weights, remove_shards,
+from model import T, build, generate, latent_decoder, load_model, neutral_control, resolve_sampler, tokenize
+from plumbing import (Interval, check_flags, ckpt_path, cli, distributed, load_weights, remove_shards,
                       run_shards, save_grid, save_npz, setup_device, weights_hash)
 
 COUNT = Interval(int, "[1, inf)")
@@ -150,7 +150,9 @@ def main(argv=None):
 
 
 def run(args, ddp, rank, world, local_rank):
-    ckpt = load_checkpoint(args.ckpt)
+    ckpt = load_model(args.ckpt)
+    if "source" in ckpt["config"] and not args.out and not ckpt["step"]:
+        raise ValueError(f"{args.ckpt} is a released model, not a run folder: give --out FILE.npz")
     out = args.out or os.path.join(os.path.dirname(ckpt_path(args.ckpt)), "samples.npz")
     if os.path.exists(out) and not args.overwrite:  # its metrics.json, classify.json ... would describe other samples
         raise ValueError(f"{out} exists: pass --overwrite to replace it (and the evaluate.py results made from it), "

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import corrupt
-from model import PRESETS, T, Denoiser, Diffusion, generate, latent_decoder, neutral_control, tokenize
+from model import PRESETS, T, Denoiser, Diffusion, generate, latent_decoder, load_model, neutral_control, tokenize
 from plumbing import (CKPT_FORMAT, Interval, barrier, bench_steps, check_flags, ckpt_path, cli, distributed,
                       flag_adder, load_checkpoint, load_weights, mfu, peak_flops, peers, read_dataset, resumable_flags,
                       save_atomic, save_grid, save_json, save_npz, seed_of, setup_device, to_device)
@@ -216,12 +216,13 @@ def load_text(path, count, text_emb=None):
 class Batches:
     """Global batch i = positions [i*B, (i+1)*B) of a stream of seeded per-epoch permutations (resumable by step)."""
 
-    def __init__(self, images, index, device, seed, label_fn, in_memory):
+    def __init__(self, images, index, device, seed, label_fn, in_memory, path):
         self.n, self.seed, self.device, self.label_fn = len(index), seed, device, label_fn
-        self.index, self.images = index, images
+        self.index, self.images, self.path = index, images, path
         if in_memory:  # small sets (CIFAR) live on the device: no loader workers needed
-            self.images = torch.from_numpy(np.ascontiguousarray(images[index])).to(device)
-            self.index = None
+            x = np.ascontiguousarray(images[index])
+            check_finite(x, index, path)
+            self.images, self.index = torch.from_numpy(x).to(device), None
         self._epoch, self._perm, self._cond_ids = None, None, None
 
     def _epoch_data(self, e):
@@ -249,9 +250,18 @@ class Batches:
             return self.images[to_device(torch.from_numpy(idx), self.device)]
         rows = self.index[idx]
         order = np.argsort(rows)  # sorted reads from the mmap, then back to batch order
-        x = np.empty((len(rows),) + self.images.shape[1:], np.uint8)
+        x = np.empty((len(rows),) + self.images.shape[1:], self.images.dtype)
         x[order] = self.images[rows[order]]
+        check_finite(x, rows, self.path)
         return to_device(torch.from_numpy(x), self.device)
+
+
+def check_finite(x, rows, path):
+    """Latents that are nan or inf train a nan loss far from the cause: name the first such dataset row."""
+    bad = ~np.isfinite(x.reshape(len(x), -1)).all(1) if x.dtype.kind == "f" else np.zeros(len(x), bool)
+    if bad.any():
+        raise ValueError(f"{path}: row {rows[np.argmax(bad)]} of latents.npy is not finite (nan or inf): encode the "
+                         f"dataset again (prepare_data.py --dataset latents), or rebuild it without that image")
 
 
 def make_label_fn(kind, mode, eta, data_seed, labels, num_classes, class_names, corrupt_classes=None):
@@ -301,7 +311,7 @@ def load_data(cfg, device, rank=0):
         corruption=dict(mask=mask, index=index, **conds),
         sizes=None if sizes is None else sizes[index],  # original sizes by position in the (subset) dataset
         control_size=np.median(sizes, 0).round().astype(int).tolist() if sizes is not None else [image_res] * 2,
-        batches=Batches(images, index, device, cfg.seed, label_fn, in_memory),
+        batches=Batches(images, index, device, cfg.seed, label_fn, in_memory, cfg.data),
         decode=latent_decoder(latent, None, device) if latent and rank == 0 and not cfg.bench else None,
         cond_of=functools.partial(make_cond, cfg.cond, index=index, captions=captions, text_emb=text_emb,
                                   seed=cfg.seed, max_len=cfg.max_len))
@@ -340,7 +350,7 @@ def model_config(cfg, data, ckpt):
         model_cfg["class_ctx"] = cfg.class_ctx
     diff_cfg = dict(schedule=cfg.schedule, T=T, prediction=cfg.prediction, shift=cfg.schedule_shift or 1.0,
                     **({"clip": False} if data.latent else {}))  # latents have no [-1, 1] range to clip x0 to
-    src = load_checkpoint(cfg.init_from) if cfg.init_from else None
+    src = load_model(cfg.init_from, with_vae=False) if cfg.init_from else None  # a run, or a released DiT
     if src is not None:  # resolution transfer (Berrada et al. 2024) from a run at a lower resolution: every weight
         # is independent of the image size (a DiT's fixed sin-cos positions are recomputed for the new grid); a UNet's
         # attention stays at the same levels (attn_res scaled by new / old resolution); the SNR is divided by
@@ -353,6 +363,9 @@ def model_config(cfg, data, ckpt):
         if kind == "unet":
             model_cfg["attn_res"] = [round(r * ratio) for r in old.get("attn_res", PRESETS[old["preset"]]["unet"]
                                                                          ["attn_res"])]
+        else:  # a DiT's shape as stored (a released one's timestep frequencies and norm eps among it)
+            model_cfg.update({k: v for k, v in old.items() if k in ("depth", "dim", "heads", "patch", "freq_shift",
+                                                                    "mlp_eps")})
         if cfg.schedule_shift is None:
             diff_cfg["shift"] = src["config"]["diffusion"].get("shift", 1.0) * ratio
     return model_cfg, diff_cfg, src
@@ -662,6 +675,8 @@ def main(argv=None):
                                 checksum=data.meta.get("source_checksum"),
                                 **{k: data.meta[k] for k in ("num_classes", "class_names", "resolution", "count")},
                                 **({"latent": data.latent} if data.latent else {})))
+        source = (ckpt or src or {}).get("config", {}).get("source")  # a released model's id and hash
+        config.update({"source": source} if source else {})
         if ckpt is not None:
             check_same_run(cfg.out, config["data"], ckpt["config"]["data"], **data.corruption)
         s = build_state(cfg, model_cfg, diff_cfg, ckpt, src, device, ddp)
