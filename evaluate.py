@@ -4,10 +4,12 @@
     python evaluate.py repro A.npz B.npz [--features sscd.torchscript.pt --feat-size 320 --feat-norm imagenet]
     python evaluate.py memorization --samples S.npz --ref data/cifar10/train
     python evaluate.py classify --samples S.npz --ref data/shapes/train   # does each sample show its condition?
+    python evaluate.py diversity --samples S.npz --ref runs/NAME [--vq VQMODEL]   # RMD, NN L2, entropy (Chen et al.)
     python evaluate.py report runs/* [--out report]
 
 Input: samples.npz from sample.py, a reference dataset folder (or statistics npz). Output: metrics.json (or
-repro.json, memorization.json, classify.json) beside the samples; report.md and report.png for `report`.
+repro.json, memorization.json, classify.json, diversity.json) beside the samples; report.md and report.png for
+`report`.
 
 The Inception network is the FID variant of Inception-v3 (TensorFlow's inception-2015-12-05 as ported by
 pytorch-fid), written out here so that its published weights load with strict=True. One pass gives the pool
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from model import PRESETS
+from model import PRESETS, load_autoencoder
 from plumbing import (Interval, check_flags, cli, download, file_hash, read_dataset, resolve_device, save_atomic,
                       save_json, save_npz)
 
@@ -369,14 +371,25 @@ def reference(ref, net, sha, resolution):
 # ----------------------------------------------------------------------------- commands
 
 def cmd_metrics(a):
-    images, labels, settings = load_samples(a.samples)
+    """Each --samples file against one reference (a guidance sweep: a file per scale), each result beside it."""
+    if len(a.samples) > 1 and (a.out or a.save_features):
+        raise ValueError("--out and --save-features name one file: give one --samples with them, or leave them out")
+    net, sha, ref, device = None, None, None, resolve_device(a.device)
+    results = []
+    for path in a.samples:
+        images, labels, settings = load_samples(path)
+        if len(images) < MIN_FID_SAMPLES and not a.allow_small:
+            raise ValueError(f"{path}: {len(images)} samples: FID needs at least {MIN_FID_SAMPLES} (50,000 to compare "
+                             f"with published numbers); pass --allow-small to compute it anyway")
+        if net is None:
+            net, sha = load_inception(a.inception_weights, device)
+            ref = reference(a.ref, net, sha, images.shape[1:3])
+        results.append(score(a, path, images, labels, settings, net, sha, ref, device))
+    return results[0] if len(results) == 1 else results
+
+
+def score(a, path, images, labels, settings, net, sha, ref, device):
     small = len(images) < MIN_FID_SAMPLES
-    if small and not a.allow_small:
-        raise ValueError(f"{len(images)} samples: FID needs at least {MIN_FID_SAMPLES} (50,000 to compare with "
-                         f"published numbers); pass --allow-small to compute it anyway")
-    device = resolve_device(a.device)
-    net, sha = load_inception(a.inception_weights, device)
-    ref = reference(a.ref, net, sha, images.shape[1:3])
     f = inception_features(net, images, a.batch, desc="sample features")
     if a.save_features:
         save_npz(a.save_features, pool=f["pool"].astype(np.float32),
@@ -390,9 +403,9 @@ def cmd_metrics(a):
         m["precision"], m["recall"] = precision_recall(ref["pool"], f["pool"], device=device)
     standard = sha.startswith(WEIGHTS_SHA_PREFIX)
     m.update(num_samples=len(images), num_ref=None if ref.get("count") is None else int(ref["count"]),
-             samples=os.path.abspath(a.samples), ref=os.path.abspath(a.ref), inception_sha256=sha,
+             samples=os.path.abspath(path), ref=os.path.abspath(a.ref), inception_sha256=sha,
              standard_weights=standard, small=small, settings=settings)
-    out = save_result(m, a.out, a.samples, "metrics.json")
+    out = save_result(m, a.out, path, "metrics.json")
     fmt = lambda k, p=".4f": f"{m[k]:{p}}" if k in m else "n/a"
     print(f"FID {m['fid']:.3f} | sFID {fmt('sfid', '.3f')} | IS {m['is_mean']:.3f} +- {m['is_std']:.3f} | "
           f"precision {fmt('precision')} | recall {fmt('recall')} | {len(images)} samples vs {a.ref}"
@@ -402,7 +415,10 @@ def cmd_metrics(a):
 
 
 def save_result(result, out, samples, name):
-    """Write a result JSON to --out, by default `name` beside the samples (sample.py --overwrite removes it)."""
+    """Write a result JSON to --out, by default `name` beside the samples (sample.py --overwrite removes it); the
+    samples of a guidance sweep, samples-cfg2.npz, get metrics-cfg2.json."""
+    stem = os.path.splitext(os.path.basename(samples or ""))[0]
+    name = name.replace(".json", stem[len("samples"):] + ".json") if stem.startswith("samples-") else name
     path = out or os.path.join(os.path.dirname(os.path.abspath(samples)), name)
     save_json(path, result)
     return path
@@ -521,6 +537,82 @@ def cmd_memorization(a):
     return out
 
 
+# ----------------------------------------------------------------------------- Chen et al.'s diversity measures
+
+def relative_mahalanobis(feats, labels, ref, ref_labels):
+    """RMD (Ren et al. 2021; Chen et al. Fig. 4) of each sample: its Mahalanobis distance to the mean of the class it
+    was generated for, under the within-class covariance shared by all classes, minus its distance to the mean of
+    all reference features under their covariance. Pseudo-inverses: fewer references than dimensions is allowed."""
+    ref, feats = np.asarray(ref, np.float64), np.asarray(feats, np.float64)
+    classes = np.unique(ref_labels)
+    means = np.stack([ref[ref_labels == k].mean(0) for k in classes])
+    centred = ref - means[np.searchsorted(classes, ref_labels)]
+    within, mu0 = np.linalg.pinv(centred.T @ centred / len(ref), hermitian=True), ref.mean(0)
+    agnostic = np.linalg.pinv((ref - mu0).T @ (ref - mu0) / len(ref), hermitian=True)
+    md = lambda x, P: np.einsum("nd,de,ne->n", x, P, x)
+    return md(feats - means[np.searchsorted(classes, labels)], within) - md(feats - mu0, agnostic)
+
+
+def code_entropy(indices, n_codes):
+    """Sample entropy (Wu et al.; Chen et al. Fig. 4): entropy (nats) of the VQ codebook usage over every position of
+    every sample's code map."""
+    p = np.bincount(np.asarray(indices).ravel(), minlength=n_codes) / np.asarray(indices).size
+    return float(-(p[p > 0] * np.log(p[p > 0])).sum())
+
+
+def nearest_l2(feats, ref, k=5, batch=4096):
+    """L2 distances of each sample to its k nearest reference features [n, k], ascending (App. B.7)."""
+    out = [torch.topk(sq_dists(feats[i:i + batch], ref), k, dim=1, largest=False).values.sqrt()
+           for i in range(0, len(feats), batch)]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def vq_codes(vq, images, device, batch=64):
+    """The codebook indices of images (uint8) under a diffusers VQModel: its encoder, then its quantizer."""
+    ae = load_autoencoder(vq, device)[0]
+    if not hasattr(ae, "quantize"):
+        raise ValueError(f"--vq {vq} is not a VQModel: sample entropy counts a VQ codebook's entries")
+    codes = []
+    for i in range(0, len(images), batch):
+        x = torch.from_numpy(np.array(images[i:i + batch])).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+        codes.append(ae.quantize(ae.encode(x.expand(-1, 3, -1, -1)).latents)[2][2].reshape(-1).cpu())
+    return torch.cat(codes).numpy(), ae.quantize.n_e
+
+
+def cmd_diversity(a):
+    """Chen et al.'s diversity and memorization measures of one samples file (Fig. 4, App. B.7): top-1% RMD and the
+    RMD density, the top-5 nearest-neighbour L2 to the training set, the memorization ratio (nearest L2 below
+    --l2-threshold; 0.12 is the paper's, for CLIP features), and with --vq (or a VQ latent run) the sample entropy."""
+    images, conditions, settings = load_samples(a.samples)
+    folder, rows = training_rows(a.ref)
+    ref_images, meta, ref_labels = image_folder(folder, need_labels=True)
+    if conditions is None or conditions.dtype.kind == "U":
+        raise ValueError(f"{a.samples} holds no class labels: RMD measures a sample against the class it was made for")
+    device = resolve_device(a.device)
+    features = Features(a, device)
+    f, r = features(images).double(), features.of_dataset(folder, rows).double()
+    ref_labels = ref_labels if rows is None else ref_labels[np.sort(rows)]
+    score = relative_mahalanobis(f.numpy(), conditions.astype(np.int64), r.numpy(), ref_labels)
+    top = np.sort(score)[-max(1, len(score) // 100):]
+    density, edges = np.histogram(score, bins=20, density=True)
+    nn = nearest_l2(f.float().to(device), r.float().to(device)).cpu()
+    out = dict(rmd_top1=float(top.mean()), rmd_mean=float(score.mean()), rmd_density=density.tolist(),
+               rmd_edges=edges.tolist(), nn5_l2=nn.mean().item(), l2_threshold=a.l2_threshold,
+               memorization_ratio=(nn[:, 0] < a.l2_threshold).double().mean().item(), features=features.name,
+               num_samples=len(images), samples=os.path.abspath(a.samples), settings=settings)
+    latent = settings.get("config", {}).get("data", {}).get("latent") or {}
+    vq = a.vq or (latent.get("vae") if latent.get("kind") == "vq" else None)
+    if vq:
+        codes, n_codes = vq_codes(vq, images, device)
+        out.update(entropy=code_entropy(codes, n_codes), vq=vq)
+    path = save_result(out, a.out, a.samples, "diversity.json")
+    print(f"top-1% RMD {out['rmd_top1']:.3f} | top-5 NN L2 {out['nn5_l2']:.4f} | memorization ratio "
+          f"{out['memorization_ratio']:.4f} (L2 < {a.l2_threshold}) | entropy "
+          f"{out.get('entropy', float('nan')):.3f} | features: {features.name} | wrote {path}")
+    return out
+
+
 def intended_classes(conditions, class_names):
     """The class each sample was asked for: its label, or the one class whose name's words all appear in its
     caption ("a small red disk on the left" -> "red disk"); -1 where no class or several match."""
@@ -589,17 +681,25 @@ def cmd_classify(a):
 # ----------------------------------------------------------------------------- report
 
 def collect(run_dirs):
-    """(eta rows from metrics.json, study rows from memorization.json [+ repro.json]) of the run folders."""
+    """(eta rows from metrics*.json and diversity*.json, one per samples file, e.g. per guidance scale; study rows
+    from memorization.json [+ repro.json]) of the run folders."""
     rows, study = [], []
     for d in run_dirs:
         run, has = os.path.basename(os.path.normpath(d)), lambda f: os.path.isfile(os.path.join(d, f))
-        if has("metrics.json"):
-            m = json.load(open(os.path.join(d, "metrics.json")))
-            t = (m.get("settings", {}).get("config") or json.load(open(os.path.join(d, "config.json"))))["train"]
+        # one row per samples file scored: metrics-X.json and/or diversity-X.json (X: a sweep's -cfg2, or none)
+        for x in sorted({re.sub(r"^(metrics|diversity)", "", os.path.basename(p)) for k in ("metrics", "diversity")
+                         for p in glob.glob(os.path.join(d, f"{k}*.json"))}):
+            m, div = ({**json.load(open(p))} if os.path.isfile(p) else {}
+                      for p in (os.path.join(d, k + x) for k in ("metrics", "diversity")))
+            settings = m.get("settings") or div.get("settings") or {}
+            t = (settings.get("config") or json.load(open(os.path.join(d, "config.json"))))["train"]
             rows.append(dict(run=run, cond=t.get("cond", "class"), eta=t["eta"], corruption=t["corruption"],
-                             mode=t["corruption_mode"], cep=t["cep"], gamma=t["cep_gamma"] if t["cep"] != "none" else
-                             None, cfg=m.get("settings", {}).get("cfg_scale"), n=m["num_samples"],
-                             **{k: m.get(k) for k in ("fid", "sfid", "is_mean", "precision", "recall")}))
+                             mode=t["corruption_mode"], cep=t["cep"], ip=t.get("ip_gamma") or 0.0,
+                             gamma=t["cep_gamma"] if t["cep"] != "none" else None, cfg=settings.get("cfg_scale"),
+                             n=m.get("num_samples", div.get("num_samples")),
+                             **{k: m.get(k) for k in ("fid", "sfid", "is_mean", "precision", "recall")},
+                             **{k: div.get(k) for k in ("rmd_top1", "nn5_l2", "memorization_ratio", "entropy",
+                                                        "rmd_density", "rmd_edges")}))
         if has("memorization.json") and has("config.json"):  # the reproducibility study (Zhang et al.)
             m, cfg = (json.load(open(os.path.join(d, f))) for f in ("memorization.json", "config.json"))
             n = cfg["train"].get("subset") or cfg["data"]["count"]
@@ -607,12 +707,13 @@ def collect(run_dirs):
             study.append(dict(run=run, images=n, log2n=float(np.log2(n)), seed=cfg["train"]["seed"], rp=rp,
                               width=cfg["model"].get("ch", PRESETS[cfg["model"]["preset"]].get("unet", {}).get("ch")),
                               gl=m["generalization_score"], features=m["features"]))
-        if not has("metrics.json") and not has("memorization.json"):
+        if not glob.glob(os.path.join(d, "metrics*.json")) + glob.glob(os.path.join(d, "diversity*.json")) \
+                and not has("memorization.json"):
             print(f"skipping {d}: no metrics.json or memorization.json", file=sys.stderr)
     if not rows and not study:
         raise ValueError("no run folder with a metrics.json (or memorization.json): run sample.py and evaluate.py "
                          "first")
-    return (sorted(rows, key=lambda r: (r["cond"], r["cep"], r["gamma"] or 0, r["corruption"], r["mode"],
+    return (sorted(rows, key=lambda r: (r["cond"], r["cep"], r["gamma"] or 0, r["ip"], r["corruption"], r["mode"],
                                         r["eta"] if r["eta"] is not None else -1)),
             sorted(study, key=lambda r: (r["width"], r["images"], r["seed"])))
 
@@ -628,9 +729,12 @@ ETA_COLUMNS = [("run", lambda r: r["run"]), ("cond", lambda r: r["cond"]),
                ("eta (%)", lambda r: "-" if r["eta"] is None else f"{r['eta'] * 100:g}"),
                ("corruption", lambda r: f"{r['corruption']}/{r['mode']}"),
                ("CEP", lambda r: r["cep"] if r["cep"] == "none" else f"{r['cep']} (gamma {r['gamma']:g})"),
+               ("IP gamma", lambda r: f"{r['ip']:g}" if r["ip"] else "-"),
                ("cfg", num("cfg", "g")), ("samples", lambda r: str(r["n"])), ("FID", num("fid", ".2f")),
                ("sFID", num("sfid", ".2f")), ("IS", num("is_mean", ".2f")), ("precision", num("precision", ".3f")),
-               ("recall", num("recall", ".3f"))]
+               ("recall", num("recall", ".3f")), ("top-1% RMD", num("rmd_top1", ".3f")),
+               ("NN L2", num("nn5_l2", ".3f")), ("mem. ratio", num("memorization_ratio", ".3f")),
+               ("entropy", num("entropy", ".3f"))]
 STUDY_COLUMNS = [("run", lambda r: r["run"]), ("training images", lambda r: str(r["images"])),
                  ("width", lambda r: str(r["width"])), ("seed", lambda r: str(r["seed"])),
                  ("reproducibility", num("rp", ".3f")), ("generalization", num("gl", ".3f")),
@@ -638,23 +742,24 @@ STUDY_COLUMNS = [("run", lambda r: r["run"]), ("training images", lambda r: str(
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75)]
 
 
-def plot(rows, path, x, xlabel, panels, series_of, w=420, h=300):
-    """One panel per (key, title, y label) of `panels` against row[x], a line per series_of(row) through the mean of its
-    points at each x, drawn with pillow."""
+def plot(rows, path, x, xlabel, panels, series_of, order=None, w=420, h=300):
+    """One panel per (key, title, y label[, x key, x label]) of `panels` against row[x], a line per series_of(row)
+    through the mean of its points at each x, or (order) through its points in the order of row[order]: the FID-IS
+    curve of a guidance sweep. Drawn with pillow."""
     series = {}
     for r in rows:
         series.setdefault(series_of(r), []).append(r)
     nrow = -(-len(panels) // 2)
     img = Image.new("RGB", (2 * w, nrow * h + 24 * (len(series) // 2 + 1)), "white")
     d = ImageDraw.Draw(img)
-    for p, (key, title, ylabel) in enumerate(panels):
-        ox, oy = (p % 2) * w, (p // 2) * h
+    for p, (key, title, ylabel, *px) in enumerate(panels):
+        ox, oy, (px, pxlabel) = (p % 2) * w, (p // 2) * h, px or (x, xlabel)
         left, top, right, bottom = ox + 55, oy + 42, ox + w - 15, oy + h - 35
-        pts = [(r[x], r[key]) for r in rows if r[key] is not None]
+        pts = [(r[px], r[key]) for r in rows if r[key] is not None and r[px] is not None]
         d.text((ox + w // 2 - 3 * len(title), oy + 4), title, fill="black")
         d.text((ox + 4, oy + 22), ylabel, fill="black")
         d.rectangle([left, top, right, bottom], outline="black")
-        d.text((left + (right - left) // 2 - 3 * len(xlabel), bottom + 20), xlabel, fill="black")
+        d.text((left + (right - left) // 2 - 3 * len(pxlabel), bottom + 20), pxlabel, fill="black")
         if not pts:
             d.text((left + (right - left) // 2 - 21, (top + bottom) // 2 - 6), "no data", fill="black")
             continue
@@ -674,8 +779,10 @@ def plot(rows, path, x, xlabel, panels, series_of, w=420, h=300):
             d.text((X(xv) - 8, bottom + 6), f"{xv:.3g}", fill="black")
         for s, (name, rs) in enumerate(series.items()):
             c = COLOURS[s % len(COLOURS)]
-            at = {v: [r[key] for r in rs if r[x] == v and r[key] is not None] for v in sorted({r[x] for r in rs})}
-            xy = [(X(v), Y(float(np.mean(ys)))) for v, ys in at.items() if ys]
+            at = {v: [r[key] for r in rs if r[px] == v and r[key] is not None] for v in sorted({r[px] for r in rs})
+                  if v is not None}
+            xy = [(X(v), Y(float(np.mean(ys)))) for v, ys in at.items() if ys] if order is None else \
+                [(X(r[px]), Y(r[key])) for r in sorted(rs, key=lambda r: r[order]) if None not in (r[px], r[key])]
             if len(xy) > 1:
                 d.line(xy, fill=c, width=2)
             for u, v in xy:
@@ -688,6 +795,22 @@ def plot(rows, path, x, xlabel, panels, series_of, w=420, h=300):
     save_atomic(path, lambda f: img.save(f, "PNG"))
 
 
+def diversity_plots(rows, out, series_of):
+    """Chen et al. Fig. 4 from the diversity.json beside the metrics: the RMD density per eta (OUT-rmd.png) and the
+    sample entropy against guidance (OUT-entropy.png). -> the files written."""
+    dens = [dict(r, rmd=(lo + hi) / 2, density=v) for r in rows if r["rmd_density"]
+            for lo, hi, v in zip(r["rmd_edges"], r["rmd_edges"][1:], r["rmd_density"])]
+    wrote = []
+    if dens:
+        plot(dens, out + "-rmd.png", "rmd", "relative Mahalanobis distance", [("density", "RMD density", "density")],
+             lambda r: series_of(r) + f", cfg {r['cfg']}", order="rmd")
+        wrote.append(out + "-rmd.png")
+    if any(r["entropy"] is not None for r in rows):
+        plot(rows, out + "-entropy.png", "cfg", "guidance scale", [("entropy", "sample entropy", "nats")], series_of)
+        wrote.append(out + "-entropy.png")
+    return wrote
+
+
 def cmd_report(a):
     """OUT.md: the eta table and the reproducibility-study table; OUT.png and OUT-study.png: their plots."""
     dirs = [d for pattern in a.runs for d in (sorted(glob.glob(pattern)) or [pattern]) if os.path.isdir(d)]
@@ -696,12 +819,20 @@ def cmd_report(a):
     table, wrote = "", []
     if rows:
         table += markdown(ETA_COLUMNS, rows)
-        cep = lambda r: "no CEP" if r["cep"] == "none" else f"CEP-{r['cep'][0].upper()} gamma {r['gamma']:g}"
+        cep = lambda r: ("no CEP" if r["cep"] == "none" else f"CEP-{r['cep'][0].upper()} gamma {r['gamma']:g}") + \
+            (f", IP {r['ip']:g}" if r["ip"] else "")
         rows = [dict(r, eta_pct=r["eta"] * 100) for r in rows if r["eta"] is not None]
+        sweep = len({r["cfg"] for r in rows}) > 1
         plot(rows, a.out + ".png", "eta_pct", "eta (%)", [("fid", "FID", "FID"), ("is_mean", "IS", "IS"),
              ("precision", "precision", "precision"), ("recall", "recall", "recall")],
-             lambda r: f"{r['cond']}, {cep(r)}, {r['corruption']}/{r['mode']}")
+             lambda r: f"{r['cond']}, {cep(r)}, {r['corruption']}/{r['mode']}" + (f", cfg {r['cfg']}" if sweep else ""))
         wrote.append(a.out + ".png")
+        wrote += diversity_plots(rows, a.out, lambda r: f"eta {r['eta_pct']:g}%, {cep(r)}")
+        if sweep:  # Chen et al. Fig. 3: a curve per eta through its guidance scales
+            plot(rows, a.out + "-guidance.png", None, None, [("fid", "FID against IS", "FID", "is_mean", "IS"),
+                 ("precision", "precision against recall", "precision", "recall", "recall")],
+                 lambda r: f"eta {r['eta_pct']:g}%, {r['cond']}, {cep(r)}", order="cfg")
+            wrote.append(a.out + "-guidance.png")
     if study:
         table += ("\n" if table else "") + markdown(STUDY_COLUMNS, study)
         plot(study, a.out + "-study.png", "log2n", "log2 training images",
@@ -723,7 +854,8 @@ def get_parser():
     cmd = lambda name, about: sub.add_parser(name, help=about, description=about)
     count, out = Interval(int, "[1, inf)"), "JSON file for the result (default: beside the samples)"
     m = cmd("metrics", "FID, sFID, IS, precision/recall of samples against a reference (the default command)")
-    m.add_argument("--samples", required=True, help="samples npz (arr_0 uint8 [N, H, W, C])")
+    m.add_argument("--samples", required=True, nargs="+", help="samples npz (arr_0 uint8 [N, H, W, C]); several: "
+                                                                "each scored (a guidance sweep's files)")
     m.add_argument("--ref", required=True, help="dataset folder, pytorch-fid stats npz or ADM reference npz")
     m.add_argument("--allow-small", action="store_true", help=f"allow FID on fewer than {MIN_FID_SAMPLES}")
     m.add_argument("--save-features", help="write the samples' pool features to this npz")
@@ -737,17 +869,23 @@ def get_parser():
     c.add_argument("--samples", required=True)
     c.add_argument("--ref", required=True, help="a labelled dataset folder at the samples' resolution")
     c.add_argument("--epochs", type=count, default=3, help="epochs of the classifier over --ref")
-    for q in (m, r, mem):
+    div = cmd("diversity", "Chen et al.'s RMD, nearest-neighbour L2, memorization ratio and sample entropy")
+    div.add_argument("--samples", required=True, help="samples npz with class labels (arr_1)")
+    div.add_argument("--ref", required=True, help="the training set (labelled dataset folder, or the run folder)")
+    div.add_argument("--vq", help="VQModel for the sample entropy (default: the run's, if it trained on VQ latents)")
+    div.add_argument("--l2-threshold", type=Interval(float, "[0, inf)"), default=0.12,
+                     help="memorization: nearest L2 below this (paper: 0.12, CLIP features)")
+    for q in (m, r, mem, div):
         q.add_argument("--inception-weights", help=f"path to {WEIGHTS_NAME} (default: cached download)")
         q.add_argument("--batch", type=count, default=500)
-    for q in (r, mem):
+    for q in (r, mem, div):
         q.add_argument("--features", help="TorchScript feature model (e.g. SSCD) or `pixels`; default Inception "
                                           "pool features")
         q.add_argument("--feat-size", type=count, default=320, help="input size of --features")
         q.add_argument("--feat-norm", default="imagenet", choices=["imagenet", "none", "minus1_1"])
         q.add_argument("--threshold", type=Interval(float, "[-1, 1]"), default=0.6,
                        help="cosine similarity threshold (paper: 0.6)")
-    for q in (m, r, mem, c):
+    for q in (m, r, mem, c, div):
         q.add_argument("--device", default="auto")
         q.add_argument("--out", help=out)
     rep = cmd("report", "the eta table and plots of run folders (and the reproducibility study's)")
@@ -758,7 +896,7 @@ def get_parser():
 
 
 COMMANDS = dict(metrics=cmd_metrics, repro=cmd_repro, memorization=cmd_memorization, classify=cmd_classify,
-                report=cmd_report)
+                diversity=cmd_diversity, report=cmd_report)
 
 
 def main(argv=None):

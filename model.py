@@ -530,9 +530,10 @@ class Diffusion:
         ac = self._at(self.alphas_cumprod, t, x0)
         return ac.sqrt() * noise - (1 - ac).sqrt() * x0  # v of Salimans & Ho 2022
 
-    def loss(self, model, x0, c, t, noise, cond_delta=None, ctrl=None):
-        """Per-sample mean squared error [B] (eps or v target)."""
-        out = model(self.q_sample(x0, t, noise), t, c, cond_delta, ctrl)
+    def loss(self, model, x0, c, t, noise, cond_delta=None, ctrl=None, ip=None):
+        """Per-sample mean squared error [B] (eps or v target). ip: input perturbation (Ning et al. 2023), extra
+        noise in the network's input x_t only; the target stays that of `noise`."""
+        out = model(self.q_sample(x0, t, noise if ip is None else noise + ip), t, c, cond_delta, ctrl)
         return (out.float() - self.target(x0, t, noise)).pow(2).flatten(1).mean(1)
 
     # ------------------------------------------------------------------------- sampling

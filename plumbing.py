@@ -23,14 +23,15 @@ import numpy as np
 class Interval:
     """type= of a numeric flag that also declares its range, as in maths: Interval(float, "[0, 1)"). argparse turns
     any error of a type into its own usage message, so the range is checked after parsing, by check_flags: one
-    ValueError line that names the flag. NaN lies in no interval; inf only in one closed at inf."""
+    ValueError line that names the flag. NaN lies in no interval; inf only in one closed at inf. many: a
+    comma-separated list of such numbers ("1.5,2,3")."""
 
-    def __init__(self, kind, spec):
-        self.kind, self.spec, self.__name__ = kind, spec, kind.__name__  # argparse names the type in its errors
+    def __init__(self, kind, spec, many=False):
+        self.kind, self.spec, self.many, self.__name__ = kind, spec, many, kind.__name__  # argparse names the type
         self.lo, self.hi = (float(x) for x in spec[1:-1].split(","))
 
     def __call__(self, text):
-        return self.kind(text)
+        return [self.kind(v) for v in text.split(",")] if self.many else self.kind(text)
 
     def __contains__(self, v):
         return (self.lo <= v if self.spec[0] == "[" else self.lo < v) and (v <= self.hi if self.spec[-1] == "]"

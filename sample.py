@@ -43,7 +43,8 @@ def get_parser():
     a("--ddim-eta", type=Interval(float, "[0, 1]"), default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like")
     a("--spacing", default="time", choices=["time", "logsnr"],
       help="ddim and dpm++: noise levels uniform in t (the paper's DPM-Solver default) or in log-SNR")
-    a("--cfg-scale", type=Interval(float, "[0, inf)"), default=1.0, help="classifier-free guidance scale s (1 = off)")
+    a("--cfg-scale", type=Interval(float, "[0, inf)", many=True), default=[1.0],
+      help="classifier-free guidance scale s (1 = off); a list 1.5,2,3: one samples file per scale, -cfg<s>.npz")
     a("--seed", type=Interval(int, "[0, inf)"), default=0)
     a("--labels", help="classes to cycle through, comma-separated indices or names (e.g. 0,3 or 'red disk,blue "
                        "ring'; default: all classes, balanced)")
@@ -154,9 +155,13 @@ def run(args, ddp, rank, world, local_rank):
     if "source" in ckpt["config"] and not args.out and not ckpt["step"]:
         raise ValueError(f"{args.ckpt} is a released model, not a run folder: give --out FILE.npz")
     out = args.out or os.path.join(os.path.dirname(ckpt_path(args.ckpt)), "samples.npz")
-    if os.path.exists(out) and not args.overwrite:  # its metrics.json, classify.json ... would describe other samples
-        raise ValueError(f"{out} exists: pass --overwrite to replace it (and the evaluate.py results made from it), "
-                         f"or --out another file")
+    scales = args.cfg_scale if isinstance(args.cfg_scale, list) else [args.cfg_scale]
+    # a guidance sweep (Chen et al. Fig. 3): one samples file per scale, samples-cfg2.npz ...
+    outs = [out] if len(scales) == 1 else [f"{os.path.splitext(out)[0]}-cfg{s:g}.npz" for s in scales]
+    for o in outs:
+        if os.path.exists(o) and not args.overwrite:  # its metrics.json ... would describe other samples
+            raise ValueError(f"{o} exists: pass --overwrite to replace it (and the evaluate.py results made from it), "
+                             f"or --out another file")
     device, use_compile, use_bf16 = setup_device(args.device, local_rank, args.compile, args.bf16)
     batch = args.batch or (500 if device.type == "cuda" else 32)
 
@@ -173,33 +178,42 @@ def run(args, ddp, rank, world, local_rank):
     latent = cfg.get("data", {}).get("latent")  # decoded in each batch by the autoencoder the latents came from
     decode = latent_decoder(latent, args.vae, device) if latent else None
     walk = resolve_sampler(args.sampler, args.steps, args.ddim_eta, args.spacing, diffusion.T)
-    # resumed shards are keyed by everything that decides their content: the weights' hash first, then the settings
-    settings = dict(ckpt=os.path.abspath(args.ckpt), step=ckpt["step"], weights=args.weights,
-                    weights_sha256=weights_hash(ckpt[args.weights]), num=args.num, sampler=args.sampler,
-                    steps=walk["steps"], ddim_eta=args.ddim_eta, spacing=args.spacing, cfg_scale=args.cfg_scale,
-                    seed=args.seed, labels=args.labels,
-                    conditions=hashlib.sha256(next(iter(stored.values())).tobytes()).hexdigest()[:16],
-                    control=None if ctrl is None else ctrl[0].tolist(), bf16=use_bf16, config=cfg)
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    for scale, out in zip(scales, outs):
+        # resumed shards are keyed by everything that decides their content: the weights' hash, then the settings
+        settings = dict(ckpt=os.path.abspath(args.ckpt), step=ckpt["step"], weights=args.weights,
+                        weights_sha256=weights_hash(ckpt[args.weights]), num=args.num, sampler=args.sampler,
+                        steps=walk["steps"], ddim_eta=args.ddim_eta, spacing=args.spacing, cfg_scale=scale,
+                        seed=args.seed, labels=args.labels,
+                        conditions=hashlib.sha256(next(iter(stored.values())).tobytes()).hexdigest()[:16],
+                        control=None if ctrl is None else ctrl[0].tolist(), bf16=use_bf16, config=cfg)
+        sample_shards(out, settings, stored, args, dict(fwd=fwd, diffusion=diffusion, cond=cond, shape=shape,
+                                                        ctrl=ctrl, decode=decode, walk=walk, batch=batch,
+                                                        compiled=use_compile, device=device), ddp, rank, world)
 
-    # Shards of samples, each batch padded for a compiled model (one batch shape: no recompile), then merged
+
+def sample_shards(out, settings, stored, args, m, ddp, rank, world):
+    """The samples of one settings (one guidance scale) in resumable shards, each batch padded for a compiled model
+    (one batch shape: no recompile), then merged into `out`."""
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    batch, scale = m["batch"], settings["cfg_scale"]
+
     def make(lo, hi, bar):
         parts = []
         for b in range(lo, hi, batch):
             idx = np.arange(b, min(b + batch, hi))
-            padded = np.pad(idx, (0, batch - len(idx)), mode="edge") if use_compile else idx
-            parts.append(generate(fwd, diffusion, padded, cond[padded], seed=args.seed, shape=shape, device=device,
-                                  bf16=use_bf16, **walk, cfg_scale=args.cfg_scale, ctrl=ctrl,
-                                  decode=decode)[:len(idx)])
+            padded = np.pad(idx, (0, batch - len(idx)), mode="edge") if m["compiled"] else idx
+            parts.append(generate(m["fwd"], m["diffusion"], padded, m["cond"][padded], seed=args.seed, shape=m["shape"],
+                                  device=m["device"], bf16=settings["bf16"], **m["walk"], cfg_scale=scale,
+                                  ctrl=m["ctrl"], decode=m["decode"])[:len(idx)])
             bar.update(len(idx))
         return np.concatenate(parts)
     announce = lambda missing, total: print(
-        f"{args.num} samples, {args.sampler} {settings['steps']} steps, cfg {args.cfg_scale}, seed {args.seed}, "
-        f"{args.weights} weights at step {ckpt['step']} | {missing} of {total} shards to do on {world} x {device} | "
-        f"bf16={use_bf16} compile={use_compile}")
+        f"{args.num} samples, {args.sampler} {settings['steps']} steps, cfg {scale}, seed {args.seed}, "
+        f"{args.weights} weights at step {settings['step']} | {missing} of {total} shards to do on {world} x "
+        f"{m['device']} | bf16={settings['bf16']} compile={m['compiled']}")
     shards = run_shards(out, key, args.num, args.shard_size, make, ddp, rank, world, "samples", "sample.py", announce)
     if rank == 0:
-        merge_shards(out, shards, settings, stored, cfg.get("data", {}))
+        merge_shards(out, shards, settings, stored, settings["config"].get("data", {}))
 
 
 def merge_shards(out, shards, settings, stored, data_meta):

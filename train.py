@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import corrupt
-from model import PRESETS, T, Denoiser, Diffusion, generate, latent_decoder, load_model, neutral_control, tokenize
+from model import (PRESETS, T, Denoiser, Diffusion, cep_delta, generate, latent_decoder, load_model, neutral_control,
+                   tokenize)
 from plumbing import (CKPT_FORMAT, Interval, barrier, bench_steps, check_flags, ckpt_path, cli, distributed,
                       flag_adder, load_checkpoint, load_weights, mfu, peak_flops, peers, read_dataset, resumable_flags,
                       save_atomic, save_grid, save_json, save_npz, seed_of, setup_device, to_device)
@@ -69,6 +70,8 @@ def get_parser():
     a("--corrupt-classes", help="asymmetric: the class subset (indices or names, comma-separated)")
     a("--cep", default="none", choices=["none", "uniform", "gaussian"], help="condition embedding perturbation")
     a("--cep-gamma", type=NONNEG, default=1.0)
+    a("--ip-gamma", type=NONNEG, default=0.0, help="input perturbation, the paper's baseline (Ning et al. 2023): x_t "
+      "built from noise + gamma xi, the target the noise (0: off; theirs: 0.1)")
     a("--label-dropout", type=FRACTION, default=0.1, help="probability of the null class or empty caption (CFG)")
     a("--text-dim", type=COUNT, help="text encoder width (default: by preset, 64/256/384)")
     a("--text-layers", type=COUNT, help="text encoder layers (default: by preset, 2/4/6)")
@@ -156,7 +159,8 @@ def resolve_config(args, world):
     flags["schedule"] = flags["schedule"] or PRESETS[flags["preset"]].get("schedule", "linear")
     if flags["out"] is None:
         dataset = os.path.basename(os.path.dirname(os.path.abspath(flags["data"])))
-        cep = "" if flags["cep"] == "none" else f"-cep{flags['cep']}"
+        cep = ("" if flags["cep"] == "none" else f"-cep{flags['cep']}") + \
+            (f"-ip{flags['ip_gamma']:g}" if flags["ip_gamma"] else "")
         text = "-text" if flags["cond"] == "text" else ""
         flags["out"] = os.path.join("runs", f"{dataset}-{flags['preset']}{text}-eta{flags['eta']:g}{cep}")
     check_args(types.SimpleNamespace(**flags))
@@ -431,7 +435,7 @@ def check_same_run(out, config, stored, **corruption):
 def draw_step(step, cfg, data, net, device, rank=0, world=1):
     """Everything random in a step, drawn from (seed, step) for the global batch and then cut to this rank's share:
     the run is the same for any number of ranks at the same global batch, and the step is the whole RNG state.
-    -> {name: per-sample tensor}: idx (dataset positions), t, noise, cond, flip [, delta, crop, ctrl, eps]."""
+    -> {name: per-sample tensor}: idx (dataset positions), t, noise, cond, flip [, delta, crop, ctrl, eps, ip]."""
     batch, shape, crop_scale = cfg.batch_size, (data.ch, data.res, data.res), cfg.crop_scale
     gen = torch.Generator(device=device).manual_seed(seed_of(cfg.seed, step))
     idx, cond_ids = data.batches.indices(step, batch)
@@ -455,24 +459,26 @@ def draw_step(step, cfg, data, net, device, rank=0, world=1):
         d["ctrl"] = torch.cat([torch.stack([top, left, side, side], 1), hw, flip[:, None].float()], 1)
     if data.latent is not None and data.latent["kind"] == "kl":  # a fresh draw from each latent's posterior
         d["eps"] = torch.randn(batch, *shape, generator=gen, device=device)
+    if cfg.ip_gamma:  # drawn last: the other draws stay those of a run without it
+        d["ip"] = cfg.ip_gamma * torch.randn(batch, *shape, generator=gen, device=device)
     share = slice(rank * batch // world, (rank + 1) * batch // world)
     return {k: v[share] for k, v in d.items() if v is not None}
 
 
 def micro_loss(net, diffusion, memory_format, latent_scale, x, *, t, noise, cond, flip, delta=None, crop=None,
-               ctrl=None, eps=None):
+               ctrl=None, eps=None, ip=None):
     """Per-sample loss of one micro-batch: uint8 NHWC images to [-1, 1] in the run's layout, crop, flip; or latents
     [b, 2 (image, mirror), K, C, h, w]: the mirror's for a flip, mean + std * eps for a KL autoencoder (a fresh draw
     each step, as EDM2), times the scaling factor."""
     if latent_scale is not None:
         x = x[torch.arange(len(x), device=x.device), flip.long()].float()
         x = (x[:, 0] if eps is None else x[:, 0] + x[:, 1] * eps) * latent_scale
-        return diffusion.loss(net, x, cond, t, noise, delta, ctrl)
+        return diffusion.loss(net, x, cond, t, noise, delta, ctrl, ip)
     x = (x.permute(0, 3, 1, 2).float() / 127.5 - 1).contiguous(memory_format=memory_format)
     if crop is not None:
         x = random_crop(x, *crop.unbind(1))
     x = torch.where(flip[:, None, None, None], x.flip(3), x)
-    return diffusion.loss(net, x, cond, t, noise, delta, ctrl)
+    return diffusion.loss(net, x, cond, t, noise, delta, ctrl, ip)
 
 
 def train_step(batch, *, lr, dropout_seed, loss_fn, images_at, s, accum, grad_clip, rt):
@@ -514,6 +520,21 @@ def ema_beta(halflife_kimg, rampup, nimg, batch):
     """Per-step EMA decay for a half-life in images, ramped up over the first images as in EDM."""
     halflife = min(halflife_kimg * 1000, nimg * rampup) if rampup else halflife_kimg * 1000
     return 0.5 ** (batch / max(halflife, 1e-8))
+
+
+def cond_l2(net, data, cond, cep, gamma, seed, n=4096):
+    """Chen et al. Fig. 8a's axis: the mean L2 distance of the condition embeddings a model trains with (the
+    corrupted label's, plus CEP's delta) from the clean labels' ones, over n seeded draws of training rows; None for
+    captions. Input perturbation leaves it at that of the corruption alone."""
+    if cond != "class":
+        return None
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randint(len(data.fixed_ids), (n,), generator=g)
+    noisy, clean = torch.as_tensor(data.fixed_ids)[rows], torch.as_tensor(data.corruption["clean_labels"])[rows]
+    with torch.no_grad():
+        w = net.label_embed.embed.weight.detach().float().cpu()
+        delta = 0 if cep == "none" else cep_delta(cep, gamma, (n, w.shape[1]), g)
+        return (w[noisy] + delta - w[clean]).norm(dim=1).mean().item()
 
 
 def make_step_fn(cfg, data, s, rt):
@@ -630,7 +651,8 @@ def train(cfg, config, data, s, step_fn, grid, rt, flops_img):
                     raise FloatingPointError(f"loss is {loss} at step {s.step}: stopped; {cfg.out}/ckpt.pt keeps the "
                                              f"last good state (try a lower --lr or --bf16 off, then --resume)")
                 rec = dict(step=s.step, loss=loss, loss_q=loss_q, lr=lr, img_per_s=images_per_s,
-                           mfu=mfu(flops_img, images_per_s, peak, rt.world), nimg=s.step * cfg.batch_size)
+                           mfu=mfu(flops_img, images_per_s, peak, rt.world), nimg=s.step * cfg.batch_size,
+                           cond_l2=cond_l2(s.net, data, cfg.cond, cfg.cep, cfg.cep_gamma, seed_of(cfg.seed, s.step, 5)))
                 if master:
                     with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
                         f.write(json.dumps(rec) + "\n")

@@ -227,7 +227,7 @@ def test_report_table_and_plot(tmp_path):
     assert [(r["cep"], r["eta"]) for r in rows] == [("none", 0.0), ("none", 0.05), ("none", 0.1), ("uniform", 0.0),
                                                     ("uniform", 0.05)]
     table = open(tmp_path / "rep.md").read()
-    assert table.count("\n") == 7 and "| 5 | symmetric/fixed | uniform (gamma 1) | 1.5 | 50000 | 4.00 |" in table
+    assert table.count("\n") == 7 and "| 5 | symmetric/fixed | uniform (gamma 1) | - | 1.5 | 50000 | 4.00 |" in table
     from PIL import Image
     img = Image.open(tmp_path / "rep.png")
     assert img.size[0] == 840 and len(np.unique(np.asarray(img).reshape(-1, 3), axis=0)) > 4  # drawn, not blank

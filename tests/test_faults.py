@@ -355,7 +355,8 @@ SCRIPTS = {"train.py": lambda tmp, shapes: ["--data", f"{shapes}/train", "--out"
            "corrupt.py": lambda tmp, shapes: ["--data", f"{tmp}/none", "--eta", "0.1", "--out", f"{tmp}/c.npz"],
            "bench.py": lambda tmp, shapes: ["--device", "cpu"]}
 EVALUATE_COMMAND = {"feat_size": ["repro", "a", "b"], "threshold": ["repro", "a", "b"],
-                    "epochs": ["classify", "--samples", "a", "--ref", "b"]}
+                    "epochs": ["classify", "--samples", "a", "--ref", "b"],
+                    "l2_threshold": ["diversity", "--samples", "a", "--ref", "b"]}
 
 
 @pytest.mark.faults

@@ -10,7 +10,6 @@ from PIL import Image
 
 import corrupt
 import evaluate
-import model
 import plumbing
 import sample
 import train

@@ -1,0 +1,130 @@
+"""What Chen et al. measure beyond FID: the IP baseline, the condition-embedding distance, the guidance sweep, RMD,
+nearest-neighbour L2, memorization ratio, sample entropy. Each measure against a hand computation."""
+import json
+import math
+import os
+import types
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+import model
+import sample
+import train
+
+TINY = ["--preset", "tiny", "--batch-size", "8", "--warmup", "1", "--grid-steps", "1"]
+
+
+def test_input_perturbation_moves_the_input_and_keeps_the_target():
+    diffusion, seen = model.Diffusion(), []
+    net = lambda x, t, c, delta, ctrl: seen.append(x) or torch.zeros_like(x)  # a network that outputs 0
+    g = torch.Generator().manual_seed(0)
+    x0, noise, xi = (torch.randn(2, 3, 4, 4, generator=g) for _ in range(3))
+    t = torch.tensor([10, 900])
+    loss = diffusion.loss(net, x0, None, t, noise, ip=0.1 * xi)
+    torch.testing.assert_close(seen[0], diffusion.q_sample(x0, t, noise + 0.1 * xi))  # Ning et al.: eps + gamma xi
+    torch.testing.assert_close(loss, noise.pow(2).flatten(1).mean(1))  # the target is the unperturbed noise
+
+
+def test_input_perturbation_is_one_more_draw_and_changes_no_other(shapes16):
+    draws = {}
+    for ip in ("0", "0.1"):
+        cfg, _ = train.resolve_config(train.parse_args(["--data", f"{shapes16}/train", *TINY, "--ip-gamma", ip,
+                                                        "--bench", "1"]), 1)
+        data = train.load_data(cfg, torch.device("cpu"))
+        net = model.Denoiser(**train.model_config(cfg, data, None)[0])
+        draws[ip] = train.draw_step(3, cfg, data, net, torch.device("cpu"))
+    assert "ip" not in draws["0"] and all(torch.equal(torch.as_tensor(draws["0"][k]), torch.as_tensor(v))
+                                          for k, v in draws["0.1"].items() if k != "ip")
+    assert draws["0.1"]["ip"].std().item() == pytest.approx(0.1, rel=0.15)
+    assert cfg.out.endswith("-ip0.1")
+
+
+def test_condition_embedding_distance_by_hand():
+    net = types.SimpleNamespace(label_embed=types.SimpleNamespace(embed=torch.nn.Embedding(3, 2)))
+    with torch.no_grad():
+        net.label_embed.embed.weight.copy_(torch.tensor([[0.0, 0.0], [3.0, 4.0], [9.0, 9.0]]))
+    data = types.SimpleNamespace(fixed_ids=np.array([1, 1, 0]), corruption=dict(clean_labels=np.array([0, 0, 0])))
+    d = train.cond_l2(net, data, "class", "none", 1.0, seed=0, n=3000)
+    assert d == pytest.approx(5 * (2 / 3), rel=0.05)  # two rows of three flipped 0 -> 1: distance 5, one row 0
+    d = train.cond_l2(net, types.SimpleNamespace(fixed_ids=np.zeros(4, int), corruption=dict(
+        clean_labels=np.zeros(4, int))), "class", "uniform", 1.0, seed=0, n=20000)
+    # CEP-U alone: delta ~ U(-1/sqrt 2, 1/sqrt 2)^2, E|delta| by numerical integration of the square's mean norm
+    u = (np.random.default_rng(0).uniform(-1, 1, (200000, 2)) / math.sqrt(2))
+    assert d == pytest.approx(np.linalg.norm(u, axis=1).mean(), rel=0.02)
+    assert train.cond_l2(net, data, "text", "none", 1.0, 0) is None
+
+
+def test_relative_mahalanobis_by_hand():
+    ref, labels = np.array([[0.0], [2.0], [4.0], [6.0]]), np.array([0, 0, 1, 1])
+    # class means 1 and 5, within-class variance 1; all: mean 3, variance 5
+    got = evaluate.relative_mahalanobis(np.array([[1.0], [5.0], [5.0]]), np.array([0, 0, 1]), ref, labels)
+    np.testing.assert_allclose(got, [0 - 4 / 5, 16 - 4 / 5, 0 - 4 / 5])
+
+
+def test_code_entropy_and_nearest_l2_by_hand():
+    assert evaluate.code_entropy([0, 0, 1, 1], 64) == pytest.approx(math.log(2))
+    assert evaluate.code_entropy(np.zeros((2, 3), np.int64), 8) == 0.0
+    assert evaluate.code_entropy(np.arange(8), 8) == pytest.approx(math.log(8))
+    ref = torch.tensor([[0.0, 0.0], [3.0, 4.0], [0.0, 1.0]])
+    got = evaluate.nearest_l2(torch.tensor([[0.0, 0.0], [3.0, 0.0]]), ref, k=2)
+    torch.testing.assert_close(got, torch.tensor([[0.0, 1.0], [math.sqrt(9 + 1), math.sqrt(9)]]).sort(1).values)
+
+
+def test_diversity_of_copied_training_images_with_a_vq_entropy(shapes16, tmp_path):
+    from tiny_vae import make_autoencoder
+    pytest.importorskip("diffusers")
+    shapes = shapes16  # 16x16: pixel features of 768 dimensions, whose covariances are inverted
+    train_images, labels = np.load(f"{shapes}/train/images.npy"), np.load(f"{shapes}/train/labels.npy")
+    np.savez(tmp_path / "samples.npz", arr_0=train_images[:50], arr_1=labels[:50])
+    make_autoencoder("vq", str(tmp_path / "vq"))
+    r = evaluate.main(["diversity", "--samples", str(tmp_path / "samples.npz"), "--ref", f"{shapes}/train",
+                       "--features", "pixels", "--vq", str(tmp_path / "vq")])
+    assert r["memorization_ratio"] == 1.0 and r["nn5_l2"] > 0  # each is its own nearest neighbour; the next 4 not
+    codes, n = evaluate.vq_codes(str(tmp_path / "vq"), train_images[:50], torch.device("cpu"))
+    assert r["entropy"] == pytest.approx(evaluate.code_entropy(codes, n)) and 0 < r["entropy"] <= math.log(n)
+    assert len(r["rmd_density"]) == 20 and r["rmd_top1"] >= r["rmd_mean"]
+    assert json.load(open(tmp_path / "diversity.json"))["features"] == "pixels"
+    with pytest.raises(ValueError, match="is not a VQModel"):
+        make_autoencoder("kl", str(tmp_path / "kl"))
+        evaluate.main(["diversity", "--samples", str(tmp_path / "samples.npz"), "--ref", f"{shapes}/train",
+                       "--features", "pixels", "--vq", str(tmp_path / "kl"), "--out", str(tmp_path / "x.json")])
+
+
+class MeanStd(torch.nn.Module):
+    def forward(self, x):
+        return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)
+
+
+def test_a_guidance_sweep_writes_a_file_per_scale_scored_and_plotted(tiny_run, shapes, inception_weights, tmp_path):
+    out = str(tmp_path / "samples.npz")
+    common = ["--ckpt", tiny_run, "--num", "6", "--steps", "2", "--batch", "4", "--device", "cpu"]
+    sample.main(common + ["--cfg-scale", "1,2.5", "--out", out])
+    sweep = [str(tmp_path / "samples-cfg1.npz"), str(tmp_path / "samples-cfg2.5.npz")]
+    sample.main(common + ["--cfg-scale", "2.5", "--out", str(tmp_path / "single.npz")])
+    assert np.array_equal(np.load(sweep[1])["arr_0"], np.load(tmp_path / "single.npz")["arr_0"])  # same as alone
+    assert not np.array_equal(np.load(sweep[0])["arr_0"], np.load(sweep[1])["arr_0"])
+    with pytest.raises(ValueError, match="samples-cfg1.npz exists"):
+        sample.main(common + ["--cfg-scale", "1,2.5", "--out", out])
+    with pytest.raises(ValueError, match=r"--cfg-scale must be in \[0, inf\), got -1"):
+        sample.main(common + ["--cfg-scale", "1,-1", "--out", str(tmp_path / "bad.npz")])
+    evaluate.main(["--samples", *sweep, "--ref", f"{shapes}/test", "--inception-weights", inception_weights,
+                   "--allow-small", "--batch", "50"])
+    scored = {json.load(open(tmp_path / f))["settings"]["cfg_scale"] for f in ("metrics-cfg1.json",
+                                                                              "metrics-cfg2.5.json")}
+    assert scored == {1.0, 2.5}
+    from tiny_vae import make_autoencoder
+    pytest.importorskip("diffusers")
+    make_autoencoder("vq", str(tmp_path / "vq"))
+    feat = str(tmp_path / "feat.pt")  # a 6-dimensional TorchScript feature (channel means and stds): fast to invert
+    torch.jit.save(torch.jit.script(MeanStd()), feat)
+    for f in sweep:  # Fig. 4's measures of the same files: diversity-cfg1.json ...
+        evaluate.main(["diversity", "--samples", f, "--ref", f"{shapes}/train", "--features", feat, "--feat-size",
+                       "32", "--feat-norm", "none", "--vq", str(tmp_path / "vq")])
+    rows = evaluate.main(["report", str(tmp_path), "--out", str(tmp_path / "report")])
+    assert sorted(r["cfg"] for r in rows) == [1.0, 2.5] and all(r["entropy"] > 0 for r in rows)
+    for png in ("report-guidance.png", "report-rmd.png", "report-entropy.png"):
+        assert os.path.isfile(tmp_path / png), png
+    assert "| top-1% RMD | NN L2 | mem. ratio | entropy |" in open(tmp_path / "report.md").read()
