@@ -437,6 +437,8 @@ class Features:
             self.name = "inception-pool" + ("" if standard else " (NON-STANDARD weights)")
         elif a.features == "pixels":
             self.name = "pixels"
+        elif a.features.startswith("clip:"):  # the paper's features for RMD, NN L2 and memorization (App. B.7)
+            self.kind, self.name, self.net = "clip", a.features, load_clip(a.features[5:], device)[0]
         elif not os.path.isfile(a.features):
             raise FileNotFoundError(f"--features {a.features} does not exist (a TorchScript file, or: pixels)")
         else:
@@ -450,6 +452,8 @@ class Features:
     def __call__(self, images):
         if self.kind == "inception":
             return F.normalize(torch.from_numpy(inception_features(self.net, images, self.batch)["pool"]), dim=1)
+        if self.kind == "clip":
+            return clip_features(self.net, images, self.device, self.batch)
         if self.kind == "pixels":
             x = torch.from_numpy(np.array(images, dtype=np.float64)).flatten(1)
             return F.normalize(x - x.mean(1, keepdim=True), dim=1)
@@ -579,6 +583,74 @@ def vq_codes(vq, images, device, batch=64):
         codes.append(ae.quantize(ae.encode(x.expand(-1, 3, -1, -1)).latents)[2][2].reshape(-1).cpu())
     return torch.cat(codes).numpy(), ae.quantize.n_e
 
+
+
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def load_clip(spec, device):
+    """CLIP through transformers (what diffusers users have already: Stable Diffusion's pipelines need it), from a
+    folder in its format or a hub id given explicitly, e.g. clip:openai/clip-vit-base-patch16 (the paper's ViT-B/16):
+    nothing is fetched unasked. -> (model, its tokenizer or None)."""
+    try:
+        import transformers
+    except ImportError:
+        raise ValueError("CLIP needs transformers: pip install -r requirements-clip.txt") from None
+    try:
+        net = transformers.CLIPModel.from_pretrained(spec).to(device).eval().requires_grad_(False)
+    except Exception as e:  # no such folder, no network, another model
+        raise ValueError(f"cannot load CLIP {spec} ({type(e).__name__}: {str(e).strip().splitlines()[0][:120]}): give "
+                         f"a CLIPModel folder in transformers' format or a hub id reachable from here") from None
+    try:
+        return net, transformers.AutoTokenizer.from_pretrained(spec)
+    except Exception:  # image features need no tokenizer
+        return net, None
+
+
+def embeds(out):  # transformers 4 returns the projected embeddings, 5 an output whose pooler_output they are
+    return (out if torch.is_tensor(out) else out.pooler_output).float()
+
+
+@torch.no_grad()
+def clip_features(net, images, device, batch=64):
+    """L2-normalised CLIP image embeddings of uint8 images: resized (bicubic) to the model's input, CLIP's mean/std."""
+    size, out = net.config.vision_config.image_size, []
+    mean, std = (torch.tensor(v, device=device)[:, None, None] for v in (CLIP_MEAN, CLIP_STD))
+    for i in range(0, len(images), batch):
+        x = torch.from_numpy(np.array(images[i:i + batch])).to(device).permute(0, 3, 1, 2).float() / 255
+        x = F.interpolate(x.expand(-1, 3, -1, -1), size=(size, size), mode="bicubic", align_corners=False,
+                          antialias=True).clamp(0, 1)
+        out.append(embeds(net.get_image_features(pixel_values=(x - mean) / std)).cpu())
+    return F.normalize(torch.cat(out).double(), dim=1)
+
+
+@torch.no_grad()
+def clip_score(net, tokenizer, images, captions, device, batch=64):
+    """CLIP score of each sample against its caption: 100 max(cos(image, text), 0), as torchmetrics computes it
+    (Hessel et al. 2021 with weight 100; Chen et al. Fig. 3c)."""
+    img, txt = clip_features(net, images, device, batch), []
+    for i in range(0, len(captions), batch):
+        t = tokenizer(list(captions[i:i + batch]), padding=True, truncation=True, return_tensors="pt",
+                      max_length=net.config.text_config.max_position_embeddings).to(device)
+        txt.append(embeds(net.get_text_features(**t)).cpu())
+    return 100 * (img * F.normalize(torch.cat(txt).double(), dim=1)).sum(1).clamp_min(0)
+
+
+def cmd_clipscore(a):
+    """The mean CLIP score of text samples against the captions they were generated for (clipscore.json)."""
+    images, captions, settings = load_samples(a.samples)
+    if captions is None or captions.dtype.kind != "U":
+        raise ValueError(f"{a.samples} holds no captions: the CLIP score is for samples of a text model")
+    device = resolve_device(a.device)
+    net, tokenizer = load_clip(a.clip, device)
+    if tokenizer is None:
+        raise ValueError(f"--clip {a.clip} has no tokenizer files: the CLIP score needs the text side too")
+    s = clip_score(net, tokenizer, images, captions, device)
+    out = dict(clip_score=s.mean().item(), clip=a.clip, num_samples=len(images), samples=os.path.abspath(a.samples),
+               settings=settings)
+    print(f"CLIP score {out['clip_score']:.3f} ({a.clip}, {len(images)} samples) | wrote "
+          f"{save_result(out, a.out, a.samples, 'clipscore.json')}")
+    return out
 
 def cmd_diversity(a):
     """Chen et al.'s diversity and memorization measures of one samples file (Fig. 4, App. B.7): top-1% RMD and the
@@ -879,13 +951,16 @@ def get_parser():
         q.add_argument("--inception-weights", help=f"path to {WEIGHTS_NAME} (default: cached download)")
         q.add_argument("--batch", type=count, default=500)
     for q in (r, mem, div):
-        q.add_argument("--features", help="TorchScript feature model (e.g. SSCD) or `pixels`; default Inception "
-                                          "pool features")
+        q.add_argument("--features", help="TorchScript feature model (e.g. SSCD), clip:FOLDER_OR_HUB_ID (CLIP image "
+                                          "features, requirements-clip.txt) or `pixels`; default: Inception pool")
         q.add_argument("--feat-size", type=count, default=320, help="input size of --features")
         q.add_argument("--feat-norm", default="imagenet", choices=["imagenet", "none", "minus1_1"])
         q.add_argument("--threshold", type=Interval(float, "[-1, 1]"), default=0.6,
                        help="cosine similarity threshold (paper: 0.6)")
-    for q in (m, r, mem, c, div):
+    cs = cmd("clipscore", "CLIP score of text samples against their captions (Chen et al. Fig. 3c)")
+    cs.add_argument("--samples", required=True, help="samples npz of a text model (captions)")
+    cs.add_argument("--clip", required=True, help="CLIPModel folder or hub id (requirements-clip.txt)")
+    for q in (m, r, mem, c, div, cs):
         q.add_argument("--device", default="auto")
         q.add_argument("--out", help=out)
     rep = cmd("report", "the eta table and plots of run folders (and the reproducibility study's)")
@@ -896,7 +971,7 @@ def get_parser():
 
 
 COMMANDS = dict(metrics=cmd_metrics, repro=cmd_repro, memorization=cmd_memorization, classify=cmd_classify,
-                diversity=cmd_diversity, report=cmd_report)
+                diversity=cmd_diversity, clipscore=cmd_clipscore, report=cmd_report)
 
 
 def main(argv=None):

@@ -128,3 +128,53 @@ def test_a_guidance_sweep_writes_a_file_per_scale_scored_and_plotted(tiny_run, s
     for png in ("report-guidance.png", "report-rmd.png", "report-entropy.png"):
         assert os.path.isfile(tmp_path / png), png
     assert "| top-1% RMD | NN L2 | mem. ratio | entropy |" in open(tmp_path / "report.md").read()
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A randomly initialised CLIP (transformers) built from a config, with a character-level tokenizer: offline."""
+    transformers = pytest.importorskip("transformers")
+    import string
+    path = tmp_path_factory.mktemp("clip")
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    transformers.CLIPModel(transformers.CLIPConfig(
+        text_config=dict(small, vocab_size=60, max_position_embeddings=32),
+        vision_config=dict(small, image_size=32, patch_size=8), projection_dim=16)).save_pretrained(path)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in list(string.ascii_lowercase) + [c + "</w>" for c in string.ascii_lowercase]:
+        vocab[c] = len(vocab)
+    json.dump(vocab, open(path / "vocab.json", "w"))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    transformers.CLIPTokenizer(vocab_file=str(path / "vocab.json"), merges_file=str(path / "merges.txt")) \
+        .save_pretrained(path)
+    return str(path)
+
+
+def test_clip_features_and_clip_score_by_hand(tiny_clip, shapes16, tmp_path):
+    import transformers
+    net = transformers.CLIPModel.from_pretrained(tiny_clip).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_clip)
+    images = np.load(f"{shapes16}/train/images.npy")[:6]
+    captions = np.array([json.loads(l)[0] for l in open(f"{shapes16}/train/captions.jsonl")][:6])
+    np.savez(tmp_path / "samples.npz", arr_0=images, captions=captions)
+    r = evaluate.main(["clipscore", "--samples", str(tmp_path / "samples.npz"), "--clip", tiny_clip])
+    with torch.no_grad():  # by hand: CLIP's preprocessing, both embeddings, 100 max(cos, 0)
+        x = torch.nn.functional.interpolate(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255, size=(32, 32),
+                                            mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+        x = (x - torch.tensor(evaluate.CLIP_MEAN)[:, None, None]) / torch.tensor(evaluate.CLIP_STD)[:, None, None]
+        i = evaluate.embeds(net.get_image_features(pixel_values=x))
+        t = evaluate.embeds(net.get_text_features(**tok(list(captions), padding=True, return_tensors="pt")))
+    want = (100 * torch.cosine_similarity(i, t).clamp_min(0)).mean().item()
+    assert r["clip_score"] == pytest.approx(want, rel=1e-4)
+    np.savez(tmp_path / "labels.npz", arr_0=images, arr_1=np.load(f"{shapes16}/train/labels.npy")[:6])
+    d = evaluate.main(["diversity", "--samples", str(tmp_path / "labels.npz"), "--ref", f"{shapes16}/train",
+                       "--features", f"clip:{tiny_clip}"])
+    assert d["memorization_ratio"] == 1.0 and d["features"] == f"clip:{tiny_clip}"  # copies: nearest L2 0
+
+
+def test_missing_transformers_is_one_line(monkeypatch, tmp_path):
+    monkeypatch.setitem(__import__("sys").modules, "transformers", None)
+    np.savez(tmp_path / "s.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8), captions=np.array(["a", "b"]))
+    with pytest.raises(ValueError, match="CLIP needs transformers: pip install -r requirements-clip.txt"):
+        evaluate.main(["clipscore", "--samples", str(tmp_path / "s.npz"), "--clip", "x"])
