@@ -747,7 +747,8 @@ def load_model(spec, with_vae=True):
     folder = os.path.isdir(spec)
     if folder and not os.path.isfile(os.path.join(spec, "ckpt.pt")) and \
             {"config.json", "model_index.json"} & set(os.listdir(spec)) or \
-            not os.path.exists(spec) and re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and not spec.endswith(".pt"):
+            not os.path.exists(spec) and re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and not spec.endswith(".pt") \
+            and not os.path.isdir(spec.split("/")[0]):  # runs/typo is a missing run, not a hub id
         state, arch, diffusion, names, vae = dit_from_diffusers(spec)
         source = dict(kind="diffusers", id=os.path.abspath(spec) if folder else spec, sha256=weights_hash(state))
     elif os.path.isfile(spec) and (theirs := dit_pt_state(spec)) is not None:

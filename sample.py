@@ -4,9 +4,11 @@
                      [--cfg-scale 1.5] [--seed 0] [--labels 3,5] [--out runs/NAME/samples.npz]
     torchrun --nproc_per_node=8 sample.py --ckpt runs/NAME --num-samples 50000
     python sample.py --ckpt runs/TEXT --prompt "a red disk" --num 100     # or --prompts FILE (one per line)
+    python sample.py --ckpt runs/NAME --cfg-scale 1.5,2,3,5   # a guidance sweep: samples-cfg1.5.npz ... one per scale
 
-Input: a run folder or checkpoint. Output: samples.npz (arr_0 uint8 [N, H, W, C]; arr_1 labels, or captions for text
-models; the settings as JSON) and samples.png beside it (a caption under each row for text models).
+Input: a run folder or checkpoint, or a released DiT (DiT's .pt, a diffusers folder or hub id; with --out).
+Output: samples.npz (arr_0 uint8 [N, H, W, C]; arr_1 labels, or captions for text models; the settings as JSON)
+and samples.png beside it (a caption under each row for text models).
 
 The model and diffusion settings come from the checkpoint. The initial noise and every noise draw of sample i
 depend only on (seed, i), so a sample is the same for any batch size and any number of GPUs, and two models

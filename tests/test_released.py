@@ -204,3 +204,10 @@ def test_an_autoencoder_that_moved_is_named_with_the_flag_that_finds_it(latent_d
                                          f"give --vae"):
         sample.main(["--ckpt", out, "--num", "2", "--device", "cpu"])
     sample.main(["--ckpt", out, "--num", "2", "--device", "cpu", "--vae", str(tmp_path / "elsewhere")])
+
+
+def test_a_mistyped_run_path_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)  # runs/typo looks like a hub id, but runs/ is a folder here: a missing run
+    with pytest.raises(FileNotFoundError, match="checkpoint runs/typo not found"):
+        model.load_model("runs/typo")
