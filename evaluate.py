@@ -5,11 +5,12 @@
     python evaluate.py memorization --samples S.npz --ref data/cifar10/train
     python evaluate.py classify --samples S.npz --ref data/shapes/train   # does each sample show its condition?
     python evaluate.py diversity --samples S.npz --ref runs/NAME [--vq VQMODEL]   # RMD, NN L2, entropy (Chen et al.)
+    python evaluate.py gmm [--dims 4,16,64]   # Chen et al. Sec. 4 simulated: entropy and W2 gains on a Gaussian mixture
     python evaluate.py report runs/* [--out report]
 
 Input: samples.npz from sample.py, a reference dataset folder (or statistics npz). Output: metrics.json (or
 repro.json, memorization.json, classify.json, diversity.json) beside the samples; report.md and report.png for
-`report`.
+`report`; gmm.json and gmm.png for `gmm`.
 
 The Inception network is the FID variant of Inception-v3 (TensorFlow's inception-2015-12-05 as ported by
 pytorch-fid), written out here so that its published weights load with strict=True. One pass gives the pool
@@ -20,6 +21,7 @@ import argparse
 import contextlib
 import glob
 import json
+import math
 import os
 import re
 import sys
@@ -571,6 +573,57 @@ def nearest_l2(feats, ref, k=5, batch=4096):
     return torch.cat(out)
 
 
+def cosine_kde(data, at, h, weights=None, batch=1024):
+    """Cosine-kernel density of `data` (rows weighted by `weights` [n, B], default 1) at the points `at`:
+    (1/n) (pi / 4h)^d sum over |x - y| <= h of cos(pi |x - y| / 2h), as TopP&R estimates supports. -> [len(at), B]
+    in float64 (the factor overflows float32 for small h)."""
+    n, d = data.shape
+    weights = torch.ones(n, 1) if weights is None else weights.float()
+    out = []
+    for i in range(0, len(at), batch):
+        dist = sq_dists(at[i:i + batch], data).sqrt()
+        out.append(torch.where(dist <= h, torch.cos(math.pi / 2 * dist / h), 0) @ weights)
+    return torch.cat(out).double() * (math.pi / (4 * h)) ** d / n
+
+
+def balloon_bandwidth(feats, k, batch=1024):
+    """TopP&R's bandwidth: the median, over points i < n - k, of the distance from i to its k-th nearest among the
+    points after it (their balloon estimate, kept as written for comparable numbers)."""
+    n, out = len(feats), []
+    for i in range(0, n - k, batch):
+        dist = sq_dists(feats[i:min(i + batch, n - k)], feats).sqrt()
+        rows = torch.arange(i, i + len(dist))[:, None]
+        dist[torch.arange(n)[None] <= rows] = float("inf")
+        out.append(dist.kthvalue(k, dim=1).values)
+    return torch.sort(torch.cat(out)).values[int((n - k) * 0.5) - 1].item()
+
+
+def top_pr(real, fake, alpha=0.1, repeat=10):
+    """TopP&R (Kim et al. 2023; Chen et al. App. B.7's TopPR F1), the authors' recipe for features of more than 3
+    dimensions: a fixed projection to 32 (xavier-normal, seed 99), per set a cosine KDE with the balloon bandwidth
+    (k = 5 x dims) and a bootstrap confidence level c (quantile 1 - alpha of sup |p - p*|, `repeat` resamples from one
+    RandomState(42)); a point is significant where its set's density exceeds c, and precision (recall) is the
+    fraction of significant fakes (reals) the other set's density also holds above its c. -> (precision, recall, F1)."""
+    real, fake = torch.as_tensor(real, dtype=torch.float32), torch.as_tensor(fake, dtype=torch.float32)
+    if real.shape[1] > 32:
+        proj = torch.empty(32, real.shape[1]).normal_(0, math.sqrt(2 / (real.shape[1] + 32)),
+                                                      generator=torch.Generator().manual_seed(99))
+        real, fake = real @ proj.T, fake @ proj.T
+    k, rng, sets = 5 * real.shape[1], np.random.RandomState(42), []
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f"TopP&R needs more than {k} samples and references (5 x {real.shape[1]} feature dims)")
+    for x in (real, fake):
+        h = balloon_bandwidth(x, k)
+        counts = [np.bincount(rng.choice(len(x), len(x)), minlength=len(x)) for _ in range(repeat)]
+        p = cosine_kde(x, x, h, torch.from_numpy(np.stack([np.ones(len(x))] + counts, 1)))
+        theta = math.sqrt(len(x)) * (p[:, 1:] - p[:, :1]).abs().amax(0)
+        sets.append((x, h, p[:, 0], np.quantile(theta.numpy(), 1 - alpha) / math.sqrt(len(x))))
+    (r, h_r, p_rr, c_r), (f, h_f, p_ff, c_f) = sets
+    recall = ((p_rr > c_r) & (cosine_kde(f, r, h_f)[:, 0] > c_f)).sum().item() / max(1, (p_rr > c_r).sum().item())
+    precision = ((p_ff > c_f) & (cosine_kde(r, f, h_r)[:, 0] > c_r)).sum().item() / max(1, (p_ff > c_f).sum().item())
+    return precision, recall, (2 / (1 / precision + 1 / recall) if min(precision, recall) > 1e-4 else 0.0)
+
+
 @torch.no_grad()
 def vq_codes(vq, images, device, batch=64):
     """The codebook indices of images (uint8) under a diffusers VQModel: its encoder, then its quantizer."""
@@ -673,6 +726,11 @@ def cmd_diversity(a):
                rmd_edges=edges.tolist(), nn5_l2=nn.mean().item(), l2_threshold=a.l2_threshold,
                memorization_ratio=(nn[:, 0] < a.l2_threshold).double().mean().item(), features=features.name,
                num_samples=len(images), samples=os.path.abspath(a.samples), settings=settings)
+    k = 5 * min(32, f.shape[1])
+    if min(len(f), len(r)) > k:
+        out.update(zip(("toppr_precision", "toppr_recall", "toppr_f1"), top_pr(r.float(), f.float())))
+    else:
+        print(f"no TopPR F1: it needs more than {k} samples and references (5 x the projected feature dims)")
     latent = settings.get("config", {}).get("data", {}).get("latent") or {}
     vq = a.vq or (latent.get("vae") if latent.get("kind") == "vq" else None)
     if vq:
@@ -680,7 +738,8 @@ def cmd_diversity(a):
         out.update(entropy=code_entropy(codes, n_codes), vq=vq)
     path = save_result(out, a.out, a.samples, "diversity.json")
     print(f"top-1% RMD {out['rmd_top1']:.3f} | top-5 NN L2 {out['nn5_l2']:.4f} | memorization ratio "
-          f"{out['memorization_ratio']:.4f} (L2 < {a.l2_threshold}) | entropy "
+          f"{out['memorization_ratio']:.4f} (L2 < {a.l2_threshold}) | TopPR F1 {out.get('toppr_f1', float('nan')):.3f}"
+          f" | entropy "
           f"{out.get('entropy', float('nan')):.3f} | features: {features.name} | wrote {path}")
     return out
 
@@ -770,8 +829,8 @@ def collect(run_dirs):
                              gamma=t["cep_gamma"] if t["cep"] != "none" else None, cfg=settings.get("cfg_scale"),
                              n=m.get("num_samples", div.get("num_samples")),
                              **{k: m.get(k) for k in ("fid", "sfid", "is_mean", "precision", "recall")},
-                             **{k: div.get(k) for k in ("rmd_top1", "nn5_l2", "memorization_ratio", "entropy",
-                                                        "rmd_density", "rmd_edges")}))
+                             **{k: div.get(k) for k in ("rmd_top1", "nn5_l2", "memorization_ratio", "toppr_f1",
+                                                        "entropy", "rmd_density", "rmd_edges")}))
         if has("memorization.json") and has("config.json"):  # the reproducibility study (Zhang et al.)
             m, cfg = (json.load(open(os.path.join(d, f))) for f in ("memorization.json", "config.json"))
             n = cfg["train"].get("subset") or cfg["data"]["count"]
@@ -806,7 +865,7 @@ ETA_COLUMNS = [("run", lambda r: r["run"]), ("cond", lambda r: r["cond"]),
                ("sFID", num("sfid", ".2f")), ("IS", num("is_mean", ".2f")), ("precision", num("precision", ".3f")),
                ("recall", num("recall", ".3f")), ("top-1% RMD", num("rmd_top1", ".3f")),
                ("NN L2", num("nn5_l2", ".3f")), ("mem. ratio", num("memorization_ratio", ".3f")),
-               ("entropy", num("entropy", ".3f"))]
+               ("TopPR F1", num("toppr_f1", ".3f")), ("entropy", num("entropy", ".3f"))]
 STUDY_COLUMNS = [("run", lambda r: r["run"]), ("training images", lambda r: str(r["images"])),
                  ("width", lambda r: str(r["width"])), ("seed", lambda r: str(r["seed"])),
                  ("reproducibility", num("rp", ".3f")), ("generalization", num("gl", ".3f")),
@@ -916,6 +975,112 @@ def cmd_report(a):
     return rows + study
 
 
+# ----------------------------------------------------------------------------- Chen et al. Sec. 4: the Gaussian mixture
+
+def sqrtm_psd(c):
+    w, v = np.linalg.eigh((c + c.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def w2_gaussian(m1, c1, m2, c2):
+    """Squared 2-Wasserstein distance between N(m1, c1) and N(m2, c2) (Givens and Shortt 1984)."""
+    r = sqrtm_psd(c1)
+    return float(((m1 - m2) ** 2).sum() + np.trace(c1) + np.trace(c2) - 2 * np.trace(sqrtm_psd(r @ c2 @ r)))
+
+
+def gaussian_entropy(c):
+    return 0.5 * np.linalg.slogdet(2 * np.pi * np.e * c)[1]
+
+
+def fit_denoiser(x0, a, gamma):
+    """Least squares x0 ~ W x_t + v c over one class's n_k images x0 at each OU time's a = e^-t, with the noise
+    integrated out (training draws fresh noise every step): x_t = a x0 + sqrt(1 - a^2) eps, c = 1 + gamma xi is the
+    class's own one-hot coordinate, corrupted as in Sec. 4 (gamma 0: clean). Solves the normal equations of
+    E|x0 - W x_t - v c|^2 at every time at once: -> (W [T, d, d], v [T, d])."""
+    n, d = x0.shape
+    m, second, a = x0.mean(0), x0.T @ x0 / n, a[:, None, None]
+    gram = np.zeros((len(a), d + 1, d + 1))
+    gram[:, :d, :d] = a * a * second + (1 - a * a) * np.eye(d)
+    gram[:, :d, d] = gram[:, d, :d] = a[:, 0] * m
+    gram[:, d, d] = 1 + gamma ** 2
+    rhs = np.concatenate([a * second, np.broadcast_to(m, (len(a), 1, d))], 1)
+    b = np.linalg.solve(gram, rhs)  # [T, d + 1, d]: x0_hat^T = [x_t^T, c] b
+    return b[:, :d].transpose(0, 2, 1), b[:, d]
+
+
+def generated_gaussian(w, v, times):
+    """What the DDIM ODE (eta 0) of the OU process makes from N(0, I) with the fitted denoisers (W, v at each of
+    `times`, falling) and the clean condition c = 1. Each step is affine, so the Gaussian is carried exactly:
+    -> (mean, covariance)."""
+    d = v.shape[1]
+    mean, cov = np.zeros(d), np.eye(d)
+    for wt, vt, t, t_next in zip(w, v, times, list(times[1:]) + [0.0]):
+        a, a_next = np.exp(-t), np.exp(-t_next)
+        s, s_next = np.sqrt(1 - a * a), np.sqrt(1 - a_next * a_next)
+        k = a_next - s_next * a / s  # x_next = a_next x0_hat + s_next eps_hat, eps_hat = (x - a x0_hat) / s
+        step = k * wt + (s_next / s) * np.eye(d)
+        mean, cov = step @ mean + k * vt, step @ cov @ step.T
+    return mean, cov
+
+
+def gmm_forms(m, s, gamma):
+    """Closed forms of the corruptly trained model's class Gaussian from the class's empirical mean m and
+    covariance s: (the least-squares fit's exact one, App. A Lemma 4 as the paper writes it). The fit's: the noise
+    on c puts a ridge gamma^2 |v|^2 on v, so the model is the posterior mean of N(m/(1+g^2), s + g^2/(1+g^2) m m^T);
+    Lemma 4 has |m|^2 I where the fit has m m^T: equal along m, d times the fit's in total."""
+    lam, mean = gamma ** 2 / (1 + gamma ** 2), m / (1 + gamma ** 2)
+    return (mean, s + lam * np.outer(m, m)), (mean, s + lam * (m @ m) * np.eye(len(m)))
+
+
+def gmm_class(x0, mu, gammas, times):
+    """One class's gains over clean training at each gamma: entropy gain (Thm 1) and W2^2 gain towards the truth
+    N(mu, I) (Thm 2), measured on the simulated model and from the two closed forms. -> {gamma: 6 gains}."""
+    fit = lambda g: generated_gaussian(*fit_denoiser(x0, np.exp(-times), g), times)
+    truth, clean = (mu, np.eye(len(mu))), fit(0.0)
+    m, s = x0.mean(0), np.cov(x0.T, bias=True)
+    gains = lambda q, ref: (gaussian_entropy(q[1]) - gaussian_entropy(ref[1]), w2_gaussian(*truth, *ref) -
+                            w2_gaussian(*truth, *q))
+    out = {}
+    for g in gammas:
+        exact, lemma = gmm_forms(m, s, g)
+        out[g] = gains(fit(g), clean) + gains(exact, (m, s)) + gains(lemma, (m, s))
+    return out
+
+
+def cmd_gmm(a):
+    """Chen et al. Sec. 4 simulated: per class, a linear denoiser W_t x_t + v_t c fit by least squares on n_k
+    draws of N(mu_k, I) (mu_k ~ N(0, I_d)) with and without gamma xi on the condition, sampled by the DDIM ODE;
+    entropy and W2 gains against clean training, measured and predicted, averaged over classes and trials."""
+    rng, times = np.random.default_rng(a.seed), np.geomspace(a.t_max, 1e-3, a.steps)
+    gammas, rows = [g for g in a.gammas if g > 0], []
+    for d in a.dims:
+        gains = {g: [] for g in gammas}
+        for _ in range(a.trials):
+            for mu in rng.standard_normal((a.classes, d)):
+                res = gmm_class(mu + rng.standard_normal((a.n_k, d)), mu, gammas, times)
+                for g in gammas:
+                    gains[g].append(res[g])
+        for g in gammas:
+            v = np.mean(gains[g], 0)
+            rows.append(dict(d=d, n_k=a.n_k, gamma=g, entropy_gain=v[0], w2_gain=v[1], entropy_gain_fit=v[2],
+                             w2_gain_fit=v[3], entropy_gain_lemma4=v[4], w2_gain_lemma4=v[5]))
+    cols = [("d", lambda r: str(r["d"])), ("n_k", lambda r: str(r["n_k"])), ("gamma", lambda r: f"{r['gamma']:g}")]
+    cols += [(k.replace("_", " "), lambda r, k=k: f"{r[k]:.4g}") for k in rows[0] if k not in ("d", "n_k", "gamma")]
+    table = markdown(cols, rows)
+    out = a.out or "gmm"
+    plot(rows, out + ".png", "gamma", "gamma", [("entropy_gain", "entropy gain (measured)", "nats"),
+         ("w2_gain", "W2^2 gain (measured)", "W2^2"), ("entropy_gain_fit", "entropy gain (fit's closed form)", "nats"),
+         ("w2_gain_fit", "W2^2 gain (fit's closed form)", "W2^2")], lambda r: f"d {r['d']}, n_k {r['n_k']}")
+    for d in a.dims:  # Thm 2 holds for gamma = O(1/sqrt(n_k)): where does the W2 gain turn into a loss?
+        for key, what in (("w2_gain", "measured"), ("w2_gain_fit", "fit's closed form")):
+            loss = [r["gamma"] for r in rows if r["d"] == d and r[key] < 0]
+            table += f"d {d}: W2 gain ({what}) " + (f"is a loss from gamma {loss[0]:g} on\n" if loss else
+                                                     "stays a gain over the gammas run\n")
+    save_json(out + ".json", dict(rows=rows, args={k: v for k, v in vars(a).items() if k != "cmd"}))
+    print(table + f"wrote {out}.json and {out}.png")
+    return rows
+
+
 # ----------------------------------------------------------------------------- main
 
 def get_parser():
@@ -963,6 +1128,17 @@ def get_parser():
     for q in (m, r, mem, c, div, cs):
         q.add_argument("--device", default="auto")
         q.add_argument("--out", help=out)
+    g = cmd("gmm", "Chen et al. Sec. 4 on a Gaussian mixture: entropy and W2 gains of corrupted conditions")
+    g.add_argument("--dims", type=Interval(int, "[1, 512]", many=True), default=[4, 16, 64], help="data dimensions d")
+    g.add_argument("--n-k", type=Interval(int, "[2, inf)"), default=100, help="training images per class")
+    g.add_argument("--gammas", type=Interval(float, "[0, inf)", many=True), default=[0.05, 0.1, 0.15, 0.2, 0.3, 0.5],
+                   help="condition noise levels (0 is the clean run every gain is measured against)")
+    g.add_argument("--classes", type=count, default=2)
+    g.add_argument("--trials", type=count, default=4, help="training sets drawn per d (Thm 2 is an expectation)")
+    g.add_argument("--steps", type=Interval(int, "[2, inf)"), default=400, help="DDIM steps (and fitted times)")
+    g.add_argument("--t-max", type=Interval(float, "(0, inf)"), default=8.0, help="OU time the ODE starts from")
+    g.add_argument("--seed", type=Interval(int, "[0, inf)"), default=0)
+    g.add_argument("--out", help="writes OUT.json and OUT.png (default: gmm.json, gmm.png here)")
     rep = cmd("report", "the eta table and plots of run folders (and the reproducibility study's)")
     rep.add_argument("runs", nargs="+", help="run folders holding metrics.json")
     rep.add_argument("--out", help="writes OUT.md and OUT.png (default: report.md and report.png in the run "
@@ -971,7 +1147,7 @@ def get_parser():
 
 
 COMMANDS = dict(metrics=cmd_metrics, repro=cmd_repro, memorization=cmd_memorization, classify=cmd_classify,
-                diversity=cmd_diversity, clipscore=cmd_clipscore, report=cmd_report)
+                diversity=cmd_diversity, clipscore=cmd_clipscore, gmm=cmd_gmm, report=cmd_report)
 
 
 def main(argv=None):

@@ -127,7 +127,7 @@ def test_a_guidance_sweep_writes_a_file_per_scale_scored_and_plotted(tiny_run, s
     assert sorted(r["cfg"] for r in rows) == [1.0, 2.5] and all(r["entropy"] > 0 for r in rows)
     for png in ("report-guidance.png", "report-rmd.png", "report-entropy.png"):
         assert os.path.isfile(tmp_path / png), png
-    assert "| top-1% RMD | NN L2 | mem. ratio | entropy |" in open(tmp_path / "report.md").read()
+    assert "| top-1% RMD | NN L2 | mem. ratio | TopPR F1 | entropy |" in open(tmp_path / "report.md").read()
 
 
 @pytest.fixture(scope="module")
@@ -178,3 +178,75 @@ def test_missing_transformers_is_one_line(monkeypatch, tmp_path):
     np.savez(tmp_path / "s.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8), captions=np.array(["a", "b"]))
     with pytest.raises(ValueError, match="CLIP needs transformers: pip install -r requirements-clip.txt"):
         evaluate.main(["clipscore", "--samples", str(tmp_path / "s.npz"), "--clip", "x"])
+
+
+# ----------------------------------------------------------------------------- Sec. 4: the Gaussian mixture
+
+def test_w2_and_entropy_of_gaussians_by_hand():
+    one = lambda v: np.array([[v]])
+    assert evaluate.w2_gaussian(np.zeros(1), one(1.0), np.ones(1), one(4.0)) == pytest.approx(2.0)  # 1 + (1 - 2)^2
+    c = np.diag([1.0, 9.0])  # independent coordinates: the squared distances add up
+    assert evaluate.w2_gaussian(np.zeros(2), c, np.array([3.0, 0]), np.eye(2)) == pytest.approx(9 + 0 + 4)
+    assert evaluate.gaussian_entropy(one(1.0)) == pytest.approx(0.5 * math.log(2 * math.pi * math.e))
+    assert evaluate.gaussian_entropy(c) - evaluate.gaussian_entropy(np.eye(2)) == pytest.approx(math.log(3))
+
+
+def test_the_simulated_linear_model_generates_the_closed_forms():
+    rng, times = np.random.default_rng(0), np.geomspace(8, 1e-3, 800)
+    mu = 2 * rng.standard_normal(3)
+    x0 = mu + rng.standard_normal((40, 3))
+    m, s = x0.mean(0), np.cov(x0.T, bias=True)
+    made = lambda g: evaluate.generated_gaussian(*evaluate.fit_denoiser(x0, np.exp(-times), g), times)
+    mean, cov = made(0.0)  # App. A Lemma 3: clean training generates the empirical Gaussian
+    np.testing.assert_allclose(mean, m, atol=1e-3)
+    np.testing.assert_allclose(cov, s, atol=1e-2)
+    (fit_mean, fit_cov), (lemma_mean, lemma_cov) = evaluate.gmm_forms(m, s, 0.5)
+    mean_g, cov_g = made(0.5)
+    np.testing.assert_allclose(mean_g, m / 1.25, atol=1e-3)  # mu_hat / (1 + gamma^2), as Lemma 4
+    np.testing.assert_allclose(fit_mean, lemma_mean)
+    np.testing.assert_allclose(cov_g - cov, fit_cov - s, rtol=1e-2, atol=1e-3)  # the extra covariance: 0.2 m m^T
+    extra = np.linalg.eigvalsh(cov_g - cov)  # rank one along m, not Lemma 4's |m|^2 I (equal along m only)
+    assert extra[-1] == pytest.approx(0.2 * m @ m, rel=1e-2) and abs(extra[:-1]).max() < 1e-2
+    u = m / np.linalg.norm(m)
+    assert u @ (lemma_cov - s) @ u == pytest.approx(u @ (fit_cov - s) @ u)
+    assert np.trace(lemma_cov - s) == pytest.approx(3 * np.trace(fit_cov - s))
+
+
+def test_gmm_command_measures_the_gains_it_predicts(tmp_path):
+    rows = evaluate.main(["gmm", "--dims", "2,8", "--gammas", "0.05,0.5", "--trials", "3", "--steps", "300",
+                          "--out", str(tmp_path / "gmm")])
+    assert [(r["d"], r["gamma"]) for r in rows] == [(2, 0.05), (2, 0.5), (8, 0.05), (8, 0.5)]
+    for r in rows:
+        assert r["entropy_gain"] > 0 and r["entropy_gain"] == pytest.approx(r["entropy_gain_fit"], rel=0.05)
+        assert r["w2_gain"] == pytest.approx(r["w2_gain_fit"], rel=0.15, abs=2e-3)
+    assert rows[3]["w2_gain"] < 0  # gamma 0.5 >> 1/sqrt(n_k): the gain has turned into a loss
+    assert json.load(open(tmp_path / "gmm.json"))["rows"][0]["d"] == 2 and (tmp_path / "gmm.png").stat().st_size
+
+
+def test_toppr_kde_and_bandwidth_by_hand():
+    kde = evaluate.cosine_kde(torch.tensor([[0.0], [1.0]]), torch.tensor([[0.0], [3.5]]), 2.0)
+    assert kde[0, 0].item() == pytest.approx(0.5 * math.pi / 8 * (1 + math.cos(math.pi / 4)))  # 1 is within h
+    assert kde[1, 0].item() == 0  # 3.5 is farther than h from both
+    pts = torch.tensor([[0.0], [1.0], [3.0], [6.0], [10.0]])  # nearest later point: 1, 2, 3, 4 -> the median's 2
+    assert evaluate.balloon_bandwidth(pts, 1) == pytest.approx(2.0)
+
+
+def test_toppr_on_sets_with_known_overlap():
+    g = torch.Generator().manual_seed(0)
+    real, same, far = (torch.randn(400, 8, generator=g) + shift for shift in (0, 0, 8))
+    assert min(evaluate.top_pr(real, same)) > 0.85
+    assert evaluate.top_pr(real, far) == (0.0, 0.0, 0.0)
+    precision, recall, f1 = evaluate.top_pr(real, torch.cat([same[:200], far[:200]]))  # half the fakes off-support
+    assert 0.4 < precision < 0.6 and recall > 0.9 and f1 == pytest.approx(2 * precision * recall / (precision + recall))
+    with pytest.raises(ValueError, match="more than 40 samples"):
+        evaluate.top_pr(real[:40], same)
+
+
+def test_toppr_projects_wide_features_as_its_authors_do():
+    g = torch.Generator().manual_seed(1)
+    real, fake = torch.randn(300, 64, generator=g), torch.randn(300, 64, generator=g) + 0.3
+    proj = torch.nn.Linear(64, 32, bias=False)
+    torch.manual_seed(99)  # Kim et al.'s top_pr: torch.manual_seed(99), then xavier_normal_ on the projection
+    torch.nn.init.xavier_normal_(proj.weight)
+    with torch.no_grad():
+        assert evaluate.top_pr(real, fake) == evaluate.top_pr(proj(real), proj(fake))
