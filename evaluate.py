@@ -809,6 +809,42 @@ def cmd_classify(a):
     return r
 
 
+def edge_f1(edges, ref, tolerance=1):
+    """Control fidelity of edge maps (bool [N, H, W]): precision = the share of the samples' edge pixels within
+    `tolerance` pixels (a square window) of an edge of their control, recall = the share of the controls' edge
+    pixels within it of a sample edge, both over all pixels of the set; F1 their harmonic mean (BSDS-style
+    matching with a tolerance, without its one-to-one assignment). -> (precision, recall, F1)."""
+    grow = lambda e: F.max_pool2d(torch.from_numpy(e).float()[:, None], 2 * tolerance + 1, 1, tolerance)[:, 0] > 0
+    p = (edges & grow(ref).numpy()).sum() / max(edges.sum(), 1)
+    r = (ref & grow(edges).numpy()).sum() / max(ref.sum(), 1)
+    return float(p), float(r), float(2 * p * r / (p + r)) if p + r else 0.0
+
+
+def cmd_control(a):
+    """Edge F1 of an adapter's samples against the Canny controls they were made from (sample.py --controls): the
+    samples' Canny edges with the thresholds the controls were made with (control.json)."""
+    from prepare_data import canny
+    images, _, settings = load_samples(a.samples)
+    src = settings.get("controls")
+    if not src:
+        raise ValueError(f"{a.samples} was not sampled from control images: sample an adapter with --controls DATASET")
+    meta, path = json.load(open(os.path.join(src["path"], "meta.json"))), os.path.join(src["path"], "controls.npy")
+    made = meta.get("control", {})
+    if made.get("kind") != "canny":
+        raise ValueError(f"the controls of {src['path']} are not Canny edges ({made.get('kind')}): edge F1 compares "
+                         f"Canny edges")
+    if not os.path.isfile(path) or file_hash(path) != src["sha256"]:
+        raise ValueError(f"{path} is not the file {a.samples} was sampled with (missing or changed): sample again")
+    rows = np.load(a.samples)["control_rows"]
+    ref = np.load(path, mmap_mode="r")[rows][..., 0] > 0
+    p, r, f1 = edge_f1(canny(images, made["low"], made["high"])[..., 0] > 0, ref, a.tolerance)
+    out = dict(edge_precision=p, edge_recall=r, edge_f1=f1, tolerance=a.tolerance, canny=[made["low"], made["high"]],
+               num_samples=len(images), samples=os.path.abspath(a.samples), settings=settings)
+    print(f"edge F1 {f1:.3f} (precision {p:.3f}, recall {r:.3f}; tolerance {a.tolerance} px, Canny {made['low']}/"
+          f"{made['high']}) | wrote {save_result(out, a.out, a.samples, 'control.json')}")
+    return out
+
+
 # ----------------------------------------------------------------------------- report
 
 def collect(run_dirs):
@@ -817,17 +853,24 @@ def collect(run_dirs):
     rows, study = [], []
     for d in run_dirs:
         run, has = os.path.basename(os.path.normpath(d)), lambda f: os.path.isfile(os.path.join(d, f))
-        # one row per samples file scored: metrics-X.json and/or diversity-X.json (X: a sweep's -cfg2, or none)
-        for x in sorted({re.sub(r"^(metrics|diversity)", "", os.path.basename(p)) for k in ("metrics", "diversity")
+        # one row per samples file scored: metrics-X.json, diversity-X.json ... (X: a sweep's -cfg2, or none)
+        kinds = ("metrics", "diversity", "control", "classify")
+        for x in sorted({re.sub(r"^(metrics|diversity|control|classify)", "", os.path.basename(p)) for k in kinds
                          for p in glob.glob(os.path.join(d, f"{k}*.json"))}):
-            m, div = ({**json.load(open(p))} if os.path.isfile(p) else {}
-                      for p in (os.path.join(d, k + x) for k in ("metrics", "diversity")))
-            settings = m.get("settings") or div.get("settings") or {}
-            t = (settings.get("config") or json.load(open(os.path.join(d, "config.json"))))["train"]
+            m, div, ctl, acc = ({**json.load(open(p))} if os.path.isfile(p) else {}
+                                for p in (os.path.join(d, k + x) for k in kinds))
+            if not (m or div or ctl):
+                continue
+            settings = m.get("settings") or div.get("settings") or ctl.get("settings") or {}
+            config = settings.get("config") or json.load(open(os.path.join(d, "config.json")))
+            # an adapter's row: the corruption its frozen base was pre-trained with (Chen et al. Table 2)
+            t = dict(config["train"], **config.get("base", {}))
             rows.append(dict(run=run, cond=t.get("cond", "class"), eta=t["eta"], corruption=t["corruption"],
                              mode=t["corruption_mode"], cep=t["cep"], ip=t.get("ip_gamma") or 0.0,
                              gamma=t["cep_gamma"] if t["cep"] != "none" else None, cfg=settings.get("cfg_scale"),
-                             n=m.get("num_samples", div.get("num_samples")),
+                             n=m.get("num_samples", div.get("num_samples", ctl.get("num_samples"))),
+                             adapter=config["train"].get("adapter"), edge_f1=ctl.get("edge_f1"),
+                             accuracy=acc.get("accuracy"),
                              **{k: m.get(k) for k in ("fid", "sfid", "is_mean", "precision", "recall")},
                              **{k: div.get(k) for k in ("rmd_top1", "nn5_l2", "memorization_ratio", "toppr_f1",
                                                         "entropy", "rmd_density", "rmd_edges")}))
@@ -838,13 +881,14 @@ def collect(run_dirs):
             study.append(dict(run=run, images=n, log2n=float(np.log2(n)), seed=cfg["train"]["seed"], rp=rp,
                               width=cfg["model"].get("ch", PRESETS[cfg["model"]["preset"]].get("unet", {}).get("ch")),
                               gl=m["generalization_score"], features=m["features"]))
-        if not glob.glob(os.path.join(d, "metrics*.json")) + glob.glob(os.path.join(d, "diversity*.json")) \
+        if not any(glob.glob(os.path.join(d, f"{k}*.json")) for k in ("metrics", "diversity", "control")) \
                 and not has("memorization.json"):
             print(f"skipping {d}: no metrics.json or memorization.json", file=sys.stderr)
     if not rows and not study:
         raise ValueError("no run folder with a metrics.json (or memorization.json): run sample.py and evaluate.py "
                          "first")
-    return (sorted(rows, key=lambda r: (r["cond"], r["cep"], r["gamma"] or 0, r["ip"], r["corruption"], r["mode"],
+    return (sorted(rows, key=lambda r: (r["adapter"] or "", r["cond"], r["cep"], r["gamma"] or 0, r["ip"],
+                                        r["corruption"], r["mode"],
                                         r["eta"] if r["eta"] is not None else -1)),
             sorted(study, key=lambda r: (r["width"], r["images"], r["seed"])))
 
@@ -856,7 +900,7 @@ def markdown(columns, rows):
 
 
 num = lambda key, spec: lambda r: "-" if r[key] is None else f"{r[key]:{spec}}"
-ETA_COLUMNS = [("run", lambda r: r["run"]), ("cond", lambda r: r["cond"]),
+ETA_COLUMNS = [("run", lambda r: r["run"]), ("cond", lambda r: r["cond"]), ("adapter", lambda r: r["adapter"] or "-"),
                ("eta (%)", lambda r: "-" if r["eta"] is None else f"{r['eta'] * 100:g}"),
                ("corruption", lambda r: f"{r['corruption']}/{r['mode']}"),
                ("CEP", lambda r: r["cep"] if r["cep"] == "none" else f"{r['cep']} (gamma {r['gamma']:g})"),
@@ -865,7 +909,8 @@ ETA_COLUMNS = [("run", lambda r: r["run"]), ("cond", lambda r: r["cond"]),
                ("sFID", num("sfid", ".2f")), ("IS", num("is_mean", ".2f")), ("precision", num("precision", ".3f")),
                ("recall", num("recall", ".3f")), ("top-1% RMD", num("rmd_top1", ".3f")),
                ("NN L2", num("nn5_l2", ".3f")), ("mem. ratio", num("memorization_ratio", ".3f")),
-               ("TopPR F1", num("toppr_f1", ".3f")), ("entropy", num("entropy", ".3f"))]
+               ("TopPR F1", num("toppr_f1", ".3f")), ("entropy", num("entropy", ".3f")),
+               ("edge F1", num("edge_f1", ".3f")), ("accuracy", num("accuracy", ".3f"))]
 STUDY_COLUMNS = [("run", lambda r: r["run"]), ("training images", lambda r: str(r["images"])),
                  ("width", lambda r: str(r["width"])), ("seed", lambda r: str(r["seed"])),
                  ("reproducibility", num("rp", ".3f")), ("generalization", num("gl", ".3f")),
@@ -954,9 +999,12 @@ def cmd_report(a):
             (f", IP {r['ip']:g}" if r["ip"] else "")
         rows = [dict(r, eta_pct=r["eta"] * 100) for r in rows if r["eta"] is not None]
         sweep = len({r["cfg"] for r in rows}) > 1
+        extra = [(k, title, title) for k, title in (("edge_f1", "edge F1"), ("accuracy", "conditioning accuracy"))
+                 if any(r[k] is not None for r in rows)]  # an adapter's control fidelity (Fig. 6 with Table 2)
         plot(rows, a.out + ".png", "eta_pct", "eta (%)", [("fid", "FID", "FID"), ("is_mean", "IS", "IS"),
-             ("precision", "precision", "precision"), ("recall", "recall", "recall")],
-             lambda r: f"{r['cond']}, {cep(r)}, {r['corruption']}/{r['mode']}" + (f", cfg {r['cfg']}" if sweep else ""))
+             ("precision", "precision", "precision"), ("recall", "recall", "recall")] + extra,
+             lambda r: f"{r['adapter'] + ', ' if r['adapter'] else ''}{r['cond']}, {cep(r)}, {r['corruption']}/"
+                       f"{r['mode']}" + (f", cfg {r['cfg']}" if sweep else ""))
         wrote.append(a.out + ".png")
         wrote += diversity_plots(rows, a.out, lambda r: f"eta {r['eta_pct']:g}%, {cep(r)}")
         if sweep:  # Chen et al. Fig. 3: a curve per eta through its guidance scales
@@ -1122,10 +1170,13 @@ def get_parser():
         q.add_argument("--feat-norm", default="imagenet", choices=["imagenet", "none", "minus1_1"])
         q.add_argument("--threshold", type=Interval(float, "[-1, 1]"), default=0.6,
                        help="cosine similarity threshold (paper: 0.6)")
+    ctl = cmd("control", "edge F1 of an adapter's samples against their Canny controls (control fidelity)")
+    ctl.add_argument("--samples", required=True, help="samples npz of an adapter model, sampled with --controls")
+    ctl.add_argument("--tolerance", type=Interval(int, "[0, 16]"), default=1, help="edge matching distance (pixels)")
     cs = cmd("clipscore", "CLIP score of text samples against their captions (Chen et al. Fig. 3c)")
     cs.add_argument("--samples", required=True, help="samples npz of a text model (captions)")
     cs.add_argument("--clip", required=True, help="CLIPModel folder or hub id (requirements-clip.txt)")
-    for q in (m, r, mem, c, div, cs):
+    for q in (m, r, mem, c, div, cs, ctl):
         q.add_argument("--device", default="auto")
         q.add_argument("--out", help=out)
     g = cmd("gmm", "Chen et al. Sec. 4 on a Gaussian mixture: entropy and W2 gains of corrupted conditions")
@@ -1147,7 +1198,8 @@ def get_parser():
 
 
 COMMANDS = dict(metrics=cmd_metrics, repro=cmd_repro, memorization=cmd_memorization, classify=cmd_classify,
-                diversity=cmd_diversity, clipscore=cmd_clipscore, gmm=cmd_gmm, report=cmd_report)
+                diversity=cmd_diversity, clipscore=cmd_clipscore, gmm=cmd_gmm, control=cmd_control,
+                report=cmd_report)
 
 
 def main(argv=None):

@@ -16,6 +16,7 @@ The condition enters a backbone in two ways, so text tokens or control metadata 
   c_vec    [B, emb_dim]      added to the time embedding (a UNet's scale-shift norms, a DiT's adaLN);
   c_tokens [B, L, ctx_dim]   attended to by cross-attention (if ctx_dim is set).
 """
+import copy
 import hashlib
 import inspect
 import json
@@ -178,15 +179,18 @@ class UNet(nn.Module):
         blk = dict(emb_dim=self.emb_dim, dropout=dropout, scale_shift=scale_shift, head_ch=head_ch, ctx_dim=ctx_dim,
                    ff=ff)
         self.down, skips, cur, res = nn.ModuleList(), [ch], ch, resolution
+        self.level_ends, self.level_ch = [], [ch * m for m in ch_mult]  # where T2I-Adapter features join
         for i, m in enumerate(ch_mult):
             for _ in range(num_res_blocks):
                 self.down.append(ResAttnBlock(cur, ch * m, attn=res in attn_res, **blk))
                 cur = ch * m
                 skips.append(cur)
+            self.level_ends.append(len(self.down) - 1)
             if i < len(ch_mult) - 1:
                 self.down.append(Downsample(cur))
                 skips.append(cur)
                 res //= 2
+        self.skip_ch = skips + [cur]  # every skip connection, then the middle block: ControlNet's zero convolutions
         self.mid = nn.ModuleList([ResAttnBlock(cur, cur, attn=True, **blk), ResAttnBlock(cur, cur, attn=False, **blk)])
         self.up = nn.ModuleList()
         for i, m in reversed(list(enumerate(ch_mult))):
@@ -199,16 +203,28 @@ class UNet(nn.Module):
         self.norm_out = norm(cur)
         self.conv_out = zero_init(nn.Conv2d(cur, out_ch or in_ch, 3, padding=1))
 
-    def forward(self, x, t, c_vec=None, c_tokens=None):
+    def encode(self, x, t, c_vec=None, c_tokens=None, hint=None, level_add=None):
+        """The encoder and the middle block -> (their skip features and output, the time embedding). hint: added
+        after the first convolution (ControlNet's copy); level_add: one feature map per level, added to the
+        encoder's at the level's end (T2I-Adapter)."""
         emb = self.time_mlp(timestep_embedding(t, self.ch))
         emb = emb if c_vec is None else emb + c_vec
-        h = self.conv_in(x)
+        h = self.conv_in(x) if hint is None else self.conv_in(x) + hint
         hs = [h]
-        for m in self.down:
+        for i, m in enumerate(self.down):
             h = m(h) if isinstance(m, Downsample) else m(h, emb, c_tokens)
+            if level_add is not None and i in self.level_ends:
+                h = h + level_add[self.level_ends.index(i)]
             hs.append(h)
         for m in self.mid:
             h = m(h, emb, c_tokens)
+        return hs + [h], emb
+
+    def forward(self, x, t, c_vec=None, c_tokens=None, control=None, level_add=None):
+        """control: ControlNet's features, one per skip connection and one for the middle block, added to them."""
+        hs, emb = self.encode(x, t, c_vec, c_tokens, level_add=level_add)
+        hs = hs if control is None else [a + b for a, b in zip(hs, control)]
+        h = hs.pop()
         for m in self.up:
             h = m(h) if isinstance(m, Upsample) else m(torch.cat([h, hs.pop()], 1), emb, c_tokens)
         return self.conv_out(F.silu(self.norm_out(h)))
@@ -275,12 +291,19 @@ class DiT(nn.Module):
         self.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.ada_out, self.out = zero_init(nn.Linear(dim, 2 * dim)), zero_init(nn.Linear(dim, patch * patch * in_ch))
 
-    def forward(self, x, t, c_vec=None, c_tokens=None):
+    def embed(self, x, t, c_vec=None):
+        """-> (the patch tokens with their positions, the conditioning vector)."""
         c = self.time_mlp(timestep_embedding(t, 256, shift=self.freq_shift))
-        c = c if c_vec is None else c + c_vec
-        h = rearrange(self.x_embed(x), "b d y x -> b (y x) d") + self.pos.to(x.dtype)
+        return rearrange(self.x_embed(x), "b d y x -> b (y x) d") + self.pos.to(x.dtype), c if c_vec is None else \
+            c + c_vec
+
+    def forward(self, x, t, c_vec=None, c_tokens=None):
+        h, c = self.embed(x, t, c_vec)
         for block in self.blocks:
             h = block(h, c, c_tokens)
+        return self.final(h, c)
+
+    def final(self, h, c):
         shift, scale = self.ada_out(F.silu(c))[:, None].chunk(2, 2)
         h = self.out(self.norm_out(h) * (1 + scale) + shift)
         return rearrange(h, "b (y x) (p q c) -> b c (y p) (x q)", y=self.grid, p=self.patch, q=self.patch)
@@ -410,6 +433,95 @@ def cep_delta(kind, gamma, shape, generator=None, device=None):
     raise ValueError(f"unknown CEP kind {kind!r}: use none, uniform or gaussian")
 
 
+# ----------------------------------------------------------------------------- adapters (Chen et al. Sec. 3.2)
+
+def hint_encoder(hint_ch, out_ch, down, patch=1):
+    """The control image ([0, 1], at the image's resolution) -> features at the network's input resolution (down: image
+    pixels per latent pixel), then patchified for a DiT: ControlNet's small convolution stack, its last layer
+    zero-initialised."""
+    layers, c = [nn.Conv2d(hint_ch, 16, 3, padding=1), nn.SiLU()], 16
+    for _ in range(int(math.log2(down))):
+        layers += [nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), nn.SiLU()]
+        c *= 2
+    last = nn.Conv2d(c, out_ch, 3, padding=1) if patch == 1 else nn.Conv2d(c, out_ch, patch, stride=patch)
+    return nn.Sequential(*layers, zero_init(last))
+
+
+class ControlNet(nn.Module):
+    """Zhang et al. 2023 for the UNet: a trainable copy of its encoder and middle block (initialised from the base by
+    reset), reading the control image through the hint encoder after its first convolution; zero-initialised 1x1
+    convolutions add the copy's features into the frozen UNet's skip connections and middle block."""
+
+    def __init__(self, unet, hint_ch, down):
+        super().__init__()
+        self.copy = copy.deepcopy(unet)
+        del self.copy.up, self.copy.norm_out, self.copy.conv_out
+        self.hint = hint_encoder(hint_ch, unet.ch, down)
+        self.zero = nn.ModuleList(zero_init(nn.Conv2d(c, c, 1)) for c in unet.skip_ch)
+
+    def reset(self, unet):
+        self.copy.load_state_dict({k: v for k, v in unet.state_dict().items() if k in self.copy.state_dict()})
+
+    def forward(self, unet, x, t, c_vec, c_tokens, hint):
+        feats, _ = UNet.encode(self.copy, x, t, c_vec, c_tokens, hint=self.hint(hint))
+        return unet(x, t, c_vec, c_tokens, control=[z(f) for z, f in zip(self.zero, feats)])
+
+
+class T2IAdapter(nn.Module):
+    """Mou et al. 2023 for the UNet: the control image pixel-unshuffled to the network's resolution, one small
+    convolution stage per encoder level (stride 2 between levels), each stage's output added to the encoder's
+    features at the end of its level. The outputs are zero-initialised (ours, not the authors'): a fresh adapter
+    changes nothing, as a fresh ControlNet."""
+
+    def __init__(self, unet, hint_ch, down):
+        super().__init__()
+        chans = unet.level_ch
+        self.stem = nn.Sequential(nn.PixelUnshuffle(down), nn.Conv2d(hint_ch * down * down, chans[0], 3, padding=1))
+        self.stages = nn.ModuleList(nn.Sequential(nn.Conv2d(a, b, 3, stride=1 if i == 0 else 2, padding=1), nn.SiLU(),
+                                                  nn.Conv2d(b, b, 3, padding=1))
+                                    for i, (a, b) in enumerate(zip(chans[:1] + chans, chans)))
+        self.out = nn.ModuleList(zero_init(nn.Conv2d(c, c, 1)) for c in chans)
+
+    def reset(self, unet):
+        pass
+
+    def forward(self, unet, x, t, c_vec, c_tokens, hint):
+        f, feats = self.stem(hint), []
+        for stage, out in zip(self.stages, self.out):
+            f = stage(f)
+            feats.append(out(f))
+        return unet(x, t, c_vec, c_tokens, level_add=feats)
+
+
+class DiTControlNet(nn.Module):
+    """ControlNet for the DiT as PixArt-delta's ControlNet-Transformer: trainable copies of the first half of the
+    blocks (initialised from the base by reset), whose stream starts from the patch tokens plus the hint encoder's
+    (patchified, zero-initialised); each copy's output joins the frozen stream after the block of the same index
+    through a zero-initialised linear layer."""
+
+    def __init__(self, dit, hint_ch, down):
+        super().__init__()
+        self.blocks = copy.deepcopy(dit.blocks[:max(1, len(dit.blocks) // 2)])
+        self.hint = hint_encoder(hint_ch, dit.emb_dim, down, dit.patch)
+        self.zero = nn.ModuleList(zero_init(nn.Linear(dit.emb_dim, dit.emb_dim)) for _ in self.blocks)
+
+    def reset(self, dit):
+        self.blocks.load_state_dict(dit.blocks[:len(self.blocks)].state_dict())
+
+    def forward(self, dit, x, t, c_vec, c_tokens, hint):
+        h, c = dit.embed(x, t, c_vec)
+        a = h + rearrange(self.hint(hint), "b d y x -> b (y x) d")
+        for i, block in enumerate(dit.blocks):
+            h = block(h, c, c_tokens)
+            if i < len(self.blocks):
+                a = self.blocks[i](a, c, c_tokens)
+                h = h + self.zero[i](a)
+        return dit.final(h, c)
+
+
+ADAPTERS = {("controlnet", "unet"): ControlNet, ("t2i", "unet"): T2IAdapter, ("controlnet", "dit"): DiTControlNet}
+
+
 class Denoiser(nn.Module):
     """x_t, t, condition c -> network output. c is one of: class labels [B] (index num_classes = null), byte tokens
     [B, L] of captions (the empty caption = null), precomputed caption embeddings [B, L, ext_dim] (zeros = null).
@@ -417,10 +529,11 @@ class Denoiser(nn.Module):
 
     def __init__(self, num_classes, resolution=32, channels=3, preset="tiny", cond="class", text_dim=None,
                  text_layers=None, max_len=64, ext_dim=None, replicate_pad=True, pad_noise=0.1, control=None,
-                 class_ctx=None, **arch):
+                 class_ctx=None, adapter=None, hint_ch=1, hint_res=None, **arch):
         """preset: a name in PRESETS; arch: its backbone's values changed (a UNet's ch, dropout, attn_res; a DiT's
         depth, dim, heads, patch, freq_shift, mlp_eps); class_ctx: the class through cross-attention on an
-        embedding this wide (0: through c_vec; default: the preset's)."""
+        embedding this wide (0: through c_vec; default: the preset's); adapter: controlnet or t2i on a control image
+        of hint_ch channels at hint_res (default: the resolution; latents: the images')."""
         super().__init__()
         spec = PRESETS[preset]
         kind, net = ("dit", DiT) if "dit" in spec else ("unet", UNet)
@@ -441,12 +554,19 @@ class Denoiser(nn.Module):
             self.text = TextEncoder(text_dim, text_layers, max_len, emb_dim, ext_dim, replicate_pad)
         if control:
             self.control = ControlEmbedder(emb_dim)
+        self.adapter = None
+        if adapter:
+            down = (hint_res or resolution) // resolution
+            if (adapter, kind) not in ADAPTERS or down * resolution != (hint_res or resolution) or down & (down - 1):
+                raise ValueError(f"no {adapter} for a {kind.upper()} on {hint_res}-pixel controls at resolution "
+                                 f"{resolution}: controlnet (UNet, DiT) or t2i (UNet), controls 2^k x the resolution")
+            self.adapter = ADAPTERS[adapter, kind](self.backbone, hint_ch, down)
 
     @property
     def backbone(self):
         return self.dit if hasattr(self, "dit") else self.unet
 
-    def forward(self, x, t, c, cond_delta=None, ctrl=None):
+    def forward(self, x, t, c, cond_delta=None, ctrl=None, hint=None):
         c_vec, c_tokens = (self.label_embed(c, cond_delta), None) if self.cond == "class" else self.text(c, cond_delta)
         if self.class_ctx:  # the class as one token that cross-attention reads (LDM), not in the time embedding
             c_vec, c_tokens = None, c_vec[:, None]
@@ -455,6 +575,8 @@ class Denoiser(nn.Module):
             # "phased": Berrada et al.'s phase-in, control acts mostly at low noise; "sum": the baseline
             e = e * control_weight(t)[:, None] if self.control_mode == "phased" else e
             c_vec = e if c_vec is None else c_vec + e
+        if self.adapter is not None:  # the control image [B, C, H, W] in [0, 1]
+            return self.adapter(self.backbone, x, t, c_vec, c_tokens, hint.to(x.dtype))
         return self.backbone(x, t, c_vec=c_vec, c_tokens=c_tokens)
 
     def null_cond(self, c):
@@ -530,10 +652,10 @@ class Diffusion:
         ac = self._at(self.alphas_cumprod, t, x0)
         return ac.sqrt() * noise - (1 - ac).sqrt() * x0  # v of Salimans & Ho 2022
 
-    def loss(self, model, x0, c, t, noise, cond_delta=None, ctrl=None, ip=None):
+    def loss(self, model, x0, c, t, noise, cond_delta=None, ctrl=None, ip=None, hint=None):
         """Per-sample mean squared error [B] (eps or v target). ip: input perturbation (Ning et al. 2023), extra
-        noise in the network's input x_t only; the target stays that of `noise`."""
-        out = model(self.q_sample(x0, t, noise if ip is None else noise + ip), t, c, cond_delta, ctrl)
+        noise in the network's input x_t only; the target stays that of `noise`. hint: an adapter's control image."""
+        out = model(self.q_sample(x0, t, noise if ip is None else noise + ip), t, c, cond_delta, ctrl, hint)
         return (out.float() - self.target(x0, t, noise)).pow(2).flatten(1).mean(1)
 
     # ------------------------------------------------------------------------- sampling
@@ -641,28 +763,30 @@ def sample_heun(D, x, sigmas):
 SAMPLERS = {"ddim": sample_ddim, "dpm++": sample_dpmpp_2m, "heun": sample_heun}  # and ddpm: resolve_sampler
 
 
-def guided(model, c, cfg_scale, ctrl=None):
+def guided(model, c, cfg_scale, ctrl=None, hint=None):
     """Classifier-free guidance: out_u + s (out_c - out_u), conditional and null in one batched forward pass; the
-    control metadata is the same in both."""
+    control metadata and an adapter's control image are the same in both (ControlNet's default)."""
     if cfg_scale == 1.0:
-        return lambda x, t: model(x, t, c, None, ctrl)
+        return lambda x, t: model(x, t, c, None, ctrl, hint)
     c_both = torch.cat([c, model.null_cond(c)])
-    ctrl_both = None if ctrl is None else torch.cat([ctrl, ctrl])
+    ctrl_both, hint_both = (None if v is None else torch.cat([v, v]) for v in (ctrl, hint))
 
     def fn(x, t):
-        out_c, out_u = model(torch.cat([x, x]), torch.cat([t, t]), c_both, None, ctrl_both).float().chunk(2)
+        out_c, out_u = model(torch.cat([x, x]), torch.cat([t, t]), c_both, None, ctrl_both, hint_both).float().chunk(2)
         return out_u + cfg_scale * (out_c - out_u)
     return fn
 
 
 def generate(net, diffusion, idx, cond, *, seed, shape, device, bf16=False, sampler="ddim", steps=50, eta=0.0,
-             spacing="time", cfg_scale=1.0, ctrl=None, decode=None):
+             spacing="time", cfg_scale=1.0, ctrl=None, decode=None, hint=None):
     """Samples for global indices idx with conditions cond and control metadata ctrl [1, 7] or None -> uint8
-    [b, H, W, C]; sample i's noise depends only on (seed, i). decode: latents -> images (latent_decoder)."""
+    [b, H, W, C]; sample i's noise depends only on (seed, i). decode: latents -> images (latent_decoder). hint: an
+    adapter's control images, uint8 [b, H, W, C]."""
     x = to_device(sample_noise(seed, idx, shape), device)
     noise_fn = lambda k: to_device(sample_noise(seed, idx, shape, step=k), device)
     ctrl = None if ctrl is None else ctrl.to(device).expand(len(idx), -1)
-    model_fn = guided(net, to_device(cond, device), cfg_scale, ctrl)
+    hint = None if hint is None else to_device(torch.as_tensor(np.asarray(hint)), device).permute(0, 3, 1, 2) / 255
+    model_fn = guided(net, to_device(cond, device), cfg_scale, ctrl, hint)
     with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
         x = diffusion.sample(model_fn, x, sampler, steps, eta, spacing, noise_fn)
         return to_uint8(x if decode is None else decode(x))
@@ -739,6 +863,23 @@ def build(config):
     return Denoiser(**config["model"]), Diffusion(**config["diffusion"])
 
 
+def with_base(ckpt):
+    """An adapter run's checkpoint holds the adapter's weights and names its frozen base run: add the base's (EMA)
+    weights, refused unless they are the ones the adapter was trained on."""
+    base = ckpt["config"].get("base")
+    if not base:
+        return ckpt
+    try:
+        state = load_checkpoint(base["path"])["ema"]
+    except (OSError, ValueError) as e:
+        raise ValueError(f"this adapter's base run {base['path']} cannot be read ({str(e)[:100]}): put it back "
+                         f"there") from None
+    if weights_hash(state) != base["sha256"]:
+        raise ValueError(f"the base run {base['path']} is not the one this adapter was trained on (weights sha256 "
+                         f"{weights_hash(state)[:12]} vs {base['sha256'][:12]}): put that run back there")
+    return dict(ckpt, model={**state, **ckpt["model"]}, ema={**state, **ckpt["ema"]})
+
+
 def load_model(spec, with_vae=True):
     """--ckpt, --init-from: a slightdiff run folder or checkpoint, or a released DiT converted on load into one
     (step 0, no optimizer state): DiT's own checkpoint (DiT-XL-2-256x256.pt) or a diffusers DiTTransformer2DModel
@@ -755,7 +896,7 @@ def load_model(spec, with_vae=True):
         (state, arch), diffusion, names, vae = dit_from_pt(theirs, spec), dict(schedule="linear"), None, None
         source = dict(kind="dit-pt", id=os.path.abspath(spec), sha256=file_hash(spec))
     else:
-        return load_checkpoint(spec)
+        return with_base(load_checkpoint(spec))
     res, ch = arch.pop("resolution"), arch.pop("channels")
     latent = dict(vae=None, cls="AutoencoderKL", sha256=None, scale=0.18215, kind="kl", image_channels=3,
                   image_resolution=8 * res)  # DiT's: the SD autoencoder, 8x downsampling

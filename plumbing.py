@@ -337,6 +337,21 @@ def read_dataset(path, need_labels=True):
     return argparse.Namespace(meta=meta, images=images, labels=labels.astype(np.int64), latent=latent)
 
 
+def read_controls(folder, count, res, channels=None):
+    """A dataset folder's controls.npy (prepare_data.py --control), memory-mapped: uint8 [N, res, res, C], checked."""
+    path = os.path.join(folder, "controls.npy")
+    if not os.path.isfile(path):
+        raise ValueError(f"{folder} has no controls.npy, the control images of an adapter: make them with python "
+                         f"prepare_data.py --control canny --src {folder}")
+    c = np.load(path, mmap_mode="r")
+    if c.dtype != np.uint8 or c.ndim != 4 or c.shape[1:3] != (res, res) or count not in (None, len(c)) or \
+            channels not in (None, c.shape[3]):
+        raise ValueError(f"{path} is {c.dtype} {list(c.shape)}: want uint8 [{count or 'N'}, {res}, {res}, "
+                         f"{channels or 'C'}], one control per image at the image size (as the model was trained "
+                         f"on); make it again with prepare_data.py --control")
+    return c
+
+
 # ----------------------------------------------------------------------------- resumable shards
 
 def run_shards(prefix, key, n, shard_size, make, ddp, rank, world, desc, script, announce=print):

@@ -7,6 +7,8 @@ and where there are captions captions.jsonl (line i: the caption, or a list of c
     python prepare_data.py --dataset imagefolder --src DIR --captions captions.tsv --name cc3m   # image-text pairs
     python prepare_data.py --dataset latents --src data/in256/train --vae stabilityai/sd-vae-ft-ema   # latents
     torchrun --nproc_per_node=8 prepare_data.py --dataset latents ...         # encoding sharded over GPUs
+    python prepare_data.py --control canny --src data/shapes/train    # + controls.npy: Canny edges (OpenCV)
+    python prepare_data.py --control masks.npy --src data/in100/train # + controls.npy: maps made elsewhere (SAM)
 
 A latent dataset folder holds latents.npy (float16 [N, 2, K, C, h, w]: the autoencoder's output for each image and
 for its mirror; K = 2, the posterior's mean and std, for an AutoencoderKL, K = 1 for a VQModel) in place of
@@ -30,7 +32,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from plumbing import Interval, check_flags, cli, download, file_hash, read_dataset
+from plumbing import Interval, check_flags, cli, download, file_hash, read_dataset, save_atomic, save_json
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -388,10 +390,50 @@ def assemble_latents(src, out_dir, meta, shards, info, scale):
 
 # ----------------------------------------------------------------------------- main
 
+# ----------------------------------------------------------------------------- controls (Chen et al. Sec. 3.2)
+
+def canny(images, low, high):
+    """OpenCV's Canny edges of uint8 RGB images (ControlNet's annotator) -> uint8 [N, H, W, 1], 0 or 255."""
+    try:
+        import cv2
+    except ImportError:
+        raise ValueError("--control canny needs OpenCV: pip install -r requirements-canny.txt") from None
+    return np.stack([cv2.Canny(np.ascontiguousarray(im), low, high) for im in images])[..., None]
+
+
+def add_controls(folder, control, thresholds):
+    """controls.npy beside a dataset folder's images, what an adapter is conditioned on: their Canny edges, or an
+    array made elsewhere (SAM masks, depth) uint8 [N, H, W(, C)] in images.npy order; meta.json records which."""
+    d = read_dataset(folder, need_labels=False)
+    res = d.meta["latent"]["image_resolution"] if d.latent else d.meta["resolution"]
+    if control == "canny":
+        if d.latent:
+            raise ValueError(f"{folder} holds latents: compute the edges on the images they came from (--control "
+                             f"canny --src IMAGES) and give that file: --control IMAGES/controls.npy")
+        arr, record = canny(d.images, *thresholds), dict(kind="canny", low=thresholds[0], high=thresholds[1])
+    else:
+        try:
+            arr = np.load(control, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read --control {control} as .npy ({type(e).__name__})") from None
+        arr = arr[..., None] if arr.ndim == 3 else arr
+        if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[:3] != (len(d.images), res, res):
+            raise ValueError(f"--control {control} is {arr.dtype} {list(arr.shape)}: want uint8 [{len(d.images)}, "
+                             f"{res}, {res}(, C)], one map per image of {folder} in its order, at the image size")
+        record = dict(kind="file", file=os.path.abspath(control), sha256=file_hash(control))
+    save_atomic(os.path.join(folder, "controls.npy"), lambda f: np.save(f, np.ascontiguousarray(arr)))
+    save_json(os.path.join(folder, "meta.json"), dict(d.meta, control=dict(record, channels=int(arr.shape[3]))))
+    print(f"wrote {folder}/controls.npy: {arr.dtype} {list(arr.shape)} ({record['kind']}); meta.json records it")
+
+
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a, count = p.add_argument, Interval(int, "[1, inf)")
-    a("--dataset", required=True, choices=["shapes", "cifar10", "imagefolder", "latents"])
+    a("--dataset", choices=["shapes", "cifar10", "imagefolder", "latents"])
+    a("--control", help="add controls.npy to the dataset folder --src: canny (OpenCV's edges of its images) or a .npy "
+                        "of maps made elsewhere, uint8 [N, H, W(, C)]")
+    a("--canny", type=Interval(int, "[0, 10000]", many=True), default=[100, 200],
+      help="--control canny: low,high thresholds (ControlNet's 100,200)")
     a("--out", default="data", help="root of the dataset folders")
     a("--archive", help="cifar10: a cifar-10-python.tar.gz already on disk")
     a("--src", help="imagefolder: folder with one sub-folder of images per class; latents: a dataset folder of images")
@@ -411,6 +453,12 @@ def get_parser():
 def main(argv=None):
     p = get_parser()
     a = check_flags(p, p.parse_args(argv))
+    if a.control:
+        if not a.src or len(a.canny) != 2 or a.canny[0] > a.canny[1]:
+            raise ValueError("--control needs --src DATASET_FOLDER (and --canny LOW,HIGH with LOW <= HIGH)")
+        return add_controls(os.path.normpath(a.src), a.control, a.canny)
+    if not a.dataset:
+        raise ValueError("give --dataset (shapes, cifar10, imagefolder, latents) or --control")
     if a.dataset == "shapes":
         prepare_shapes(a.out, a.count, max(10, a.count // 5))
     elif a.dataset == "cifar10":

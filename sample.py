@@ -5,6 +5,7 @@
     torchrun --nproc_per_node=8 sample.py --ckpt runs/NAME --num-samples 50000
     python sample.py --ckpt runs/TEXT --prompt "a red disk" --num 100     # or --prompts FILE (one per line)
     python sample.py --ckpt runs/NAME --cfg-scale 1.5,2,3,5   # a guidance sweep: samples-cfg1.5.npz ... one per scale
+    python sample.py --ckpt runs/ADAPTER --controls data/shapes/test   # ControlNet/T2I: that split's controls
 
 Input: a run folder or checkpoint, or a released DiT (DiT's .pt, a diffusers folder or hub id; with --out).
 Output: samples.npz (arr_0 uint8 [N, H, W, C]; arr_1 labels, or captions for text models; the settings as JSON)
@@ -26,8 +27,8 @@ import numpy as np
 import torch
 
 from model import T, build, generate, latent_decoder, load_model, neutral_control, resolve_sampler, tokenize
-from plumbing import (Interval, check_flags, ckpt_path, cli, distributed, load_weights, remove_shards,
-                      run_shards, save_grid, save_npz, setup_device, weights_hash)
+from plumbing import (Interval, check_flags, ckpt_path, cli, distributed, file_hash, load_weights, read_controls,
+                      read_dataset, remove_shards, run_shards, save_grid, save_npz, setup_device, weights_hash)
 
 COUNT = Interval(int, "[1, inf)")
 
@@ -57,6 +58,7 @@ def get_parser():
     a("--ctrl-crop", default="0,0,1,1", help="control models: crop box top,left,height,width (fractions)")
     a("--ctrl-size", help="control models: original size H,W (default: the training set's median)")
     a("--ctrl-flip", action="store_true", help="control models: condition on a flipped image")
+    a("--controls", help="adapter models: a dataset folder; sample i takes row i %% N of its controls.npy and labels")
     a("--vae", help="latent models: where the autoencoder recorded in the checkpoint lives now (its hash is checked)")
     a("--weights", default="ema", choices=["ema", "model"], help="EMA (default) or raw weights")
     a("--batch", type=COUNT, help="per-process batch (default: 500 on a GPU, 32 on the CPU)")
@@ -143,6 +145,20 @@ def control(args, m, data):
     return ctrl
 
 
+def control_images(args, m, num):
+    """An adapter model's control images: --controls DATASET's controls.npy (memory-mapped) and its labels; sample i
+    takes row i % N of both (index-matched, as labels are). -> (controls, rows, labels) or Nones."""
+    if not m.get("adapter") or not args.controls:
+        if m.get("adapter") or args.controls:
+            raise ValueError(f"--controls DATASET (a folder with controls.npy) goes with a model with an adapter "
+                             f"(train.py --adapter); this one has {m.get('adapter') or 'none'}")
+        return None, None, None
+    d = read_dataset(args.controls)
+    c = read_controls(args.controls, len(d.labels), m.get("hint_res") or m["resolution"], m["hint_ch"])
+    rows = np.arange(num) % len(c)
+    return c, rows, d.labels[rows]
+
+
 def main(argv=None):
     p = get_parser()
     args = check_flags(p, p.parse_args(argv))
@@ -157,7 +173,7 @@ def run(args, ddp, rank, world, local_rank):
     if "source" in ckpt["config"] and not args.out and not ckpt["step"]:
         raise ValueError(f"{args.ckpt} is a released model, not a run folder: give --out FILE.npz")
     out = args.out or os.path.join(os.path.dirname(ckpt_path(args.ckpt)), "samples.npz")
-    scales = args.cfg_scale if isinstance(args.cfg_scale, list) else [args.cfg_scale]
+    scales = args.cfg_scale
     # a guidance sweep (Chen et al. Fig. 3): one samples file per scale, samples-cfg2.npz ...
     outs = [out] if len(scales) == 1 else [f"{os.path.splitext(out)[0]}-cfg{s:g}.npz" for s in scales]
     for o in outs:
@@ -176,21 +192,31 @@ def run(args, ddp, rank, world, local_rank):
     fwd = torch.compile(net) if use_compile else net
     shape = (m["channels"], m["resolution"], m["resolution"])
     cond, stored, _ = conditions(args, m, args.num, cfg.get("data", {}).get("class_names", []))
+    hints, rows, labels = control_images(args, m, args.num)
+    if hints is not None:  # the controls' own classes unless --labels says otherwise
+        if labels is not None and "arr_1" in stored and not args.labels:
+            cond, stored = torch.from_numpy(labels), dict(arr_1=labels)
+        stored["control_rows"] = rows
     ctrl = control(args, m, cfg.get("data", {}))
     latent = cfg.get("data", {}).get("latent")  # decoded in each batch by the autoencoder the latents came from
     decode = latent_decoder(latent, args.vae, device) if latent else None
     walk = resolve_sampler(args.sampler, args.steps, args.ddim_eta, args.spacing, diffusion.T)
+    weights_sha = weights_hash(ckpt[args.weights])  # with an adapter's: its base's weights too
     for scale, out in zip(scales, outs):
         # resumed shards are keyed by everything that decides their content: the weights' hash, then the settings
         settings = dict(ckpt=os.path.abspath(args.ckpt), step=ckpt["step"], weights=args.weights,
-                        weights_sha256=weights_hash(ckpt[args.weights]), num=args.num, sampler=args.sampler,
+                        weights_sha256=weights_sha, num=args.num, sampler=args.sampler,
                         steps=walk["steps"], ddim_eta=args.ddim_eta, spacing=args.spacing, cfg_scale=scale,
                         seed=args.seed, labels=args.labels,
                         conditions=hashlib.sha256(next(iter(stored.values())).tobytes()).hexdigest()[:16],
-                        control=None if ctrl is None else ctrl[0].tolist(), bf16=use_bf16, config=cfg)
+                        control=None if ctrl is None else ctrl[0].tolist(), bf16=use_bf16, config=cfg,
+                        controls=None if hints is None else dict(path=os.path.abspath(args.controls),
+                                                                 sha256=file_hash(hints.filename)))
         sample_shards(out, settings, stored, args, dict(fwd=fwd, diffusion=diffusion, cond=cond, shape=shape,
                                                         ctrl=ctrl, decode=decode, walk=walk, batch=batch,
-                                                        compiled=use_compile, device=device), ddp, rank, world)
+                                                        compiled=use_compile, device=device,
+                                                        hint=None if hints is None else lambda i: hints[rows[i]]),
+                      ddp, rank, world)
 
 
 def sample_shards(out, settings, stored, args, m, ddp, rank, world):
@@ -206,7 +232,8 @@ def sample_shards(out, settings, stored, args, m, ddp, rank, world):
             padded = np.pad(idx, (0, batch - len(idx)), mode="edge") if m["compiled"] else idx
             parts.append(generate(m["fwd"], m["diffusion"], padded, m["cond"][padded], seed=args.seed, shape=m["shape"],
                                   device=m["device"], bf16=settings["bf16"], **m["walk"], cfg_scale=scale,
-                                  ctrl=m["ctrl"], decode=m["decode"])[:len(idx)])
+                                  ctrl=m["ctrl"], decode=m["decode"],
+                                  hint=None if m["hint"] is None else m["hint"](padded))[:len(idx)])
             bar.update(len(idx))
         return np.concatenate(parts)
     announce = lambda missing, total: print(

@@ -33,10 +33,10 @@ from tqdm import tqdm
 
 import corrupt
 from model import (PRESETS, T, Denoiser, Diffusion, cep_delta, generate, latent_decoder, load_model, neutral_control,
-                   tokenize)
+                   tokenize, weights_hash, with_base)
 from plumbing import (CKPT_FORMAT, Interval, barrier, bench_steps, check_flags, ckpt_path, cli, distributed,
-                      flag_adder, load_checkpoint, load_weights, mfu, peak_flops, peers, read_dataset, resumable_flags,
-                      save_atomic, save_grid, save_json, save_npz, seed_of, setup_device, to_device)
+                      flag_adder, load_checkpoint, load_weights, mfu, peak_flops, peers, read_controls, read_dataset,
+                      resumable_flags, save_atomic, save_grid, save_json, save_npz, seed_of, setup_device, to_device)
 
 # How this process runs: device, ranks, and the speed switches resolved from --compile, --bf16, --cuda-graphs.
 Runtime = namedtuple("Runtime", "device rank world ddp compile bf16 graphs")
@@ -86,6 +86,8 @@ def get_parser():
     a("--crop-scale", type=Interval(float, "(0, 1]"), default=1.0,
       help="random crops of side in [crop-scale, 1] of the image (1: off)")
     a("--init-from", help="run folder to start from (its EMA weights) at this dataset's resolution")
+    a("--adapter", choices=["controlnet", "t2i"], help="train only a ControlNet (UNet, DiT) or a T2I-Adapter (UNet) "
+      "on the dataset's controls.npy, on top of the frozen --init-from run (Chen et al. Sec. 3.2)")
     a("--schedule-shift", type=Interval(float, "(0, inf)"),
       help="divide the SNR by shift^2 (default 1; --init-from: new/old resolution)")
     a("--subset", type=COUNT, help="train on a seeded subset of this many images (Zhang et al. 2024)")
@@ -145,7 +147,7 @@ def resolve_config(args, world):
     (corruption kind, run folder, per-rank batch) are filled in, and everything is checked before any work starts."""
     flags, ckpt, resumable = {k: v for k, v in vars(args).items() if k != "given"}, None, resumable_flags(get_parser())
     if args.resume:
-        ckpt = load_checkpoint(args.resume)
+        ckpt = with_base(load_checkpoint(args.resume))
         stored = ckpt["config"]["train"]
         for k in args.given:
             if k not in resumable | {"resume", "out"} and flags[k] != stored.get(k):
@@ -156,6 +158,8 @@ def resolve_config(args, world):
                      **{k: flags[k] for k in args.given if k in resumable})
         flags["out"] = args.out if "out" in args.given else os.path.dirname(ckpt_path(args.resume))
     flags["corruption"] = flags["corruption"] or ("swap" if flags["cond"] == "text" else "symmetric")
+    if flags["adapter"] and flags["init_from"] and not args.resume:  # the base's network, whatever --preset says
+        flags["preset"] = load_model(flags["init_from"], with_vae=False)["config"]["model"]["preset"]
     flags["schedule"] = flags["schedule"] or PRESETS[flags["preset"]].get("schedule", "linear")
     if flags["out"] is None:
         dataset = os.path.basename(os.path.dirname(os.path.abspath(flags["data"])))
@@ -163,6 +167,9 @@ def resolve_config(args, world):
             (f"-ip{flags['ip_gamma']:g}" if flags["ip_gamma"] else "")
         text = "-text" if flags["cond"] == "text" else ""
         flags["out"] = os.path.join("runs", f"{dataset}-{flags['preset']}{text}-eta{flags['eta']:g}{cep}")
+        if flags["adapter"]:
+            flags["out"] = os.path.join("runs", f"{os.path.basename(os.path.normpath(flags['init_from']))}-"
+                                                f"{flags['adapter']}{cep}")
     check_args(types.SimpleNamespace(**flags))
     # global batch = world x batch_gpu x accumulation
     batch_gpu = flags["batch_gpu"] or flags["batch_size"] // world
@@ -184,6 +191,8 @@ def check_args(a):
         raise ValueError("--text-emb, --text-dim and --text-layers are for --cond text; this is a class model")
     if a.corruption == "asymmetric" and not a.corrupt_classes:
         raise ValueError("--corruption asymmetric needs --corrupt-classes")
+    if a.adapter and not a.init_from:
+        raise ValueError("--adapter trains on top of a pre-trained model: give its run folder with --init-from")
     if "dit" in PRESETS[a.preset] and (a.channels or a.dropout is not None):
         raise ValueError("--channels and --dropout set a UNet; a DiT preset takes neither")
 
@@ -309,6 +318,7 @@ def load_data(cfg, device, rank=0):
         raise ValueError("--crop-scale does not apply to precomputed latents (the latent of a crop is not a crop of "
                          "the latent): leave it at 1; flips and original sizes still apply")
     image_res = latent["image_resolution"] if latent else meta["resolution"]
+    controls = read_controls(cfg.data, len(images), image_res) if cfg.adapter else None
     return types.SimpleNamespace(
         meta=meta, index=index, num_classes=meta["num_classes"], res=meta["resolution"], ch=images.shape[3],
         captions=captions, text_emb=text_emb, mask=mask, fixed_ids=fixed_ids, latent=latent, image_res=image_res,
@@ -316,6 +326,8 @@ def load_data(cfg, device, rank=0):
         sizes=None if sizes is None else sizes[index],  # original sizes by position in the (subset) dataset
         control_size=np.median(sizes, 0).round().astype(int).tolist() if sizes is not None else [image_res] * 2,
         batches=Batches(images, index, device, cfg.seed, label_fn, in_memory, cfg.data),
+        hints=None if controls is None else Batches(controls, index, device, cfg.seed, label_fn, in_memory, cfg.data),
+        hint_ch=None if controls is None else controls.shape[3],
         decode=latent_decoder(latent, None, device) if latent and rank == 0 and not cfg.bench else None,
         cond_of=functools.partial(make_cond, cfg.cond, index=index, captions=captions, text_emb=text_emb,
                                   seed=cfg.seed, max_len=cfg.max_len))
@@ -355,6 +367,15 @@ def model_config(cfg, data, ckpt):
     diff_cfg = dict(schedule=cfg.schedule, T=T, prediction=cfg.prediction, shift=cfg.schedule_shift or 1.0,
                     **({"clip": False} if data.latent else {}))  # latents have no [-1, 1] range to clip x0 to
     src = load_model(cfg.init_from, with_vae=False) if cfg.init_from else None  # a run, or a released DiT
+    if cfg.adapter:  # the base's network exactly (it stays frozen) and its diffusion, with an adapter on top
+        old = src["config"]["model"]
+        if [old["resolution"], old["channels"], old.get("cond", "class"), old["num_classes"]] != \
+                [data.res, data.ch, cfg.cond, data.num_classes]:
+            raise ValueError(f"--init-from {cfg.init_from} was trained at {old['resolution']}px, {old['channels']} "
+                             f"channels, cond {old.get('cond', 'class')}, {old['num_classes']} classes: an adapter "
+                             f"trains on data of the same kind ({cfg.data} is not)")
+        return dict(old, adapter=cfg.adapter, hint_ch=data.hint_ch, hint_res=data.image_res), \
+            src["config"]["diffusion"], src
     if src is not None:  # resolution transfer (Berrada et al. 2024) from a run at a lower resolution: every weight
         # is independent of the image size (a DiT's fixed sin-cos positions are recomputed for the new grid); a UNet's
         # attention stays at the same levels (attn_res scaled by new / old resolution); the SNR is divided by
@@ -384,10 +405,17 @@ def build_state(cfg, model_cfg, diff_cfg, ckpt, src, device, ddp):
     if ckpt is not None:
         load_weights(net, ckpt["model"], cfg.resume)
     elif src is not None:
-        load_weights(net, src["ema"], f"--init-from {cfg.init_from}", "this model",
+        own = {k: v for k, v in net.state_dict().items() if k.startswith("adapter.")}  # as initialised
+        load_weights(net, {**own, **src["ema"]}, f"--init-from {cfg.init_from}", "this model",
                      "give the --preset, --cond and text/control flags of that run")
+        if cfg.adapter:  # ControlNet's trainable copy starts as the pre-trained encoder
+            net.adapter.reset(net.backbone)
+    if cfg.adapter:  # the base is frozen: only the adapter trains
+        for k, p in net.named_parameters():
+            p.requires_grad_(k.startswith("adapter."))
+    params = [p for p in net.parameters() if p.requires_grad]
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     if ckpt is not None:
         load_weights(ema, ckpt["ema"], cfg.resume)
         opt.load_state_dict(ckpt["opt"])
@@ -396,7 +424,7 @@ def build_state(cfg, model_cfg, diff_cfg, ckpt, src, device, ddp):
             dist.broadcast(p.data, 0)
     return types.SimpleNamespace(net=net, ema=ema, opt=opt, diffusion=Diffusion(**diff_cfg).to(device),
                                  step=0 if ckpt is None else ckpt["step"], memory_format=memory_format,
-                                 params=list(net.parameters()), meter=LossMeter(device))
+                                 params=params, meter=LossMeter(device))
 
 
 def prepare_run_folder(out, config, corruption, step):
@@ -466,22 +494,24 @@ def draw_step(step, cfg, data, net, device, rank=0, world=1):
 
 
 def micro_loss(net, diffusion, memory_format, latent_scale, x, *, t, noise, cond, flip, delta=None, crop=None,
-               ctrl=None, eps=None, ip=None):
+               ctrl=None, eps=None, ip=None, hint=None):
     """Per-sample loss of one micro-batch: uint8 NHWC images to [-1, 1] in the run's layout, crop, flip; or latents
     [b, 2 (image, mirror), K, C, h, w]: the mirror's for a flip, mean + std * eps for a KL autoencoder (a fresh draw
-    each step, as EDM2), times the scaling factor."""
+    each step, as EDM2), times the scaling factor. hint: an adapter's control images (uint8 NHWC) to [0, 1], cropped
+    and flipped as their images."""
+    def view(v):
+        v = v if crop is None else random_crop(v, *crop.unbind(1))
+        return torch.where(flip[:, None, None, None], v.flip(3), v)
+    hint = None if hint is None else view(hint.permute(0, 3, 1, 2).float() / 255)
     if latent_scale is not None:
         x = x[torch.arange(len(x), device=x.device), flip.long()].float()
         x = (x[:, 0] if eps is None else x[:, 0] + x[:, 1] * eps) * latent_scale
-        return diffusion.loss(net, x, cond, t, noise, delta, ctrl, ip)
-    x = (x.permute(0, 3, 1, 2).float() / 127.5 - 1).contiguous(memory_format=memory_format)
-    if crop is not None:
-        x = random_crop(x, *crop.unbind(1))
-    x = torch.where(flip[:, None, None, None], x.flip(3), x)
-    return diffusion.loss(net, x, cond, t, noise, delta, ctrl, ip)
+        return diffusion.loss(net, x, cond, t, noise, delta, ctrl, ip, hint)
+    x = view((x.permute(0, 3, 1, 2).float() / 127.5 - 1).contiguous(memory_format=memory_format))
+    return diffusion.loss(net, x, cond, t, noise, delta, ctrl, ip, hint)
 
 
-def train_step(batch, *, lr, dropout_seed, loss_fn, images_at, s, accum, grad_clip, rt):
+def train_step(batch, *, lr, dropout_seed, loss_fn, images_at, s, accum, grad_clip, rt, hints_at=None):
     """One optimizer step on this rank's share of the draws: accumulate gradients over the micro-batches (each a
     slice of every per-sample input), average them over the ranks, clip, Adam."""
     torch.manual_seed(dropout_seed)
@@ -493,7 +523,8 @@ def train_step(batch, *, lr, dropout_seed, loss_fn, images_at, s, accum, grad_cl
         if rt.graphs:
             torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(rt.device.type, torch.bfloat16, enabled=rt.bf16):
-            losses = loss_fn(images_at(mb.pop("idx")), **mb)
+            idx = mb.pop("idx")
+            losses = loss_fn(images_at(idx), **mb, **({} if hints_at is None else dict(hint=hints_at(idx))))
             (losses.mean() / accum).backward()
         s.meter.add(losses.detach(), mb["t"])
     if rt.ddp:
@@ -544,13 +575,14 @@ def make_step_fn(cfg, data, s, rt):
     # one compiled graph per micro-batch; with CUDA graphs its hundreds of kernels are one launch (the step was bound
     # by the host launching them). Checkpoints are saved from `net`: no _orig_mod. keys.
     loss_fn = torch.compile(loss_fn, mode="reduce-overhead" if rt.graphs else None) if rt.compile else loss_fn
-    ema_params = list(s.ema.parameters())
+    ema_params = [e for e, p in zip(s.ema.parameters(), s.net.parameters()) if p.requires_grad]
 
     def step_fn(step):
         lr = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
         train_step(draw_step(step, cfg, data, s.net, rt.device, rt.rank, rt.world), lr=lr, loss_fn=loss_fn,
                    dropout_seed=seed_of(cfg.seed, step, rt.rank, 3),  # dropout masks: per rank, not a global draw
-                   images_at=data.batches.images_at, s=s, accum=cfg.accum, grad_clip=cfg.grad_clip, rt=rt)
+                   images_at=data.batches.images_at, s=s, accum=cfg.accum, grad_clip=cfg.grad_clip, rt=rt,
+                   hints_at=data.hints and data.hints.images_at)
         with torch.no_grad():
             beta = ema_beta(cfg.ema_halflife_kimg, cfg.ema_rampup, (step + 1) * cfg.batch_size, cfg.batch_size)
             torch._foreach_lerp_(ema_params, s.params, 1 - beta)
@@ -587,41 +619,52 @@ def save_checkpoint(out, s, config, step, batch_size, snapshot_every):
     if not all(torch.isfinite(p).all() for p in s.net.parameters()):
         raise FloatingPointError(f"non-finite weights at step {step}: stopped; {out}/ckpt.pt keeps the last "
                                  f"good state (try a lower --lr, then --resume)")
-    state = dict(format=CKPT_FORMAT, model=s.net.state_dict(), ema=s.ema.state_dict(), opt=s.opt.state_dict(),
-                 step=step, nimg=step * batch_size, config=config)
+    own = lambda sd: {k: v for k, v in sd.items() if "base" not in config or k.startswith("adapter.")}
+    state = dict(format=CKPT_FORMAT, model=own(s.net.state_dict()), ema=own(s.ema.state_dict()),
+                 opt=s.opt.state_dict(), step=step, nimg=step * batch_size, config=config)
     save_atomic(os.path.join(out, "ckpt.pt"), lambda f: torch.save(state, f))
     if snapshot_every and step % snapshot_every == 0:
         save_atomic(os.path.join(out, f"ckpt-{step:07d}.pt"), lambda f: torch.save(state, f))
 
 
-def grid_rows(cond, class_names, captions, text_emb, max_len):
-    """(condition of each row, its label): up to 16 classes evenly spaced, or the (first) captions of the dataset's
-    first 8 images."""
+def grid_rows(cond, class_names, captions, text_emb, max_len, data):
+    """(condition of each row, its label, its control image or None): up to 16 classes evenly spaced, or the
+    (first) captions of the dataset's first 8 images; an adapter's: the first 8 images' controls and conditions."""
+    if data.hints is not None:
+        rows = np.arange(min(8, len(data.index)))
+        c = torch.from_numpy(data.corruption["clean_labels"][rows]) if cond == "class" else \
+            data.cond_of(torch.from_numpy(rows), step=0)
+        names = [class_names[k] for k in c] if cond == "class" else [f"image {k}" for k in rows]
+        return c, names, data.hints.images_at(rows).cpu()
     if cond == "class":
         classes = np.unique(np.linspace(0, len(class_names) - 1, min(len(class_names), 16)).round().astype(np.int64))
-        return torch.from_numpy(classes), [class_names[k] for k in classes]
+        return torch.from_numpy(classes), [class_names[k] for k in classes], None
     if text_emb is not None:
         rows = np.array(text_emb[:8], dtype=np.float32)
-        return torch.from_numpy(rows), [f"embedding {k}" for k in range(len(rows))]
+        return torch.from_numpy(rows), [f"embedding {k}" for k in range(len(rows))], None
     prompts = [c[0] for c in captions[:8]]
-    return tokenize(prompts, max_len), prompts
+    return tokenize(prompts, max_len), prompts, None
 
 
-def draw_grid(ema, diffusion, rows, labels, ctrl_size, shape, device, cfg_scale, steps, path, decode=None, ncol=8):
-    """ncol samples per row condition, fixed noise, DDIM from the EMA weights, no crop and no flip; latents decoded."""
+def draw_grid(ema, diffusion, rows, labels, hints, ctrl_size, shape, device, cfg_scale, steps, path, decode=None,
+              ncol=8):
+    """ncol samples per row condition (and control image), fixed noise, DDIM from the EMA weights, no crop and no
+    flip; latents decoded."""
     ctrl = neutral_control(1, shape[-1], ctrl_size) if ema.control_mode else None
     x = generate(ema, diffusion, range(len(rows) * ncol), rows.repeat_interleave(ncol, 0), seed=0, shape=shape,
-                 device=device, steps=steps, cfg_scale=cfg_scale, ctrl=ctrl, decode=decode)
+                 device=device, steps=steps, cfg_scale=cfg_scale, ctrl=ctrl, decode=decode,
+                 hint=None if hints is None else hints.repeat_interleave(ncol, 0))
     save_grid(path, x, nrow=len(rows), labels=labels)
 
 
-def train_flops_per_image(net, diffusion, shape, c, device):
+def train_flops_per_image(net, diffusion, shape, c, device, hints=None):
     """Forward+backward FLOPs of one image, counted by torch.utils.flop_counter on a batch of 2 (conditions c)."""
     from torch.utils.flop_counter import FlopCounterMode
     x = torch.randn(2, *shape, device=device)
     t = torch.tensor([10, 500], device=device)
+    hint = None if hints is None else hints[:2].to(device).permute(0, 3, 1, 2).float() / 255
     with FlopCounterMode(display=False) as fc:
-        diffusion.loss(net, x, c[:2].to(device), t, torch.randn_like(x)).mean().backward()
+        diffusion.loss(net, x, c[:2].to(device), t, torch.randn_like(x), hint=hint).mean().backward()
     net.zero_grad(set_to_none=True)
     return fc.get_total_flops() / 2
 
@@ -699,12 +742,18 @@ def main(argv=None):
                                 **({"latent": data.latent} if data.latent else {})))
         source = (ckpt or src or {}).get("config", {}).get("source")  # a released model's id and hash
         config.update({"source": source} if source else {})
+        if cfg.adapter:  # the frozen base, named and hashed (checked at load); its corruption for `report`
+            config["base"] = ckpt["config"]["base"] if ckpt else dict(
+                path=os.path.abspath(ckpt_path(cfg.init_from)) if os.path.exists(cfg.init_from) else cfg.init_from,
+                sha256=weights_hash(src["ema"]), step=src["step"], **{k: src["config"]["train"].get(k) for k in
+                                                                      ("eta", "corruption", "cep", "cep_gamma",
+                                                                       "ip_gamma")})
         if ckpt is not None:
             check_same_run(cfg.out, config["data"], ckpt["config"]["data"], **data.corruption)
         s = build_state(cfg, model_cfg, diff_cfg, ckpt, src, device, ddp)
-        grid = grid_rows(cfg.cond, data.meta["class_names"], data.captions, data.text_emb, cfg.max_len)
+        grid = grid_rows(cfg.cond, data.meta["class_names"], data.captions, data.text_emb, cfg.max_len, data)
         flops_img = train_flops_per_image(s.net, s.diffusion, (data.ch, data.res, data.res),
-                                          grid[0].repeat_interleave(2, 0), device) \
+                                          grid[0].repeat_interleave(2, 0), device, grid[2]) \
             if peak_flops(device) or cfg.bench else None
         step_fn = make_step_fn(cfg, data, s, rt)
         if rank == 0:
@@ -728,7 +777,10 @@ def summary(cfg, data, net, rt):
     what = "labels corrupted" if cfg.cond == "class" else "caption embeddings swapped"
     if data.captions is not None:
         what = f"captions swapped, {corrupt.changed_captions(data.captions, data.fixed_ids, data.index)} changed"
-    return (f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters | {len(data.index)} images, "
+    count = lambda ps: f"{sum(p.numel() for p in ps) / 1e6:.2f}M"
+    trained = f" ({count(p for p in net.parameters() if p.requires_grad)} trained: the {cfg.adapter})" \
+        if cfg.adapter else ""
+    return (f"{count(net.parameters())} parameters{trained} | {len(data.index)} images, "
             f"{data.num_classes} classes, cond {cfg.cond} | eta {cfg.eta} ({int(data.mask.sum())} {what}, "
             f"{cfg.corruption}/{cfg.corruption_mode}) | cep {cfg.cep} | batch {cfg.batch_size} = {cfg.world_size} x "
             f"{cfg.batch_gpu} x {cfg.accum} | {rt.device} compile={rt.compile} bf16={rt.bf16} cuda_graphs={rt.graphs} "

@@ -19,7 +19,7 @@ TINY = ["--preset", "tiny", "--batch-size", "8", "--warmup", "1", "--grid-steps"
 
 def test_input_perturbation_moves_the_input_and_keeps_the_target():
     diffusion, seen = model.Diffusion(), []
-    net = lambda x, t, c, delta, ctrl: seen.append(x) or torch.zeros_like(x)  # a network that outputs 0
+    net = lambda x, t, c, delta, ctrl, hint: seen.append(x) or torch.zeros_like(x)  # a network that outputs 0
     g = torch.Generator().manual_seed(0)
     x0, noise, xi = (torch.randn(2, 3, 4, 4, generator=g) for _ in range(3))
     t = torch.tensor([10, 900])
