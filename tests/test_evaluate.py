@@ -297,7 +297,7 @@ def test_report_shows_text_runs_beside_class_runs(tmp_path):
         runs.append(str(d))
     evaluate.main(["report", *runs, "--out", str(tmp_path / "rep")])
     table = open(tmp_path / "rep.md").read()
-    assert "| class | class | 5 | symmetric/fixed |" in table and "| text | text | 5 | swap/fixed |" in table
+    assert "| class | class | - | 5 | symmetric/fixed |" in table and "| text | text | - | 5 | swap/fixed |" in table
 
 
 def test_repro_matrix_of_several_sample_sets_with_pixel_features(tmp_path, capsys):

@@ -133,7 +133,9 @@ def test_disk_full_leaves_the_previous_files_and_says_so_in_one_line(shapes, tin
     run = tmp_path / "run"
     train.main(["--data", f"{shapes}/train", *TINY, "--steps", "2", "--ckpt-every", "2", "--out", str(run)])
     r = script("train.py", "--resume", run, "--steps", "4", limit=1 << 20)
-    one_line_error(r, "train.py", "cannot write", "ckpt.pt", "File too large", "unchanged")
+    one_line_error(r, "train.py", "cannot write", "ckpt.pt", "unchanged")
+    # the OS's EFBIG, or torch's zip writer catching a short write: which depends on where the limit falls
+    assert "File too large" in r.stderr or "unexpected pos" in r.stderr, r.stderr
     assert plumbing.load_checkpoint(str(run))["step"] == 2 and not [f for f in os.listdir(run) if ".tmp" in f]
     # a sample shard (and so samples.npz, written the same way)
     r = script("sample.py", "--ckpt", tiny_run, "--num", "4", "--steps", "1", "--out", tmp_path / "s.npz", limit=4000)
@@ -356,7 +358,9 @@ SCRIPTS = {"train.py": lambda tmp, shapes: ["--data", f"{shapes}/train", "--out"
            "bench.py": lambda tmp, shapes: ["--device", "cpu"]}
 EVALUATE_COMMAND = {"feat_size": ["repro", "a", "b"], "threshold": ["repro", "a", "b"],
                     "epochs": ["classify", "--samples", "a", "--ref", "b"],
-                    "l2_threshold": ["diversity", "--samples", "a", "--ref", "b"]}
+                    "l2_threshold": ["diversity", "--samples", "a", "--ref", "b"],
+                    "tolerance": ["control", "--samples", "a"],
+                    **{k: ["gmm"] for k in ("dims", "n_k", "gammas", "classes", "trials", "steps", "t_max", "seed")}}
 
 
 @pytest.mark.faults
