@@ -566,6 +566,13 @@ class Denoiser(nn.Module):
     def backbone(self):
         return self.dit if hasattr(self, "dit") else self.unet
 
+    def train(self, mode=True):
+        """An adapter's frozen base stays in eval mode (no dropout) while the adapter trains, as in ControlNet's."""
+        super().train(mode)
+        if self.adapter is not None:
+            self.backbone.train(False)
+        return self
+
     def forward(self, x, t, c, cond_delta=None, ctrl=None, hint=None):
         c_vec, c_tokens = (self.label_embed(c, cond_delta), None) if self.cond == "class" else self.text(c, cond_delta)
         if self.class_ctx:  # the class as one token that cross-attention reads (LDM), not in the time embedding

@@ -53,3 +53,25 @@ def finish(cmd_fresh, cmd_resume, out, kill_at=None):
         time.sleep(0.01)
     assert p.returncode == 0, p.stderr.read().decode()[-2000:]
     return True
+
+
+def run_cli(script, *args):
+    """A stage script's command line run in this process, as plumbing.cli runs it: -> (returncode, stderr) like a
+    subprocess's, without the seconds a fresh `import torch` costs (the subprocess tests in test_faults.py keep
+    every script's own entry point covered)."""
+    import contextlib
+    import importlib
+    import io
+    import sys
+    import types
+
+    import plumbing
+    errors = (ValueError, OSError, FloatingPointError) if script == "train.py" else (ValueError, OSError)
+    main, err, code = importlib.import_module(script[:-3]).main, io.StringIO(), 0
+    with contextlib.redirect_stderr(err):
+        try:
+            plumbing.cli(lambda: main([str(a) for a in args]), script, errors)
+        except SystemExit as e:  # sys.exit(message): the interpreter would print it and exit with 1
+            code = 1 if isinstance(e.code, str) else e.code or 0
+            print(e.code, file=sys.stderr) if isinstance(e.code, str) else None
+    return types.SimpleNamespace(returncode=code, stderr=err.getvalue())

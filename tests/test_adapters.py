@@ -3,7 +3,6 @@ model, sampling from control images and their edge F1."""
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -16,7 +15,7 @@ import plumbing
 import prepare_data
 import sample
 import train
-from helpers import finish
+from helpers import finish, run_cli
 
 cv2 = pytest.importorskip("cv2")  # requirements-canny.txt, in the dev requirements
 
@@ -60,6 +59,8 @@ def test_a_fresh_adapter_leaves_the_base_model_unchanged(preset, kind):
         for p in net.adapter.parameters():
             p.add_(0.05 * torch.randn_like(p))
     assert (net(x, t, c, hint=hint) - plain(x, t, c)).abs().max() > 1e-3  # and it does act once trained
+    net.train()  # training mode reaches the adapter only: the frozen base keeps its dropout off
+    assert net.adapter.training and not net.backbone.training and not any(m.training for m in net.backbone.modules())
 
 
 def test_controls_are_opencvs_canny_edges_or_a_given_array(base, tmp_path):
@@ -130,7 +131,7 @@ def test_edge_f1_by_hand():
 
 def test_adapter_errors_are_one_line(base, tmp_path):
     data, run = base
-    run_script = lambda *a: subprocess.run([sys.executable, *map(str, a)], capture_output=True, text=True, cwd=ROOT)
+    run_script = run_cli
     plain = str(tmp_path / "plain")  # a dataset without controls.npy
     shutil.copytree(f"{data}/test", plain)
     os.remove(f"{plain}/controls.npy")

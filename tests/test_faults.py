@@ -21,7 +21,7 @@ import model
 import plumbing
 import prepare_data
 import train
-from helpers import finish, interrupted_sampling
+from helpers import finish, interrupted_sampling, run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--preset", "tiny", "--batch-size", "8", "--warmup", "1", "--lr", "1e-3", "--grid-steps", "1",
@@ -167,7 +167,7 @@ def test_damaged_run_and_dataset_files_give_one_line_errors(shapes, tmp_path):
     # weights of another model under this run's config (another preset, another code version)
     other = model.Denoiser(10, 32, 3, "tiny", ch=16).state_dict()
     torch.save(dict(ckpt, model=other, ema=other), run / "other.pt")
-    one_line_error(script("sample.py", "--ckpt", run / "other.pt"), "sample.py", "do not fit the model")
+    one_line_error(run_cli("sample.py", "--ckpt", run / "other.pt"), "sample.py", "do not fit the model")
     # a corruption.npz that no longer matches what the dataset and seed give
     z = dict(np.load(run / "corruption.npz"))
     np.savez(run / "corruption.npz", **dict(z, mask=~z["mask"]))
@@ -176,7 +176,7 @@ def test_damaged_run_and_dataset_files_give_one_line_errors(shapes, tmp_path):
     np.savez(run / "corruption.npz", **z)
     # the dataset rebuilt under the run with another count
     prepare_data.prepare_shapes(str(data), 120, 10)
-    one_line_error(script("train.py", "--resume", run, "--steps", "4"), "train.py", "not the dataset this run started")
+    one_line_error(run_cli("train.py", "--resume", run, "--steps", "4"), "train.py", "not the dataset this run started")
     assert plumbing.load_checkpoint(str(run))["step"] == 2
     # dataset folders whose files disagree
     broken = tmp_path / "broken"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import sample
-from helpers import interrupted_sampling
+from helpers import interrupted_sampling, run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -89,17 +89,15 @@ def test_bad_flags(tiny_run, tmp_path, flags, message):
     with pytest.raises(ValueError, match=message):
         sample.main(["--ckpt", tiny_run, "--out", str(tmp_path / "s.npz"), *flags])
     assert not os.listdir(tmp_path)
-    r = subprocess.run([sys.executable, f"{ROOT}/sample.py", "--ckpt", tiny_run, *flags], capture_output=True,
-                       text=True) if flags[0] == "--labels" else None  # the command line: one line
+    r = run_cli("sample.py", "--ckpt", tiny_run, *flags) if flags[0] == "--labels" else None  # one line
     assert r is None or (r.returncode == 1 and r.stderr.startswith("sample.py: error:") and
                          r.stderr.count("\n") == 1), r.stderr
 
 
 def test_missing_checkpoint(tmp_path, tiny_run):
-    r = subprocess.run([sys.executable, f"{ROOT}/sample.py", "--ckpt", str(tmp_path)], capture_output=True, text=True)
+    r = run_cli("sample.py", "--ckpt", tmp_path)
     assert r.returncode == 1 and "has no checkpoint yet" in r.stderr and r.stderr.count("\n") == 1
-    r = subprocess.run([sys.executable, f"{ROOT}/sample.py", "--ckpt", f"{tiny_run}/config.json"], capture_output=True,
-                       text=True)
+    r = run_cli("sample.py", "--ckpt", f"{tiny_run}/config.json")
     assert r.returncode == 1 and "config.json is not a checkpoint" in r.stderr and r.stderr.count("\n") == 1
 
 
@@ -132,8 +130,7 @@ def test_bad_prompts(tiny_text_run, tmp_path, content, flags, message):
                         (["--prompt", "x"] if flags else []))
         return
     (tmp_path / "p.txt").write_bytes(content)  # bad files: checked on the command line, one line each
-    r = subprocess.run([sys.executable, f"{ROOT}/sample.py", "--ckpt", tiny_text_run, "--prompts", tmp_path / "p.txt"],
-                       capture_output=True, text=True)
+    r = run_cli("sample.py", "--ckpt", tiny_text_run, "--prompts", tmp_path / "p.txt")
     assert r.returncode == 1 and r.stderr.startswith("sample.py: error:") and r.stderr.count("\n") == 1, r.stderr
     assert message in r.stderr, r.stderr
 
@@ -152,6 +149,5 @@ def test_every_sampler_writes_samples_seeded_per_index(tiny_run, tmp_path, sampl
     assert settings["sampler"] == sampler and settings["steps"] == 3 and settings["spacing"] == spacing
     sample.main(args + ["--batch", "2", "--out", str(tmp_path / "b.npz")])
     assert np.abs(images.astype(int) - load(tmp_path / "b.npz")[0].astype(int)).max() <= 1
-    r = subprocess.run([sys.executable, f"{ROOT}/sample.py", "--ckpt", tiny_run, "--sampler", "heun", "--ddim-eta",
-                        "0.5"], capture_output=True, text=True)
+    r = run_cli("sample.py", "--ckpt", tiny_run, "--sampler", "heun", "--ddim-eta", "0.5")
     assert r.returncode == 1 and "--ddim-eta is for --sampler ddim" in r.stderr and r.stderr.count("\n") == 1
