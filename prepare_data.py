@@ -388,8 +388,6 @@ def assemble_latents(src, out_dir, meta, shards, info, scale):
                      latent=latent), captions, sizes, array="latents.npy")
 
 
-# ----------------------------------------------------------------------------- main
-
 # ----------------------------------------------------------------------------- controls (Chen et al. Sec. 3.2)
 
 def canny(images, low, high):
@@ -425,6 +423,8 @@ def add_controls(folder, control, thresholds):
     save_json(os.path.join(folder, "meta.json"), dict(d.meta, control=dict(record, channels=int(arr.shape[3]))))
     print(f"wrote {folder}/controls.npy: {arr.dtype} {list(arr.shape)} ({record['kind']}); meta.json records it")
 
+
+# ----------------------------------------------------------------------------- main
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -202,6 +202,7 @@ def run(args, ddp, rank, world, local_rank):
     decode = latent_decoder(latent, args.vae, device) if latent else None
     walk = resolve_sampler(args.sampler, args.steps, args.ddim_eta, args.spacing, diffusion.T)
     weights_sha = weights_hash(ckpt[args.weights])  # with an adapter's: its base's weights too
+    controls = None if hints is None else dict(path=os.path.abspath(args.controls), sha256=file_hash(hints.filename))
     for scale, out in zip(scales, outs):
         # resumed shards are keyed by everything that decides their content: the weights' hash, then the settings
         settings = dict(ckpt=os.path.abspath(args.ckpt), step=ckpt["step"], weights=args.weights,
@@ -210,8 +211,7 @@ def run(args, ddp, rank, world, local_rank):
                         seed=args.seed, labels=args.labels,
                         conditions=hashlib.sha256(next(iter(stored.values())).tobytes()).hexdigest()[:16],
                         control=None if ctrl is None else ctrl[0].tolist(), bf16=use_bf16, config=cfg,
-                        controls=None if hints is None else dict(path=os.path.abspath(args.controls),
-                                                                 sha256=file_hash(hints.filename)))
+                        controls=controls)
         sample_shards(out, settings, stored, args, dict(fwd=fwd, diffusion=diffusion, cond=cond, shape=shape,
                                                         ctrl=ctrl, decode=decode, walk=walk, batch=batch,
                                                         compiled=use_compile, device=device,
