@@ -18,33 +18,19 @@ The result is fixed by (labels, eta, kind, classes, seed). train.py's `resample`
 with seed (seed, epoch), the paper's App. E.4 "random data corruption".
 """
 import argparse
-import json
 import os
 
 import numpy as np
 
-from plumbing import Interval, check_flags, cli, read_dataset, save_npz
+from plumbing import Interval, check_flags, class_indices, cli, read_captions, read_dataset, save_npz
 
 
 ETA = Interval(float, "[0, 1)")
 
 
-def parse_classes(spec, class_names):
+def parse_classes(spec, class_names, flag="--classes"):
     """'0,5,7' or 'cat,dog' -> sorted array of class indices (at least two)."""
-    out = set()
-    for tok in (t.strip() for t in str(spec).split(",") if t.strip()):
-        if tok.lstrip("-").isdigit():
-            k = int(tok)
-            if not 0 <= k < len(class_names):
-                raise ValueError(f"unknown class {k}: class indices run from 0 to {len(class_names) - 1}")
-        elif tok in class_names:
-            k = class_names.index(tok)
-        else:
-            raise ValueError(f"unknown class {tok!r}: not among the dataset's class_names in meta.json")
-        out.add(k)
-    if len(out) < 2:
-        raise ValueError("an asymmetric corruption needs a subset of at least two classes")
-    return np.array(sorted(out), dtype=np.int64)
+    return np.array(sorted(set(class_indices(spec, class_names, flag, at_least=2))), dtype=np.int64)
 
 
 def flip_labels(labels, eta, num_classes, rng, classes=None):
@@ -110,29 +96,6 @@ def changed_captions(captions, source, rows=None):
     return sum(captions[rows[i]] != captions[rows[j]] for i, j in enumerate(source) if i != j)
 
 
-def read_captions(folder, count):
-    """captions.jsonl of a dataset folder -> list (one per image) of lists of captions; bad files are a ValueError."""
-    path = os.path.join(folder, "captions.jsonl")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} missing: build a dataset with captions (prepare_data.py --dataset shapes, "
-                                f"or --dataset imagefolder --captions FILE)")
-    out = []
-    with open(path, "rb") as f:
-        for i, line in enumerate(f, 1):
-            try:
-                c = json.loads(line.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError) as e:
-                raise ValueError(f"{path} line {i} is not a UTF-8 JSON caption ({type(e).__name__}): rebuild the "
-                                 f"dataset with prepare_data.py") from None
-            c = [c] if isinstance(c, str) else c
-            if not isinstance(c, list) or not c or not all(isinstance(x, str) for x in c):
-                raise ValueError(f"{path} line {i}: want a caption or a non-empty list of captions")
-            out.append(c)
-    if len(out) != count:
-        raise ValueError(f"{path} has {len(out)} lines for {count} images: rebuild the dataset with prepare_data.py")
-    return out
-
-
 def summary(clean, noisy, mask, num_classes):
     conf = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(conf, (clean[mask], noisy[mask]), 1)
@@ -170,7 +133,7 @@ def main(argv=None):
     data = read_dataset(a.data)
     meta, labels = data.meta, data.labels
     if a.kind == "swap":
-        captions = read_captions(a.data, len(labels))
+        captions = read_captions(os.path.join(a.data, "captions.jsonl"), len(labels))
         source, mask = corrupt_captions(len(labels), a.eta, a.seed)
         changed = changed_captions(captions, source)
         print(f"swapped the captions of {int(mask.sum())} of {len(labels)} images; {changed} captions changed "

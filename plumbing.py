@@ -1,10 +1,11 @@
 """What every stage shares and none is about: flags, devices and ranks, atomic files, downloads and hashes,
-checkpoints, the dataset folder, resumable shards, PNG grids, one-line errors. torch is imported where it is needed,
-so that corrupt.py and prepare_data.py (and its decoding workers) start without it."""
+checkpoints, the dataset folder and its captions, resumable shards, PNG grids, MFU, one-line errors. torch is
+imported where it is needed, so that corrupt.py and prepare_data.py (and its decoding workers) start without it."""
 import argparse
 import contextlib
 import datetime
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -14,6 +15,7 @@ import sys
 import textwrap
 import time
 import urllib.request
+import zipfile
 
 import numpy as np
 
@@ -61,6 +63,30 @@ def flag_adder(parser):
 
 def resumable_flags(parser):
     return {a.dest for a in parser._actions if getattr(a, "resumable", False)}
+
+
+def class_indices(spec, names, flag, at_least=1):
+    """'0,5,7' or 'cat,dog' (class indices or names, comma-separated) -> the class indices, in the order given."""
+    out = []
+    for word in (w.strip() for w in str(spec).split(",") if w.strip()):
+        number = word.lstrip("-").isdigit()
+        k = int(word) if number else names.index(word) if word in names else -1
+        if not 0 <= k < len(names):
+            known = f" or names ({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})"
+            raise ValueError(f"{flag} must be class indices in [0, {len(names)}){known}, comma-separated: unknown "
+                             f"class {word if number else repr(word)}")
+        out.append(k)
+    if len(set(out)) < at_least:
+        raise ValueError(f"{flag} needs at least {('one', 'two')[at_least - 1]} classes, got {spec!r}")
+    return out
+
+
+def optional(module, what, requirements):
+    """An optional dependency, imported where it is used; missing, one line that says how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ValueError(f"{what} needs {module}: pip install -r {requirements}") from None
 
 
 def cli(main, script, errors=(ValueError, OSError)):
@@ -149,6 +175,15 @@ def to_uint8(x):
     """[-1, 1] float [B, C, H, W] -> uint8 [B, H, W, C] numpy."""
     import torch
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def to_float(images, device=None, unit=False):
+    """uint8 [B, H, W, C] (a tensor, or numpy: copied) -> float [B, C, H, W] on the device, in [-1, 1] (the data
+    range) or, unit, in [0, 1] (control images, feature networks' inputs)."""
+    import torch
+    x = images if torch.is_tensor(images) else torch.from_numpy(np.array(images))
+    x = (x if device is None else x.to(device)).permute(0, 3, 1, 2).float()
+    return x / 255 if unit else x / 127.5 - 1
 
 
 # ----------------------------------------------------------------------------- files
@@ -265,18 +300,23 @@ def ckpt_path(path):
     return os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
 
 
-def load_checkpoint(path):
-    """Load a slightdiff checkpoint with weights_only=True; a missing, truncated or foreign file is a ValueError."""
+def load_checkpoint(path, adapter=False):
+    """Load a slightdiff checkpoint with weights_only=True; a missing, truncated or foreign file is a ValueError, and
+    so is an adapter's unless asked for (adapter: ext/adapters.py, which adds its base's weights)."""
     import torch
     folder, path = os.path.isdir(path), ckpt_path(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"the run folder {os.path.dirname(path)} has no checkpoint yet (train.py writes "
                                 f"ckpt.pt every --ckpt-every steps)" if folder else f"checkpoint {path} not found: "
                                 f"give a run folder or its ckpt.pt")
-    with open(path, "rb") as f:
-        if f.read(4) != b"PK\x03\x04":  # torch.save writes a zip archive
-            raise ValueError(f"{path} is not a checkpoint (truncated or not a torch file): give a run folder or its "
-                             f"ckpt.pt")
+    try:  # torch.save writes a zip archive; ours says so in its pickle, read before any tensor is
+        with zipfile.ZipFile(path) as z:
+            ours = any(n.endswith("data.pkl") and CKPT_FORMAT.encode() in z.read(n) for n in z.namelist())
+    except (OSError, zipfile.BadZipFile, EOFError):
+        raise ValueError(f"{path} is not a checkpoint (truncated or not a torch file): give a run folder or its "
+                         f"ckpt.pt") from None
+    if not ours:
+        raise ValueError(f"{path} is not a slightdiff checkpoint (format {CKPT_FORMAT})")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # weights_only refuses anything but tensors and plain containers
@@ -292,6 +332,9 @@ def load_checkpoint(path):
     if missing or not {"model", "diffusion", "train", "data"} <= set(ckpt["config"]):
         raise ValueError(f"{path} lacks {', '.join(sorted(missing)) or 'parts of its config'}: it was not written by "
                          f"this version of slightdiff's train.py")
+    if "base" in ckpt["config"] and not adapter:
+        raise ValueError(f"{path} is an adapter ({ckpt['config']['model'].get('adapter')}) on a frozen base run: "
+                         f"use python -m ext.adapters (train --resume, sample --ckpt)")
     return ckpt
 
 
@@ -337,19 +380,27 @@ def read_dataset(path, need_labels=True):
     return argparse.Namespace(meta=meta, images=images, labels=labels.astype(np.int64), latent=latent)
 
 
-def read_controls(folder, count, res, channels=None):
-    """A dataset folder's controls.npy (prepare_data.py --control), memory-mapped: uint8 [N, res, res, C], checked."""
-    path = os.path.join(folder, "controls.npy")
+def read_captions(path, count=None):
+    """A dataset folder's captions.jsonl -> list (one per image: count of them) of lists of captions; bad files are
+    a ValueError."""
     if not os.path.isfile(path):
-        raise ValueError(f"{folder} has no controls.npy, the control images of an adapter: make them with python "
-                         f"prepare_data.py --control canny --src {folder}")
-    c = np.load(path, mmap_mode="r")
-    if c.dtype != np.uint8 or c.ndim != 4 or c.shape[1:3] != (res, res) or count not in (None, len(c)) or \
-            channels not in (None, c.shape[3]):
-        raise ValueError(f"{path} is {c.dtype} {list(c.shape)}: want uint8 [{count or 'N'}, {res}, {res}, "
-                         f"{channels or 'C'}], one control per image at the image size (as the model was trained "
-                         f"on); make it again with prepare_data.py --control")
-    return c
+        raise FileNotFoundError(f"{path} missing: build a dataset with captions (prepare_data.py --dataset shapes, "
+                                f"or --dataset imagefolder --captions FILE)")
+    out = []
+    with open(path, "rb") as f:
+        for i, line in enumerate(f, 1):
+            try:
+                c = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError) as e:
+                raise ValueError(f"{path} line {i} is not a UTF-8 JSON caption ({type(e).__name__}): rebuild the "
+                                 f"dataset with prepare_data.py") from None
+            c = [c] if isinstance(c, str) else c
+            if not isinstance(c, list) or not c or not all(isinstance(x, str) for x in c):
+                raise ValueError(f"{path} line {i}: want a caption or a non-empty list of captions")
+            out.append(c)
+    if count is not None and len(out) != count:
+        raise ValueError(f"{path} has {len(out)} lines for {count} images: rebuild the dataset with prepare_data.py")
+    return out
 
 
 # ----------------------------------------------------------------------------- resumable shards
@@ -385,23 +436,7 @@ def remove_shards(paths):
     shutil.rmtree(os.path.dirname(paths[0]))
 
 
-# ----------------------------------------------------------------------------- timing: --bench, bench.py, MFU
-
-def timed(fn, device, warmup=1, reps=3, reset_memory=False):
-    """Seconds per call of fn, after warmup untimed calls (and, reset_memory, with the peak memory counted anew)."""
-    import torch
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    sync()
-    if reset_memory and device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    sync()
-    return (time.perf_counter() - t0) / reps
-
+# ----------------------------------------------------------------------------- MFU
 
 # Dense bf16 tensor-core peaks (FLOP/s) for MFU, from the vendors' data sheets.
 PEAK_BF16 = {"H100 SXM": 989.4e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989.4e12, "H200": 989.4e12,
@@ -418,25 +453,3 @@ def peak_flops(device):
 def mfu(flops_img, images_per_s, peak, world):
     """Model FLOPs utilisation: the training FLOPs done per second over the peak of all the GPUs, or None."""
     return flops_img * images_per_s / (peak * world) if peak else None
-
-
-def bench_steps(step_fn, step, n, batch, flops_img, device, world, rank, what):
-    """--bench n: n steps of the training step function after min(n, 10) untimed ones (compile, graph capture,
-    cuDNN's search) -> images/s, ms/step, peak memory, GFLOP/image, MFU; printed, and as one JSON line for bench.py."""
-    import resource
-
-    import torch
-    steps = iter(range(step, step + min(10, n) + n))
-    dt = timed(lambda: step_fn(next(steps)), device, warmup=min(10, n), reps=n, reset_memory=True)
-    cuda, peak = device.type == "cuda", peak_flops(device)
-    mem = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    r = dict(images_per_s=batch / dt, step_ms=dt * 1000, peak_mem_gib=mem, gflop_per_image=flops_img / 1e9,
-             mfu=mfu(flops_img, batch / dt, peak, world))
-    if rank == 0:
-        print(f"bench {what} {torch.cuda.get_device_name(device) if cuda else 'cpu'}: {r['images_per_s']:.1f} "
-              f"images/s, {r['step_ms']:.1f} ms/step, peak memory {mem:.2f} GiB, {r['gflop_per_image']:.2f} "
-              f"GFLOP/image (fwd+bwd), MFU "
-              + (f"{r['mfu']:.1%} of bf16 dense peak" if peak else "n/a (peak unknown)"))
-        print(json.dumps(dict(bench=r)))
-    return r

@@ -7,13 +7,11 @@ and where there are captions captions.jsonl (line i: the caption, or a list of c
     python prepare_data.py --dataset imagefolder --src DIR --captions captions.tsv --name cc3m   # image-text pairs
     python prepare_data.py --dataset latents --src data/in256/train --vae stabilityai/sd-vae-ft-ema   # latents
     torchrun --nproc_per_node=8 prepare_data.py --dataset latents ...         # encoding sharded over GPUs
-    python prepare_data.py --control canny --src data/shapes/train    # + controls.npy: Canny edges (OpenCV)
-    python prepare_data.py --control masks.npy --src data/in100/train # + controls.npy: maps made elsewhere (SAM)
 
 A latent dataset folder holds latents.npy (float16 [N, 2, K, C, h, w]: the autoencoder's output for each image and
 for its mirror; K = 2, the posterior's mean and std, for an AutoencoderKL, K = 1 for a VQModel) in place of
-images.npy, and meta.json records the autoencoder (see README "File formats"); the latent path needs diffusers
-(requirements-latent.txt).
+images.npy, and meta.json records the autoencoder (docs/file-formats.md); the latent path needs diffusers
+(requirements-latent.txt). Control images for the adapters: python -m ext.adapters controls.
 
 Output: DIR/NAME/SPLIT/ under --out (default data/), written to a temp folder and renamed when complete.
 """
@@ -32,7 +30,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from plumbing import Interval, check_flags, cli, download, file_hash, read_dataset, save_atomic, save_json
+from plumbing import Interval, check_flags, cli, download, file_hash, read_captions, read_dataset
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -325,7 +323,7 @@ def prepare_latents(src, out, name, split, vae, scale=None, batch=64, shard_size
     under torchrun each rank encodes its shards), bf16 on a GPU."""
     import torch
     from model import ae_encode, load_autoencoder
-    from plumbing import distributed, remove_shards, run_shards, setup_device
+    from plumbing import distributed, remove_shards, run_shards, setup_device, to_float
     data = read_dataset(src)
     if data.latent:
         raise ValueError(f"--src {src} holds latents already: give a dataset folder of images")
@@ -344,8 +342,7 @@ def prepare_latents(src, out, name, split, vae, scale=None, batch=64, shard_size
         def encode(lo, hi, bar):
             parts = []
             for b in range(lo, hi, batch):
-                x = torch.from_numpy(np.array(images[b:min(b + batch, hi)])).to(device)
-                x = (x.permute(0, 3, 1, 2).float() / 127.5 - 1).expand(-1, 3, -1, -1)
+                x = to_float(images[b:min(b + batch, hi)], device).expand(-1, 3, -1, -1)
                 with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
                     z = ae_encode(ae, torch.cat([x, x.flip(3)])).float()
                 parts.append(torch.stack(z.chunk(2), 1).cpu().numpy().astype(np.float16))
@@ -376,7 +373,7 @@ def assemble_latents(src, out_dir, meta, shards, info, scale):
     arr.flush()
     del arr
     cap = os.path.join(src, "captions.jsonl")
-    captions = [json.loads(l) for l in open(cap, encoding="utf-8")] if os.path.isfile(cap) else None
+    captions = read_captions(cap, meta["count"]) if os.path.isfile(cap) else None
     sizes = np.load(os.path.join(src, "sizes.npy")) if os.path.isfile(os.path.join(src, "sizes.npy")) else None
     _, _, k, c, h, _ = first.shape
     latent = dict(vae=info["vae"], cls=info["cls"], sha256=info["sha256"], scale=scale, kind="kl" if k == 2 else "vq",
@@ -388,52 +385,14 @@ def assemble_latents(src, out_dir, meta, shards, info, scale):
                      latent=latent), captions, sizes, array="latents.npy")
 
 
-# ----------------------------------------------------------------------------- controls (Chen et al. Sec. 3.2)
-
-def canny(images, low, high):
-    """OpenCV's Canny edges of uint8 RGB images (ControlNet's annotator) -> uint8 [N, H, W, 1], 0 or 255."""
-    try:
-        import cv2
-    except ImportError:
-        raise ValueError("--control canny needs OpenCV: pip install -r requirements-canny.txt") from None
-    return np.stack([cv2.Canny(np.ascontiguousarray(im), low, high) for im in images])[..., None]
-
-
-def add_controls(folder, control, thresholds):
-    """controls.npy beside a dataset folder's images, what an adapter is conditioned on: their Canny edges, or an
-    array made elsewhere (SAM masks, depth) uint8 [N, H, W(, C)] in images.npy order; meta.json records which."""
-    d = read_dataset(folder, need_labels=False)
-    res = d.meta["latent"]["image_resolution"] if d.latent else d.meta["resolution"]
-    if control == "canny":
-        if d.latent:
-            raise ValueError(f"{folder} holds latents: compute the edges on the images they came from (--control "
-                             f"canny --src IMAGES) and give that file: --control IMAGES/controls.npy")
-        arr, record = canny(d.images, *thresholds), dict(kind="canny", low=thresholds[0], high=thresholds[1])
-    else:
-        try:
-            arr = np.load(control, mmap_mode="r")
-        except (OSError, ValueError) as e:
-            raise ValueError(f"cannot read --control {control} as .npy ({type(e).__name__})") from None
-        arr = arr[..., None] if arr.ndim == 3 else arr
-        if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[:3] != (len(d.images), res, res):
-            raise ValueError(f"--control {control} is {arr.dtype} {list(arr.shape)}: want uint8 [{len(d.images)}, "
-                             f"{res}, {res}(, C)], one map per image of {folder} in its order, at the image size")
-        record = dict(kind="file", file=os.path.abspath(control), sha256=file_hash(control))
-    save_atomic(os.path.join(folder, "controls.npy"), lambda f: np.save(f, np.ascontiguousarray(arr)))
-    save_json(os.path.join(folder, "meta.json"), dict(d.meta, control=dict(record, channels=int(arr.shape[3]))))
-    print(f"wrote {folder}/controls.npy: {arr.dtype} {list(arr.shape)} ({record['kind']}); meta.json records it")
-
-
 # ----------------------------------------------------------------------------- main
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a, count = p.add_argument, Interval(int, "[1, inf)")
-    a("--dataset", choices=["shapes", "cifar10", "imagefolder", "latents"])
-    a("--control", help="add controls.npy to the dataset folder --src: canny (OpenCV's edges of its images) or a .npy "
-                        "of maps made elsewhere, uint8 [N, H, W(, C)]")
-    a("--canny", type=Interval(int, "[0, 10000]", many=True), default=[100, 200],
-      help="--control canny: low,high thresholds (ControlNet's 100,200)")
+    a("--dataset", required=True, choices=["shapes", "cifar10", "imagefolder", "latents"],
+      help="shapes (synthetic, no download), cifar10 (the official tarball), imagefolder (ImageNet layout, or "
+           "image-caption pairs with --captions), latents (a dataset folder encoded by --vae)")
     a("--out", default="data", help="root of the dataset folders")
     a("--archive", help="cifar10: a cifar-10-python.tar.gz already on disk")
     a("--src", help="imagefolder: folder with one sub-folder of images per class; latents: a dataset folder of images")
@@ -453,12 +412,6 @@ def get_parser():
 def main(argv=None):
     p = get_parser()
     a = check_flags(p, p.parse_args(argv))
-    if a.control:
-        if not a.src or len(a.canny) != 2 or a.canny[0] > a.canny[1]:
-            raise ValueError("--control needs --src DATASET_FOLDER (and --canny LOW,HIGH with LOW <= HIGH)")
-        return add_controls(os.path.normpath(a.src), a.control, a.canny)
-    if not a.dataset:
-        raise ValueError("give --dataset (shapes, cifar10, imagefolder, latents) or --control")
     if a.dataset == "shapes":
         prepare_shapes(a.out, a.count, max(10, a.count // 5))
     elif a.dataset == "cifar10":

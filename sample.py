@@ -5,9 +5,9 @@
     torchrun --nproc_per_node=8 sample.py --ckpt runs/NAME --num-samples 50000
     python sample.py --ckpt runs/TEXT --prompt "a red disk" --num 100     # or --prompts FILE (one per line)
     python sample.py --ckpt runs/NAME --cfg-scale 1.5,2,3,5   # a guidance sweep: samples-cfg1.5.npz ... one per scale
-    python sample.py --ckpt runs/ADAPTER --controls data/shapes/test   # ControlNet/T2I: that split's controls
 
-Input: a run folder or checkpoint, or a released DiT (DiT's .pt, a diffusers folder or hub id; with --out).
+Input: a run folder or checkpoint, or a released DiT (DiT's .pt, a diffusers folder or hub id; with --out). An
+adapter run (ControlNet, T2I-Adapter) samples from control images: python -m ext.adapters sample.
 Output: samples.npz (arr_0 uint8 [N, H, W, C]; arr_1 labels, or captions for text models; the settings as JSON)
 and samples.png beside it (a caption under each row for text models).
 
@@ -26,9 +26,10 @@ import sys
 import numpy as np
 import torch
 
-from model import T, build, generate, latent_decoder, load_model, neutral_control, resolve_sampler, tokenize
-from plumbing import (Interval, check_flags, ckpt_path, cli, distributed, file_hash, load_weights, read_controls,
-                      read_dataset, remove_shards, run_shards, save_grid, save_npz, setup_device, weights_hash)
+from diffusion import T, Diffusion, generate, resolve_sampler
+from model import build, latent_decoder, load_model, neutral_control, tokenize
+from plumbing import (Interval, check_flags, ckpt_path, class_indices, cli, distributed, load_weights, read_captions,
+                      remove_shards, run_shards, save_grid, save_npz, setup_device, weights_hash)
 
 COUNT = Interval(int, "[1, inf)")
 
@@ -36,7 +37,8 @@ COUNT = Interval(int, "[1, inf)")
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--ckpt", required=True, help="run folder or checkpoint file")
+    a("--ckpt", required=True, help="run folder or ckpt.pt, or a released model (DiT's .pt, a diffusers DiT folder "
+                                    "or hub id: docs/released-models.md)")
     # --num-samples under torchrun: its parser rejects --num as an abbreviation of its own --numa-binding
     a("--num", "--num-samples", dest="num", type=COUNT, default=50000, help="number of samples")
     a("--sampler", default="ddim", choices=["ddim", "ddpm", "dpm++", "heun"],
@@ -58,7 +60,6 @@ def get_parser():
     a("--ctrl-crop", default="0,0,1,1", help="control models: crop box top,left,height,width (fractions)")
     a("--ctrl-size", help="control models: original size H,W (default: the training set's median)")
     a("--ctrl-flip", action="store_true", help="control models: condition on a flipped image")
-    a("--controls", help="adapter models: a dataset folder; sample i takes row i %% N of its controls.npy and labels")
     a("--vae", help="latent models: where the autoencoder recorded in the checkpoint lives now (its hash is checked)")
     a("--weights", default="ema", choices=["ema", "model"], help="EMA (default) or raw weights")
     a("--batch", type=COUNT, help="per-process batch (default: 500 on a GPU, 32 on the CPU)")
@@ -74,14 +75,8 @@ def get_parser():
 
 def class_labels(num, num_classes, spec=None, names=()):
     """Label of sample i: cycles through the given classes (indices or names; default all), balanced."""
-    classes = np.arange(num_classes)
-    if spec:
-        words = [c.strip() for c in str(spec).split(",") if c.strip()]
-        classes = np.array([int(c) if c.lstrip("-").isdigit() else names.index(c) if c in names else -1
-                            for c in words], dtype=np.int64)
-        if len(classes) == 0 or classes.min() < 0 or classes.max() >= num_classes:
-            known = f" or names ({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})" if names else ""
-            raise ValueError(f"--labels must be class indices in [0, {num_classes}){known}, comma-separated")
+    names = list(names) or [str(k) for k in range(num_classes)]
+    classes = np.array(class_indices(spec, names, "--labels") if spec else range(num_classes), dtype=np.int64)
     return classes[np.arange(num) % len(classes)]
 
 
@@ -91,12 +86,12 @@ def read_prompts(args, max_len):
         return [args.prompt]
     if not os.path.isfile(args.prompts):
         raise FileNotFoundError(f"--prompts {args.prompts} does not exist")
+    if args.prompts.endswith(".jsonl"):  # a dataset's captions.jsonl, checked as train.py checks it
+        return [c[0] for c in read_captions(args.prompts)]
     try:
         with open(args.prompts, encoding="utf-8") as f:
             lines = [l.rstrip("\r\n") for l in f if l.strip()]
-        if args.prompts.endswith(".jsonl"):
-            lines = [c if isinstance(c, str) else c[0] for c in map(json.loads, lines)]
-    except (UnicodeDecodeError, ValueError, IndexError, TypeError) as e:
+    except UnicodeDecodeError as e:
         raise ValueError(f"--prompts {args.prompts} is not UTF-8 text, one caption per line "
                          f"({type(e).__name__}): re-encode it") from None
     if not lines:
@@ -106,14 +101,16 @@ def read_prompts(args, max_len):
     return lines
 
 
-def conditions(args, m, num, class_names=()):
-    """(host condition of every sample [num, ...], what the npz stores of it, captions or None) from the flags."""
+def conditions(args, cfg, num):
+    """What sample i is conditioned on, from the flags: (cond [num, ...], a host tensor; what the npz stores of it;
+    inputs(indices) -> the network's other inputs for those samples; what the settings record of them)."""
+    m = cfg["model"]
     if m.get("cond", "class") == "class":
         if args.prompt is not None or args.prompts or args.prompt_emb:
             raise ValueError("this is a class-conditional model: use --labels, not --prompt(s)")
-        labels = class_labels(num, m["num_classes"], args.labels, class_names)
-        return torch.from_numpy(labels), dict(arr_1=labels), None
-    if m.get("ext_dim"):
+        labels = class_labels(num, m["num_classes"], args.labels, cfg.get("data", {}).get("class_names", []))
+        cond, stored = torch.from_numpy(labels), dict(arr_1=labels)
+    elif m.get("ext_dim"):
         if not args.prompt_emb:
             raise ValueError("this model reads precomputed caption embeddings: give --prompt-emb FILE.npy")
         emb = np.load(args.prompt_emb, mmap_mode="r")
@@ -122,12 +119,16 @@ def conditions(args, m, num, class_names=()):
             raise ValueError(f"--prompt-emb rows are {list(emb.shape[1:])}, the model wants [{m['max_len']}, "
                              f"{m['ext_dim']}]")
         rows = np.arange(num) % len(emb)
-        return torch.from_numpy(np.asarray(emb[rows], dtype=np.float32)), dict(prompt_rows=rows), None
-    if args.prompt is None and not args.prompts:
-        raise ValueError("this is a text model: give --prompt TEXT or --prompts FILE")
-    prompts = read_prompts(args, m["max_len"])
-    captions = [prompts[i % len(prompts)] for i in range(num)]
-    return tokenize(captions, m["max_len"]), dict(captions=np.array(captions)), captions
+        cond, stored = torch.from_numpy(np.asarray(emb[rows], dtype=np.float32)), dict(prompt_rows=rows)
+    else:
+        if args.prompt is None and not args.prompts:
+            raise ValueError("this is a text model: give --prompt TEXT or --prompts FILE")
+        prompts = read_prompts(args, m["max_len"])
+        captions = [prompts[i % len(prompts)] for i in range(num)]
+        cond, stored = tokenize(captions, m["max_len"]), dict(captions=np.array(captions))
+    ctrl = control(args, m, cfg.get("data", {}))
+    inputs = lambda idx: {} if ctrl is None else dict(ctrl=ctrl.expand(len(idx), -1))
+    return cond, stored, inputs, dict(control=None if ctrl is None else ctrl[0].tolist())
 
 
 def control(args, m, data):
@@ -145,31 +146,25 @@ def control(args, m, data):
     return ctrl
 
 
-def control_images(args, m, num):
-    """An adapter model's control images: --controls DATASET's controls.npy (memory-mapped) and its labels; sample i
-    takes row i % N of both (index-matched, as labels are). -> (controls, rows, labels) or Nones."""
-    if not m.get("adapter") or not args.controls:
-        if m.get("adapter") or args.controls:
-            raise ValueError(f"--controls DATASET (a folder with controls.npy) goes with a model with an adapter "
-                             f"(train.py --adapter); this one has {m.get('adapter') or 'none'}")
-        return None, None, None
-    d = read_dataset(args.controls)
-    c = read_controls(args.controls, len(d.labels), m.get("hint_res") or m["resolution"], m["hint_ch"])
-    rows = np.arange(num) % len(c)
-    return c, rows, d.labels[rows]
-
-
 def main(argv=None):
-    p = get_parser()
-    args = check_flags(p, p.parse_args(argv))
-    args.steps = args.steps or (18 if args.sampler == "heun" else 50)
-    resolve_sampler(args.sampler, args.steps, args.ddim_eta, args.spacing)  # before any work: eta is for ddim
+    args = parse(get_parser(), argv)
     with distributed(args.device, args.dist_timeout) as (ddp, rank, world, local_rank):
-        run(args, ddp, rank, world, local_rank)
+        ckpt = load_model(args.ckpt)
+        run(args, ckpt, build(ckpt["config"])[0], conditions(args, ckpt["config"], args.num),
+            ddp, rank, world, local_rank)
 
 
-def run(args, ddp, rank, world, local_rank):
-    ckpt = load_model(args.ckpt)
+def parse(parser, argv):
+    """The flags, checked before any work (eta is for ddim), the default steps filled in."""
+    args = check_flags(parser, parser.parse_args(argv))
+    args.steps = args.steps or (18 if args.sampler == "heun" else 50)
+    resolve_sampler(args.sampler, args.steps, args.ddim_eta, args.spacing)
+    return args
+
+
+def run(args, ckpt, net, conds, ddp, rank, world, local_rank):
+    """The samples of net (built from ckpt's config; its weights not yet loaded) under conds (see conditions), one
+    samples file per guidance scale."""
     if "source" in ckpt["config"] and not args.out and not ckpt["step"]:
         raise ValueError(f"{args.ckpt} is a released model, not a run folder: give --out FILE.npz")
     out = args.out or os.path.join(os.path.dirname(ckpt_path(args.ckpt)), "samples.npz")
@@ -183,26 +178,19 @@ def run(args, ddp, rank, world, local_rank):
     device, use_compile, use_bf16 = setup_device(args.device, local_rank, args.compile, args.bf16)
     batch = args.batch or (500 if device.type == "cuda" else 32)
 
-    # The model, the conditions and the walk, all from the checkpoint and the flags
+    # The model and the walk, from the checkpoint and the flags
     cfg, m = ckpt["config"], ckpt["config"]["model"]
-    net, diffusion = build(cfg)
-    diffusion.to(device)
+    diffusion = Diffusion(**cfg["diffusion"]).to(device)
     load_weights(net, ckpt[args.weights], args.ckpt)
     net = net.to(device).eval().requires_grad_(False)
-    fwd = torch.compile(net) if use_compile else net
-    shape = (m["channels"], m["resolution"], m["resolution"])
-    cond, stored, _ = conditions(args, m, args.num, cfg.get("data", {}).get("class_names", []))
-    hints, rows, labels = control_images(args, m, args.num)
-    if hints is not None:  # the controls' own classes unless --labels says otherwise
-        if labels is not None and "arr_1" in stored and not args.labels:
-            cond, stored = torch.from_numpy(labels), dict(arr_1=labels)
-        stored["control_rows"] = rows
-    ctrl = control(args, m, cfg.get("data", {}))
+    cond, stored, inputs, recorded = conds
     latent = cfg.get("data", {}).get("latent")  # decoded in each batch by the autoencoder the latents came from
     decode = latent_decoder(latent, args.vae, device) if latent else None
     walk = resolve_sampler(args.sampler, args.steps, args.ddim_eta, args.spacing, diffusion.T)
     weights_sha = weights_hash(ckpt[args.weights])  # with an adapter's: its base's weights too
-    controls = None if hints is None else dict(path=os.path.abspath(args.controls), sha256=file_hash(hints.filename))
+    job = dict(fwd=torch.compile(net) if use_compile else net, diffusion=diffusion, cond=cond, inputs=inputs,
+               shape=(m["channels"], m["resolution"], m["resolution"]), decode=decode, walk=walk, batch=batch,
+               compiled=use_compile, device=device)
     for scale, out in zip(scales, outs):
         # resumed shards are keyed by everything that decides their content: the weights' hash, then the settings
         settings = dict(ckpt=os.path.abspath(args.ckpt), step=ckpt["step"], weights=args.weights,
@@ -210,36 +198,30 @@ def run(args, ddp, rank, world, local_rank):
                         steps=walk["steps"], ddim_eta=args.ddim_eta, spacing=args.spacing, cfg_scale=scale,
                         seed=args.seed, labels=args.labels,
                         conditions=hashlib.sha256(next(iter(stored.values())).tobytes()).hexdigest()[:16],
-                        control=None if ctrl is None else ctrl[0].tolist(), bf16=use_bf16, config=cfg,
-                        controls=controls)
-        sample_shards(out, settings, stored, args, dict(fwd=fwd, diffusion=diffusion, cond=cond, shape=shape,
-                                                        ctrl=ctrl, decode=decode, walk=walk, batch=batch,
-                                                        compiled=use_compile, device=device,
-                                                        hint=None if hints is None else lambda i: hints[rows[i]]),
-                      ddp, rank, world)
+                        control=None, bf16=use_bf16, config=cfg, controls=None)
+        sample_shards(out, dict(settings, **recorded), stored, args, job, ddp, rank, world)
 
 
-def sample_shards(out, settings, stored, args, m, ddp, rank, world):
+def sample_shards(out, settings, stored, args, job, ddp, rank, world):
     """The samples of one settings (one guidance scale) in resumable shards, each batch padded for a compiled model
     (one batch shape: no recompile), then merged into `out`."""
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    batch, scale = m["batch"], settings["cfg_scale"]
+    batch, scale = job["batch"], settings["cfg_scale"]
 
     def make(lo, hi, bar):
         parts = []
         for b in range(lo, hi, batch):
             idx = np.arange(b, min(b + batch, hi))
-            padded = np.pad(idx, (0, batch - len(idx)), mode="edge") if m["compiled"] else idx
-            parts.append(generate(m["fwd"], m["diffusion"], padded, m["cond"][padded], seed=args.seed, shape=m["shape"],
-                                  device=m["device"], bf16=settings["bf16"], **m["walk"], cfg_scale=scale,
-                                  ctrl=m["ctrl"], decode=m["decode"],
-                                  hint=None if m["hint"] is None else m["hint"](padded))[:len(idx)])
+            padded = np.pad(idx, (0, batch - len(idx)), mode="edge") if job["compiled"] else idx
+            parts.append(generate(job["fwd"], job["diffusion"], padded, job["cond"][padded], seed=args.seed,
+                                  shape=job["shape"], device=job["device"], bf16=settings["bf16"], **job["walk"],
+                                  cfg_scale=scale, decode=job["decode"], inputs=job["inputs"](padded))[:len(idx)])
             bar.update(len(idx))
         return np.concatenate(parts)
     announce = lambda missing, total: print(
         f"{args.num} samples, {args.sampler} {settings['steps']} steps, cfg {scale}, seed {args.seed}, "
         f"{args.weights} weights at step {settings['step']} | {missing} of {total} shards to do on {world} x "
-        f"{m['device']} | bf16={settings['bf16']} compile={m['compiled']}")
+        f"{job['device']} | bf16={settings['bf16']} compile={job['compiled']}")
     shards = run_shards(out, key, args.num, args.shard_size, make, ddp, rank, world, "samples", "sample.py", announce)
     if rank == 0:
         merge_shards(out, shards, settings, stored, settings["config"].get("data", {}))

@@ -8,7 +8,7 @@ Continue a killed run:          python train.py --resume runs/NAME
 Start from a lower resolution:  python train.py --data data/in64/train --preset in64 --init-from runs/in32
 
 Input: a dataset folder from prepare_data.py. Output: a run folder (config.json, corruption.npz, log.jsonl,
-ckpt.pt, grid-<step>.png; see README "File formats").
+ckpt.pt, grid-<step>.png; docs/file-formats.md). Adapters on a frozen run: python -m ext.adapters train.
 
 Everything random in a step (timesteps, noise, label dropout, CEP, flips, dropout masks) is drawn from
 generators seeded by (seed, step), for the global batch, before it is split over ranks: the run is the same
@@ -16,13 +16,13 @@ for any number of GPUs at the same global batch, and the step number is the whol
 """
 import argparse
 import copy
+import dataclasses
 import functools
 import glob
 import json
 import math
 import os
 import time
-import types
 from collections import namedtuple
 
 import numpy as np
@@ -32,14 +32,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import corrupt
-from model import (PRESETS, T, Denoiser, Diffusion, cep_delta, generate, latent_decoder, load_model, neutral_control,
-                   tokenize, weights_hash, with_base)
-from plumbing import (CKPT_FORMAT, Interval, barrier, bench_steps, check_flags, ckpt_path, cli, distributed,
-                      flag_adder, load_checkpoint, load_weights, mfu, peak_flops, peers, read_controls, read_dataset,
-                      resumable_flags, save_atomic, save_grid, save_json, save_npz, seed_of, setup_device, to_device)
+from diffusion import T, Diffusion, generate
+from model import PRESETS, Denoiser, cep_delta, latent_decoder, load_model, neutral_control, tokenize
+from plumbing import (CKPT_FORMAT, Interval, barrier, check_flags, ckpt_path, cli, distributed, flag_adder,
+                      load_checkpoint, load_weights, mfu, peak_flops, peers, read_captions, read_dataset,
+                      resumable_flags, save_atomic, save_grid, save_json, save_npz, seed_of, setup_device, to_device,
+                      to_float)
 
-# How this process runs: device, ranks, and the speed switches resolved from --compile, --bf16, --cuda-graphs.
-Runtime = namedtuple("Runtime", "device rank world ddp compile bf16 graphs")
+# How this process runs: device, ranks, the speed switches resolved from --compile, --bf16, --cuda-graphs, and the
+# memory layout of weights and inputs (--channels-last).
+Runtime = namedtuple("Runtime", "device rank world ddp compile bf16 graphs memory_format")
 COUNT, FRACTION, NONNEG = Interval(int, "[1, inf)"), Interval(float, "[0, 1)"), Interval(float, "[0, inf)")
 
 
@@ -85,9 +87,8 @@ def get_parser():
       help="control metadata (crop, size, flip): phased in over the noise level (Berrada et al.) or summed into c_vec")
     a("--crop-scale", type=Interval(float, "(0, 1]"), default=1.0,
       help="random crops of side in [crop-scale, 1] of the image (1: off)")
-    a("--init-from", help="run folder to start from (its EMA weights) at this dataset's resolution")
-    a("--adapter", choices=["controlnet", "t2i"], help="train only a ControlNet (UNet, DiT) or a T2I-Adapter (UNet) "
-      "on the dataset's controls.npy, on top of the frozen --init-from run (Chen et al. Sec. 3.2)")
+    a("--init-from", help="start from these EMA weights at this dataset's resolution: a run folder or ckpt.pt, or a "
+      "released model (DiT's .pt, a diffusers DiT folder or hub id: docs/released-models.md)")
     a("--schedule-shift", type=Interval(float, "(0, inf)"),
       help="divide the SNR by shift^2 (default 1; --init-from: new/old resolution)")
     a("--subset", type=COUNT, help="train on a seeded subset of this many images (Zhang et al. 2024)")
@@ -124,15 +125,14 @@ def add_run_flags(a):
     a("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None, resumable=True,
       help="CUDA graphs for the compiled step (torch.compile mode reduce-overhead; default: on with --compile on CUDA)")
     a("--channels-last", action="store_true", help="NHWC weights and inputs (measured 8%% slower than NCHW on an H100 "
-                                                   "with CUDA graphs: see README; fixed for a run)")
-    a("--bench", type=Interval(int, "[0, inf)"), default=0,
-      help="time N steps after warm-up, print images/s, memory, MFU (and the same as JSON), and exit")
+                                                   "with CUDA graphs: docs/performance.md; fixed for a run)")
 
 
-def parse_args(argv=None):
-    """The flags, checked, and args.given: the flags on the command line. That needs a second parse with every
-    default None, since a given flag may equal its default (a resumed run must tell them apart)."""
-    p = get_parser()
+def parse_args(argv=None, parser=None):
+    """The flags (of get_parser, or of a parser built on it), checked, and args.given: the flags on the command line.
+    That needs a second parse with every default None, since a given flag may equal its default (a resumed run must
+    tell them apart)."""
+    p = parser or get_parser()
     args = check_flags(p, p.parse_args(argv))
     p.set_defaults(**{k: None for k in vars(args)})
     args.given = sorted(k for k, v in vars(p.parse_args(argv)).items() if v is not None)
@@ -141,13 +141,12 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------------------- configuration
 
-def resolve_config(args, world):
-    """Flags -> the run's config, read-only (a named tuple), and the checkpoint of --resume (or None). A resumed run
-    takes its stored config (only the resumable flags may change); then the defaults that depend on other flags
-    (corruption kind, run folder, per-rank batch) are filled in, and everything is checked before any work starts."""
-    flags, ckpt, resumable = {k: v for k, v in vars(args).items() if k != "given"}, None, resumable_flags(get_parser())
-    if args.resume:
-        ckpt = with_base(load_checkpoint(args.resume))
+def resolve_config(args, world, ckpt=None):
+    """Flags -> the run's config, read-only (a named tuple). A resumed run (ckpt: its checkpoint) takes its stored
+    config (only the resumable flags may change); then the defaults that depend on other flags (corruption kind, run
+    folder, per-rank batch) are filled in, and everything is checked before any work starts."""
+    flags, resumable = {k: v for k, v in vars(args).items() if k != "given"}, resumable_flags(get_parser())
+    if ckpt is not None:
         stored = ckpt["config"]["train"]
         for k in args.given:
             if k not in resumable | {"resume", "out"} and flags[k] != stored.get(k):
@@ -158,19 +157,12 @@ def resolve_config(args, world):
                      **{k: flags[k] for k in args.given if k in resumable})
         flags["out"] = args.out if "out" in args.given else os.path.dirname(ckpt_path(args.resume))
     flags["corruption"] = flags["corruption"] or ("swap" if flags["cond"] == "text" else "symmetric")
-    if flags["adapter"] and flags["init_from"] and not args.resume:  # the base's network, whatever --preset says
-        flags["preset"] = load_model(flags["init_from"], with_vae=False)["config"]["model"]["preset"]
     flags["schedule"] = flags["schedule"] or PRESETS[flags["preset"]].get("schedule", "linear")
     if flags["out"] is None:
         dataset = os.path.basename(os.path.dirname(os.path.abspath(flags["data"])))
-        cep = ("" if flags["cep"] == "none" else f"-cep{flags['cep']}") + \
-            (f"-ip{flags['ip_gamma']:g}" if flags["ip_gamma"] else "")
         text = "-text" if flags["cond"] == "text" else ""
-        flags["out"] = os.path.join("runs", f"{dataset}-{flags['preset']}{text}-eta{flags['eta']:g}{cep}")
-        if flags["adapter"]:
-            flags["out"] = os.path.join("runs", f"{os.path.basename(os.path.normpath(flags['init_from']))}-"
-                                                f"{flags['adapter']}{cep}")
-    check_args(types.SimpleNamespace(**flags))
+        flags["out"] = os.path.join("runs", f"{dataset}-{flags['preset']}{text}-eta{flags['eta']:g}{perturbed(flags)}")
+    check_args(**flags)
     # global batch = world x batch_gpu x accumulation
     batch_gpu = flags["batch_gpu"] or flags["batch_size"] // world
     if flags["batch_size"] % world or batch_gpu < 1 or (flags["batch_size"] // world) % batch_gpu:
@@ -178,22 +170,26 @@ def resolve_config(args, world):
                          f"{batch_gpu} x a whole number of accumulation steps")
     flags.update(batch_gpu=batch_gpu, world_size=world, accum=flags["batch_size"] // world // batch_gpu)
     cfg = namedtuple("Config", flags)(**flags)
-    if not cfg.resume and not cfg.bench and os.path.exists(os.path.join(cfg.out, "ckpt.pt")):
+    if not cfg.resume and os.path.exists(os.path.join(cfg.out, "ckpt.pt")):
         raise ValueError(f"{cfg.out} already holds a run: continue it with --resume {cfg.out} or pick another --out")
-    return cfg, ckpt
+    return cfg
 
 
-def check_args(a):
-    if (a.corruption == "swap") != (a.cond == "text"):
-        raise ValueError(f"--corruption {a.corruption} does not go with --cond {a.cond}: labels are flipped "
+def perturbed(flags):
+    """The run folder's suffix for CEP and input perturbation: -cepuniform, -ip0.1."""
+    return ("" if flags["cep"] == "none" else f"-cep{flags['cep']}") + \
+        (f"-ip{flags['ip_gamma']:g}" if flags["ip_gamma"] else "")
+
+
+def check_args(corruption, cond, text_emb, text_dim, text_layers, corrupt_classes, preset, channels, dropout, **_):
+    if (corruption == "swap") != (cond == "text"):
+        raise ValueError(f"--corruption {corruption} does not go with --cond {cond}: labels are flipped "
                          f"(symmetric, asymmetric), captions swapped (swap)")
-    if a.cond != "text" and (a.text_emb or a.text_dim or a.text_layers):
+    if cond != "text" and (text_emb or text_dim or text_layers):
         raise ValueError("--text-emb, --text-dim and --text-layers are for --cond text; this is a class model")
-    if a.corruption == "asymmetric" and not a.corrupt_classes:
+    if corruption == "asymmetric" and not corrupt_classes:
         raise ValueError("--corruption asymmetric needs --corrupt-classes")
-    if a.adapter and not a.init_from:
-        raise ValueError("--adapter trains on top of a pre-trained model: give its run folder with --init-from")
-    if "dit" in PRESETS[a.preset] and (a.channels or a.dropout is not None):
+    if "dit" in PRESETS[preset] and (channels or dropout is not None):
         raise ValueError("--channels and --dropout set a UNet; a DiT preset takes neither")
 
 
@@ -215,7 +211,7 @@ def load_dataset(path, subset, data_seed):
 def load_text(path, count, text_emb=None):
     """(captions, embeddings): the dataset's captions.jsonl, or --text-emb [N, L, D] (memory-mapped)."""
     if not text_emb:
-        return corrupt.read_captions(path, count), None
+        return read_captions(os.path.join(path, "captions.jsonl"), count), None
     try:
         emb = np.load(text_emb, mmap_mode="r")
     except (OSError, ValueError) as e:
@@ -284,7 +280,7 @@ def make_label_fn(kind, mode, eta, data_seed, labels, num_classes, class_names, 
     if kind == "swap":
         draw = lambda e=None: corrupt.corrupt_captions(len(labels), eta, data_seed, epoch=e)
     else:
-        classes = corrupt.parse_classes(corrupt_classes, class_names) if kind == "asymmetric" else None
+        classes = corrupt.parse_classes(corrupt_classes, class_names, "--corrupt-classes") if kind == "asymmetric" else None
         draw = lambda e=None: corrupt.corrupt_labels(labels, eta, num_classes, data_seed, classes, epoch=e)
     fixed, mask = draw()
     return ((lambda e: fixed) if mode == "fixed" else (lambda e: draw(e)[0])), fixed, mask
@@ -302,9 +298,29 @@ def make_cond(cond, cond_ids, index, captions, text_emb, seed, step, max_len):
     return tokenize([captions[r][rng.integers(len(captions[r]))] for r in rows], max_len)
 
 
-def load_data(cfg, device, rank=0):
-    """The dataset, its (corrupted) conditions and the batch stream, as one namespace; decode: latents -> images for
-    rank 0's grids, by the autoencoder the latents were made with (its hash checked)."""
+@dataclasses.dataclass
+class Data:
+    """A dataset folder as a run sees it; a position is a row of the rows it trains on (all, or a --subset)."""
+    meta: dict  # meta.json
+    index: np.ndarray  # the dataset row of each position
+    res: int  # the model's input resolution and channels (a latent folder's latents)
+    ch: int
+    image_res: int  # the images' resolution (a latent folder's source images)
+    latent: dict  # meta.json's record of the autoencoder of a latent folder, or None
+    corruption: dict  # what corruption.npz stores: the mask, the index, (clean) labels or each caption's source
+    fixed_ids: np.ndarray  # each position's condition id under the fixed corruption (make_label_fn)
+    captions: list  # captions.jsonl, a list of captions per dataset row (text models), or None
+    text_emb: np.ndarray  # --text-emb, one row per dataset row, or None
+    sizes: np.ndarray  # original (height, width) of each position, from sizes.npy (control metadata), or None
+    control_size: list  # the median original size: the control metadata of a grid
+    batches: object  # Batches: the global batch of each step
+    cond_of: object  # (condition ids, step) -> the host condition of a batch (make_cond)
+    decode: object  # latents -> images for rank 0's grids, or None
+
+
+def load_data(cfg, device, rank=0, grids=True):
+    """The dataset, its (corrupted) conditions and the batch stream; decode (rank 0, grids): by the autoencoder the
+    latents were made with (its hash checked)."""
     images, clean_labels, index, meta = load_dataset(cfg.data, cfg.subset, cfg.data_seed)
     captions, text_emb = load_text(cfg.data, len(images), cfg.text_emb) if cfg.cond == "text" else (None, None)
     sizes_path = os.path.join(cfg.data, "sizes.npy")
@@ -318,19 +334,15 @@ def load_data(cfg, device, rank=0):
         raise ValueError("--crop-scale does not apply to precomputed latents (the latent of a crop is not a crop of "
                          "the latent): leave it at 1; flips and original sizes still apply")
     image_res = latent["image_resolution"] if latent else meta["resolution"]
-    controls = read_controls(cfg.data, len(images), image_res) if cfg.adapter else None
-    return types.SimpleNamespace(
-        meta=meta, index=index, num_classes=meta["num_classes"], res=meta["resolution"], ch=images.shape[3],
-        captions=captions, text_emb=text_emb, mask=mask, fixed_ids=fixed_ids, latent=latent, image_res=image_res,
-        corruption=dict(mask=mask, index=index, **conds),
-        sizes=None if sizes is None else sizes[index],  # original sizes by position in the (subset) dataset
+    return Data(
+        meta=meta, index=index, res=meta["resolution"], ch=images.shape[3], image_res=image_res, latent=latent,
+        corruption=dict(mask=mask, index=index, **conds), fixed_ids=fixed_ids, captions=captions, text_emb=text_emb,
+        sizes=None if sizes is None else sizes[index],  # by position in the (subset) dataset
         control_size=np.median(sizes, 0).round().astype(int).tolist() if sizes is not None else [image_res] * 2,
         batches=Batches(images, index, device, cfg.seed, label_fn, in_memory, cfg.data),
-        hints=None if controls is None else Batches(controls, index, device, cfg.seed, label_fn, in_memory, cfg.data),
-        hint_ch=None if controls is None else controls.shape[3],
-        decode=latent_decoder(latent, None, device) if latent and rank == 0 and not cfg.bench else None,
         cond_of=functools.partial(make_cond, cfg.cond, index=index, captions=captions, text_emb=text_emb,
-                                  seed=cfg.seed, max_len=cfg.max_len))
+                                  seed=cfg.seed, max_len=cfg.max_len),
+        decode=latent_decoder(latent, None, device) if latent and rank == 0 and grids else None)
 
 
 def random_crop(x, top, left, side):
@@ -344,12 +356,10 @@ def random_crop(x, top, left, side):
 
 # ----------------------------------------------------------------------------- model and state
 
-def model_config(cfg, data, ckpt):
-    """(model config, diffusion config, the --init-from checkpoint or None): a resumed run's as stored, else from
-    the flags and the dataset."""
-    if ckpt is not None:
-        return ckpt["config"]["model"], ckpt["config"]["diffusion"], None
-    model_cfg = dict(num_classes=data.num_classes, resolution=data.res, channels=data.ch, preset=cfg.preset,
+def model_config(cfg, data, src=None):
+    """(model config, diffusion config) of a new run, from the flags and the dataset; src: the --init-from
+    checkpoint, whose network this one continues at this dataset's resolution."""
+    model_cfg = dict(num_classes=data.meta["num_classes"], resolution=data.res, channels=data.ch, preset=cfg.preset,
                      cond=cfg.cond)
     if cfg.dropout is not None:
         model_cfg["dropout"] = cfg.dropout
@@ -366,16 +376,6 @@ def model_config(cfg, data, ckpt):
         model_cfg["class_ctx"] = cfg.class_ctx
     diff_cfg = dict(schedule=cfg.schedule, T=T, prediction=cfg.prediction, shift=cfg.schedule_shift or 1.0,
                     **({"clip": False} if data.latent else {}))  # latents have no [-1, 1] range to clip x0 to
-    src = load_model(cfg.init_from, with_vae=False) if cfg.init_from else None  # a run, or a released DiT
-    if cfg.adapter:  # the base's network exactly (it stays frozen) and its diffusion, with an adapter on top
-        old = src["config"]["model"]
-        if [old["resolution"], old["channels"], old.get("cond", "class"), old["num_classes"]] != \
-                [data.res, data.ch, cfg.cond, data.num_classes]:
-            raise ValueError(f"--init-from {cfg.init_from} was trained at {old['resolution']}px, {old['channels']} "
-                             f"channels, cond {old.get('cond', 'class')}, {old['num_classes']} classes: an adapter "
-                             f"trains on data of the same kind ({cfg.data} is not)")
-        return dict(old, adapter=cfg.adapter, hint_ch=data.hint_ch, hint_res=data.image_res), \
-            src["config"]["diffusion"], src
     if src is not None:  # resolution transfer (Berrada et al. 2024) from a run at a lower resolution: every weight
         # is independent of the image size (a DiT's fixed sin-cos positions are recomputed for the new grid); a UNet's
         # attention stays at the same levels (attn_res scaled by new / old resolution); the SNR is divided by
@@ -393,38 +393,58 @@ def model_config(cfg, data, ckpt):
                                                                     "mlp_eps")})
         if cfg.schedule_shift is None:
             diff_cfg["shift"] = src["config"]["diffusion"].get("shift", 1.0) * ratio
-    return model_cfg, diff_cfg, src
+    return model_cfg, diff_cfg
 
 
-def build_state(cfg, model_cfg, diff_cfg, ckpt, src, device, ddp):
-    """Model, EMA, optimizer and step: fresh (seeded by --seed), from --resume's checkpoint, or from --init-from's
-    EMA weights. Every rank starts from rank 0's weights."""
+def run_config(cfg, data, model_cfg, diff_cfg, source=None):
+    """What config.json and every checkpoint store: the model, the diffusion, the flags as resolved, the dataset (and
+    a released model's id and hash, if the run started from one)."""
+    config = dict(model=model_cfg, diffusion=diff_cfg, train={k: v for k, v in cfg._asdict().items() if k != "resume"},
+                  data=dict(path=os.path.abspath(cfg.data), control_size=data.control_size,
+                            checksum=data.meta.get("source_checksum"),
+                            **{k: data.meta[k] for k in ("num_classes", "class_names", "resolution", "count")},
+                            **({"latent": data.latent} if data.latent else {})))
+    return dict(config, source=source) if source else config
+
+
+def init_model(cfg, model_cfg, src, device, memory_format, make=Denoiser):
+    """The network, seeded by --seed (make: its class), with --init-from's EMA weights (src) if given."""
     torch.manual_seed(cfg.seed)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    net = Denoiser(**model_cfg).to(device, memory_format=memory_format)
-    if ckpt is not None:
-        load_weights(net, ckpt["model"], cfg.resume)
-    elif src is not None:
-        own = {k: v for k, v in net.state_dict().items() if k.startswith("adapter.")}  # as initialised
-        load_weights(net, {**own, **src["ema"]}, f"--init-from {cfg.init_from}", "this model",
+    net = make(**model_cfg).to(device, memory_format=memory_format)
+    if src is not None:
+        load_weights(net, src["ema"], f"--init-from {cfg.init_from}", "this model",
                      "give the --preset, --cond and text/control flags of that run")
-        if cfg.adapter:  # ControlNet's trainable copy starts as the pre-trained encoder
-            net.adapter.reset(net.backbone)
-    if cfg.adapter:  # the base is frozen: only the adapter trains
-        for k, p in net.named_parameters():
-            p.requires_grad_(k.startswith("adapter."))
+    return net
+
+
+@dataclasses.dataclass
+class State:
+    """What the loop changes and a checkpoint holds."""
+    net: torch.nn.Module
+    ema: torch.nn.Module  # the EMA of net's weights, in eval mode, what grids and sample.py use
+    opt: torch.optim.Optimizer
+    diffusion: Diffusion
+    step: int
+    params: list  # the trained parameters (an adapter's only, on a frozen base)
+    meter: "LossMeter"
+    saved: set = None  # the state-dict entries a checkpoint holds (an adapter's own), or None: all
+
+
+def build_state(cfg, net, diff_cfg, ckpt, rt, saved=None):
+    """EMA, optimizer and step of the network: fresh, or --resume's checkpoint. Every rank starts from rank 0's
+    weights."""
     params = [p for p in net.parameters() if p.requires_grad]
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=rt.device.type == "cuda")
     if ckpt is not None:
+        load_weights(net, ckpt["model"], cfg.resume)
         load_weights(ema, ckpt["ema"], cfg.resume)
         opt.load_state_dict(ckpt["opt"])
-    if ddp:  # equal already (same seed or checkpoint); the broadcast makes sure
+    if rt.ddp:  # equal already (same seed or checkpoint); the broadcast makes sure
         for p in net.parameters():
             dist.broadcast(p.data, 0)
-    return types.SimpleNamespace(net=net, ema=ema, opt=opt, diffusion=Diffusion(**diff_cfg).to(device),
-                                 step=0 if ckpt is None else ckpt["step"], memory_format=memory_format,
-                                 params=params, meter=LossMeter(device))
+    return State(net, ema, opt, Diffusion(**diff_cfg).to(rt.device), 0 if ckpt is None else ckpt["step"], params,
+                 LossMeter(rt.device), saved)
 
 
 def prepare_run_folder(out, config, corruption, step):
@@ -460,10 +480,27 @@ def check_same_run(out, config, stored, **corruption):
 
 # ----------------------------------------------------------------------------- one training step
 
+@dataclasses.dataclass
+class Draw:
+    """Everything random in a step, per sample: the typed batch that draw_step makes and the step passes on."""
+    idx: np.ndarray  # dataset positions
+    t: torch.Tensor  # timesteps
+    noise: torch.Tensor
+    cond: torch.Tensor  # conditions (ids made host tensors by data.cond_of), the null one where label dropout struck
+    flip: torch.Tensor  # horizontal flips
+    delta: torch.Tensor = None  # CEP's delta and the replicate-padding noise on the condition embedding
+    crop: torch.Tensor = None  # crop boxes (top, left, side) as fractions of the image (--crop-scale)
+    ctrl: torch.Tensor = None  # control metadata (--control)
+    eps: torch.Tensor = None  # a fresh draw from each KL latent's posterior
+    ip: torch.Tensor = None  # input perturbation (--ip-gamma)
+
+    def part(self, lo, hi):
+        return Draw(**{k: None if v is None else v[lo:hi] for k, v in vars(self).items()})
+
+
 def draw_step(step, cfg, data, net, device, rank=0, world=1):
     """Everything random in a step, drawn from (seed, step) for the global batch and then cut to this rank's share:
-    the run is the same for any number of ranks at the same global batch, and the step is the whole RNG state.
-    -> {name: per-sample tensor}: idx (dataset positions), t, noise, cond, flip [, delta, crop, ctrl, eps, ip]."""
+    the run is the same for any number of ranks at the same global batch, and the step is the whole RNG state."""
     batch, shape, crop_scale = cfg.batch_size, (data.ch, data.res, data.res), cfg.crop_scale
     gen = torch.Generator(device=device).manual_seed(seed_of(cfg.seed, step))
     idx, cond_ids = data.batches.indices(step, batch)
@@ -473,60 +510,58 @@ def draw_step(step, cfg, data, net, device, rank=0, world=1):
     drop = torch.rand(batch, generator=gen, device=device) < cfg.label_dropout  # the null condition, for CFG
     cond = torch.where(drop.view(-1, *[1] * (cond.dim() - 1)), net.null_cond(cond), cond)
     flip = (torch.rand(batch, generator=gen, device=device) < 0.5) & cfg.hflip
-    d = dict(idx=idx, t=t, noise=noise, cond=cond, flip=flip)
-    d["delta"] = net.cond_noise(cond, cfg.cep, cfg.cep_gamma, gen)  # CEP, and the replicate-padding noise
+    d = Draw(idx, t, noise, cond, flip, delta=net.cond_noise(cond, cfg.cep, cfg.cep_gamma, gen))
     zero = torch.zeros(batch, device=device)
     top, left, side = zero, zero, zero + 1
     if crop_scale < 1:
         side = crop_scale + (1 - crop_scale) * torch.rand(batch, generator=gen, device=device)
         top, left = (torch.rand(2, batch, generator=gen, device=device) * (1 - side)).unbind()
-        d["crop"] = torch.stack([top, left, side], 1)
+        d.crop = torch.stack([top, left, side], 1)
     if cfg.control != "none":  # what was done to each image: the crop box, its original size, the flip
         hw = torch.full((batch, 2), float(data.image_res), device=device) if data.sizes is None else \
             to_device(torch.from_numpy(data.sizes[idx]), device).float()
-        d["ctrl"] = torch.cat([torch.stack([top, left, side, side], 1), hw, flip[:, None].float()], 1)
+        d.ctrl = torch.cat([torch.stack([top, left, side, side], 1), hw, flip[:, None].float()], 1)
     if data.latent is not None and data.latent["kind"] == "kl":  # a fresh draw from each latent's posterior
-        d["eps"] = torch.randn(batch, *shape, generator=gen, device=device)
+        d.eps = torch.randn(batch, *shape, generator=gen, device=device)
     if cfg.ip_gamma:  # drawn last: the other draws stay those of a run without it
-        d["ip"] = cfg.ip_gamma * torch.randn(batch, *shape, generator=gen, device=device)
-    share = slice(rank * batch // world, (rank + 1) * batch // world)
-    return {k: v[share] for k, v in d.items() if v is not None}
+        d.ip = cfg.ip_gamma * torch.randn(batch, *shape, generator=gen, device=device)
+    return d.part(rank * batch // world, (rank + 1) * batch // world)
 
 
-def micro_loss(net, diffusion, memory_format, latent_scale, x, *, t, noise, cond, flip, delta=None, crop=None,
-               ctrl=None, eps=None, ip=None, hint=None):
-    """Per-sample loss of one micro-batch: uint8 NHWC images to [-1, 1] in the run's layout, crop, flip; or latents
-    [b, 2 (image, mirror), K, C, h, w]: the mirror's for a flip, mean + std * eps for a KL autoencoder (a fresh draw
-    each step, as EDM2), times the scaling factor. hint: an adapter's control images (uint8 NHWC) to [0, 1], cropped
-    and flipped as their images."""
-    def view(v):
-        v = v if crop is None else random_crop(v, *crop.unbind(1))
-        return torch.where(flip[:, None, None, None], v.flip(3), v)
-    hint = None if hint is None else view(hint.permute(0, 3, 1, 2).float() / 255)
+def micro_loss(net, diffusion, memory_format, latent_scale, d, x, **inputs):
+    """Per-sample loss of a micro-batch d: uint8 NHWC images x to [-1, 1] in the run's layout, cropped and flipped;
+    or latents x [b, 2 (image, mirror), K, C, h, w]: the mirror's for a flip, mean + std * eps for a KL autoencoder (a
+    fresh draw each step, as EDM2), times the scaling factor. inputs: the network's other inputs (an adapter's
+    control image, cropped and flipped with its image by `augment`)."""
     if latent_scale is not None:
-        x = x[torch.arange(len(x), device=x.device), flip.long()].float()
-        x = (x[:, 0] if eps is None else x[:, 0] + x[:, 1] * eps) * latent_scale
-        return diffusion.loss(net, x, cond, t, noise, delta, ctrl, ip, hint)
-    x = view((x.permute(0, 3, 1, 2).float() / 127.5 - 1).contiguous(memory_format=memory_format))
-    return diffusion.loss(net, x, cond, t, noise, delta, ctrl, ip, hint)
+        x = x[torch.arange(len(x), device=x.device), d.flip.long()].float()
+        x = (x[:, 0] if d.eps is None else x[:, 0] + x[:, 1] * d.eps) * latent_scale
+    else:
+        x = augment(to_float(x).contiguous(memory_format=memory_format), d)
+    return diffusion.loss(net, x, d.cond, d.t, d.noise, ip=d.ip, cond_delta=d.delta, ctrl=d.ctrl, **inputs)
 
 
-def train_step(batch, *, lr, dropout_seed, loss_fn, images_at, s, accum, grad_clip, rt, hints_at=None):
-    """One optimizer step on this rank's share of the draws: accumulate gradients over the micro-batches (each a
-    slice of every per-sample input), average them over the ranks, clip, Adam."""
+def augment(v, d):
+    """Images v [b, C, H, W] cropped (d.crop) and flipped (d.flip) as the micro-batch d says."""
+    v = v if d.crop is None else random_crop(v, *d.crop.unbind(1))
+    return torch.where(d.flip[:, None, None, None], v.flip(3), v)
+
+
+def train_step(d, *, lr, dropout_seed, loss_fn, fetch, s, accum, grad_clip, rt):
+    """One optimizer step on this rank's share d of the draws: accumulate gradients over the micro-batches (each a
+    part of d, its inputs fetch(positions) -> {name: tensor}), average them over the ranks, clip, Adam."""
     torch.manual_seed(dropout_seed)
     for g in s.opt.param_groups:
         g["lr"] = lr
-    n = len(batch["t"]) // accum
+    n = len(d.t) // accum
     for m in range(accum):
-        mb = {k: v[m * n:(m + 1) * n] for k, v in batch.items()}
+        mb = d.part(m * n, (m + 1) * n)
         if rt.graphs:
             torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(rt.device.type, torch.bfloat16, enabled=rt.bf16):
-            idx = mb.pop("idx")
-            losses = loss_fn(images_at(idx), **mb, **({} if hints_at is None else dict(hint=hints_at(idx))))
+            losses = loss_fn(mb, **fetch(mb.idx))
             (losses.mean() / accum).backward()
-        s.meter.add(losses.detach(), mb["t"])
+        s.meter.add(losses.detach(), mb.t)
     if rt.ddp:
         with peers(rt.rank):
             average_gradients(s.params, rt.world)
@@ -568,10 +603,12 @@ def cond_l2(net, data, cond, cep, gamma, seed, n=4096):
         return (w[noisy] + delta - w[clean]).norm(dim=1).mean().item()
 
 
-def make_step_fn(cfg, data, s, rt):
-    """step -> lr: draw, optimizer step, EMA update; the function the training loop and --bench both call."""
-    loss_fn = functools.partial(micro_loss, s.net, s.diffusion, s.memory_format,
-                                data.latent["scale"] if data.latent else None)
+def make_step_fn(cfg, data, s, rt, loss_fn=None, fetch=None):
+    """step -> lr: draw, optimizer step, EMA update; the function the training loop and ext/bench.py call. loss_fn(d,
+    **fetch(positions)): a micro-batch's per-sample losses; by default micro_loss of the batch's images."""
+    loss_fn = loss_fn or functools.partial(micro_loss, s.net, s.diffusion, rt.memory_format,
+                                           data.latent["scale"] if data.latent else None)
+    fetch = fetch or (lambda idx: dict(x=data.batches.images_at(idx)))
     # one compiled graph per micro-batch; with CUDA graphs its hundreds of kernels are one launch (the step was bound
     # by the host launching them). Checkpoints are saved from `net`: no _orig_mod. keys.
     loss_fn = torch.compile(loss_fn, mode="reduce-overhead" if rt.graphs else None) if rt.compile else loss_fn
@@ -580,9 +617,8 @@ def make_step_fn(cfg, data, s, rt):
     def step_fn(step):
         lr = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
         train_step(draw_step(step, cfg, data, s.net, rt.device, rt.rank, rt.world), lr=lr, loss_fn=loss_fn,
-                   dropout_seed=seed_of(cfg.seed, step, rt.rank, 3),  # dropout masks: per rank, not a global draw
-                   images_at=data.batches.images_at, s=s, accum=cfg.accum, grad_clip=cfg.grad_clip, rt=rt,
-                   hints_at=data.hints and data.hints.images_at)
+                   fetch=fetch, dropout_seed=seed_of(cfg.seed, step, rt.rank, 3),  # per rank, not a global draw
+                   s=s, accum=cfg.accum, grad_clip=cfg.grad_clip, rt=rt)
         with torch.no_grad():
             beta = ema_beta(cfg.ema_halflife_kimg, cfg.ema_rampup, (step + 1) * cfg.batch_size, cfg.batch_size)
             torch._foreach_lerp_(ema_params, s.params, 1 - beta)
@@ -619,7 +655,7 @@ def save_checkpoint(out, s, config, step, batch_size, snapshot_every):
     if not all(torch.isfinite(p).all() for p in s.net.parameters()):
         raise FloatingPointError(f"non-finite weights at step {step}: stopped; {out}/ckpt.pt keeps the last "
                                  f"good state (try a lower --lr, then --resume)")
-    own = lambda sd: {k: v for k, v in sd.items() if "base" not in config or k.startswith("adapter.")}
+    own = lambda sd: sd if s.saved is None else {k: v for k, v in sd.items() if k in s.saved}
     state = dict(format=CKPT_FORMAT, model=own(s.net.state_dict()), ema=own(s.ema.state_dict()),
                  opt=s.opt.state_dict(), step=step, nimg=step * batch_size, config=config)
     save_atomic(os.path.join(out, "ckpt.pt"), lambda f: torch.save(state, f))
@@ -627,58 +663,55 @@ def save_checkpoint(out, s, config, step, batch_size, snapshot_every):
         save_atomic(os.path.join(out, f"ckpt-{step:07d}.pt"), lambda f: torch.save(state, f))
 
 
-def grid_rows(cond, class_names, captions, text_emb, max_len, data):
-    """(condition of each row, its label, its control image or None): up to 16 classes evenly spaced, or the
-    (first) captions of the dataset's first 8 images; an adapter's: the first 8 images' controls and conditions."""
-    if data.hints is not None:
-        rows = np.arange(min(8, len(data.index)))
-        c = torch.from_numpy(data.corruption["clean_labels"][rows]) if cond == "class" else \
-            data.cond_of(torch.from_numpy(rows), step=0)
-        names = [class_names[k] for k in c] if cond == "class" else [f"image {k}" for k in rows]
-        return c, names, data.hints.images_at(rows).cpu()
+def grid_rows(cond, class_names, captions, text_emb, max_len):
+    """(condition of each row, its label, the rows' other inputs {}): up to 16 classes evenly spaced, or the (first)
+    captions of the dataset's first 8 images."""
     if cond == "class":
         classes = np.unique(np.linspace(0, len(class_names) - 1, min(len(class_names), 16)).round().astype(np.int64))
-        return torch.from_numpy(classes), [class_names[k] for k in classes], None
+        return torch.from_numpy(classes), [class_names[k] for k in classes], {}
     if text_emb is not None:
         rows = np.array(text_emb[:8], dtype=np.float32)
-        return torch.from_numpy(rows), [f"embedding {k}" for k in range(len(rows))], None
+        return torch.from_numpy(rows), [f"embedding {k}" for k in range(len(rows))], {}
     prompts = [c[0] for c in captions[:8]]
-    return tokenize(prompts, max_len), prompts, None
+    return tokenize(prompts, max_len), prompts, {}
 
 
-def draw_grid(ema, diffusion, rows, labels, hints, ctrl_size, shape, device, cfg_scale, steps, path, decode=None,
+def draw_grid(ema, diffusion, rows, labels, inputs, ctrl_size, shape, device, cfg_scale, steps, path, decode=None,
               ncol=8):
-    """ncol samples per row condition (and control image), fixed noise, DDIM from the EMA weights, no crop and no
+    """ncol samples per row condition (and its other inputs), fixed noise, DDIM from the EMA weights, no crop and no
     flip; latents decoded."""
-    ctrl = neutral_control(1, shape[-1], ctrl_size) if ema.control_mode else None
-    x = generate(ema, diffusion, range(len(rows) * ncol), rows.repeat_interleave(ncol, 0), seed=0, shape=shape,
-                 device=device, steps=steps, cfg_scale=cfg_scale, ctrl=ctrl, decode=decode,
-                 hint=None if hints is None else hints.repeat_interleave(ncol, 0))
+    n, inputs = len(rows) * ncol, {k: v.repeat_interleave(ncol, 0) for k, v in inputs.items()}
+    if ema.control_mode:
+        inputs["ctrl"] = neutral_control(1, shape[-1], ctrl_size).expand(n, -1)
+    x = generate(ema, diffusion, range(n), rows.repeat_interleave(ncol, 0), seed=0, shape=shape, device=device,
+                 steps=steps, cfg_scale=cfg_scale, decode=decode, inputs=inputs)
     save_grid(path, x, nrow=len(rows), labels=labels)
 
 
-def train_flops_per_image(net, diffusion, shape, c, device, hints=None):
-    """Forward+backward FLOPs of one image, counted by torch.utils.flop_counter on a batch of 2 (conditions c)."""
+def train_flops_per_image(net, diffusion, shape, grid, device):
+    """Forward+backward FLOPs of one image, counted by torch.utils.flop_counter on a batch of 2 (the grid's first
+    row's inputs)."""
     from torch.utils.flop_counter import FlopCounterMode
+    rows, _, inputs = grid
     x = torch.randn(2, *shape, device=device)
     t = torch.tensor([10, 500], device=device)
-    hint = None if hints is None else hints[:2].to(device).permute(0, 3, 1, 2).float() / 255
+    two = {k: v[:1].repeat_interleave(2, 0).to(device) for k, v in dict(inputs, c=rows).items()}
     with FlopCounterMode(display=False) as fc:
-        diffusion.loss(net, x, c[:2].to(device), t, torch.randn_like(x), hint=hint).mean().backward()
+        diffusion.loss(net, x, two.pop("c"), t, torch.randn_like(x), **two).mean().backward()
     net.zero_grad(set_to_none=True)
     return fc.get_total_flops() / 2
 
 
 # ----------------------------------------------------------------------------- the loop
 
-def train(cfg, config, data, s, step_fn, grid, rt, flops_img):
+def train(cfg, config, data, s, step_fn, grid, rt):
     """Steps until cfg.steps: log every log_every steps, checkpoint and grid every ckpt_every steps and at the end."""
-    master, saved, peak = rt.rank == 0, s.step or None, peak_flops(rt.device)
+    master, saved, peak, shape = rt.rank == 0, s.step or None, peak_flops(rt.device), (data.ch, data.res, data.res)
     if s.step >= cfg.steps:
         return print(f"{cfg.out} is at step {s.step} of --steps {cfg.steps} already: raise --steps to train on")
     if master and s.step:
         print(f"resuming {cfg.out} from step {s.step}")
-    shape = (data.ch, data.res, data.res)
+    flops_img = train_flops_per_image(s.net, s.diffusion, shape, grid, rt.device) if peak else None
     bar = tqdm(total=cfg.steps, initial=s.step, disable=not master, dynamic_ncols=True, unit="step")
     s.net.train()
     try:
@@ -723,53 +756,49 @@ def train(cfg, config, data, s, step_fn, grid, rt, flops_img):
 def main(argv=None):
     args = parse_args(argv)  # flags checked before anything, the process group included
     with distributed(args.device, args.dist_timeout) as (ddp, rank, world, local_rank):
-        # Configuration: resolved once, then read-only
-        cfg, ckpt = resolve_config(args, world)
-        device, use_compile, use_bf16 = setup_device(cfg.device, local_rank, cfg.compile, cfg.bf16, tf32=True)
-        rt = Runtime(device, rank, world, ddp, use_compile, use_bf16,
-                     graphs=use_compile and device.type == "cuda" and cfg.cuda_graphs is not False)
-        if ddp and device.type == "cpu":  # several CPU ranks on one machine share its cores
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
-
-        # Data, model, optimizer: fresh, --resume or --init-from
-        data = load_data(cfg, device, rank)
-        model_cfg, diff_cfg, src = model_config(cfg, data, ckpt)
-        config = dict(model=model_cfg, diffusion=diff_cfg,
-                      train={k: v for k, v in cfg._asdict().items() if k != "resume"},
-                      data=dict(path=os.path.abspath(cfg.data), control_size=data.control_size,
-                                checksum=data.meta.get("source_checksum"),
-                                **{k: data.meta[k] for k in ("num_classes", "class_names", "resolution", "count")},
-                                **({"latent": data.latent} if data.latent else {})))
-        source = (ckpt or src or {}).get("config", {}).get("source")  # a released model's id and hash
-        config.update({"source": source} if source else {})
-        if cfg.adapter:  # the frozen base, named and hashed (checked at load); its corruption for `report`
-            config["base"] = ckpt["config"]["base"] if ckpt else dict(
-                path=os.path.abspath(ckpt_path(cfg.init_from)) if os.path.exists(cfg.init_from) else cfg.init_from,
-                sha256=weights_hash(src["ema"]), step=src["step"], **{k: src["config"]["train"].get(k) for k in
-                                                                      ("eta", "corruption", "cep", "cep_gamma",
-                                                                       "ip_gamma")})
-        if ckpt is not None:
-            check_same_run(cfg.out, config["data"], ckpt["config"]["data"], **data.corruption)
-        s = build_state(cfg, model_cfg, diff_cfg, ckpt, src, device, ddp)
-        grid = grid_rows(cfg.cond, data.meta["class_names"], data.captions, data.text_emb, cfg.max_len, data)
-        flops_img = train_flops_per_image(s.net, s.diffusion, (data.ch, data.res, data.res),
-                                          grid[0].repeat_interleave(2, 0), device, grid[2]) \
-            if peak_flops(device) or cfg.bench else None
+        cfg, config, data, s, rt = setup(args, ddp, rank, world, local_rank)
         step_fn = make_step_fn(cfg, data, s, rt)
         if rank == 0:
-            print(summary(cfg, data, s.net, rt))
+            prepare_run_folder(cfg.out, config, corruption_record(cfg, data), s.step)
+        grid = grid_rows(cfg.cond, data.meta["class_names"], data.captions, data.text_emb, cfg.max_len)
+        train(cfg, config, data, s, step_fn, grid, rt)
 
-        # Benchmark: the same step function, timed, and nothing written
-        if cfg.bench:
-            s.net.train()
-            return bench_steps(step_fn, s.step, cfg.bench, cfg.batch_size, flops_img, device, world, rank,
-                               f"{cfg.preset} batch {cfg.batch_size} on {world}x compile={rt.compile} bf16={rt.bf16}")
 
-        # Train
-        if rank == 0:
-            prepare_run_folder(cfg.out, config, dict(**data.corruption, seed=cfg.data_seed, eta=cfg.eta,
-                                                     kind=cfg.corruption, mode=cfg.corruption_mode), s.step)
-        train(cfg, config, data, s, step_fn, grid, rt, flops_img)
+def setup(args, ddp, rank, world, local_rank, grids=True):
+    """Everything a run needs before its first step, each paragraph once: the config (resolved once, then
+    read-only), the runtime, the data, and the model's state (fresh, --resume or --init-from)."""
+    # Configuration
+    ckpt = load_checkpoint(args.resume) if args.resume else None
+    cfg = resolve_config(args, world, ckpt)
+    rt = runtime(cfg, ddp, rank, world, local_rank)
+
+    # Data, model, optimizer
+    data = load_data(cfg, rt.device, rank, grids)
+    src = load_model(cfg.init_from, with_vae=False) if cfg.init_from and ckpt is None else None  # a run, a released DiT
+    model_cfg, diff_cfg = (ckpt["config"]["model"], ckpt["config"]["diffusion"]) if ckpt else model_config(cfg, data,
+                                                                                                           src)
+    config = run_config(cfg, data, model_cfg, diff_cfg, (ckpt or src or {}).get("config", {}).get("source"))
+    if ckpt is not None:
+        check_same_run(cfg.out, config["data"], ckpt["config"]["data"], **data.corruption)
+    s = build_state(cfg, init_model(cfg, model_cfg, src, rt.device, rt.memory_format), diff_cfg, ckpt, rt)
+    if rank == 0:
+        print(summary(cfg, data, s.net, rt))
+    return cfg, config, data, s, rt
+
+
+def runtime(cfg, ddp, rank, world, local_rank):
+    """How this process runs (Runtime): its device, and the speed switches resolved for it."""
+    device, use_compile, use_bf16 = setup_device(cfg.device, local_rank, cfg.compile, cfg.bf16, tf32=True)
+    if ddp and device.type == "cpu":  # several CPU ranks on one machine share its cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    return Runtime(device, rank, world, ddp, use_compile, use_bf16,
+                   graphs=use_compile and device.type == "cuda" and cfg.cuda_graphs is not False,
+                   memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+
+
+def corruption_record(cfg, data):
+    """What corruption.npz holds: the corruption of every position, and how it was drawn."""
+    return dict(**data.corruption, seed=cfg.data_seed, eta=cfg.eta, kind=cfg.corruption, mode=cfg.corruption_mode)
 
 
 def summary(cfg, data, net, rt):
@@ -778,13 +807,14 @@ def summary(cfg, data, net, rt):
     if data.captions is not None:
         what = f"captions swapped, {corrupt.changed_captions(data.captions, data.fixed_ids, data.index)} changed"
     count = lambda ps: f"{sum(p.numel() for p in ps) / 1e6:.2f}M"
-    trained = f" ({count(p for p in net.parameters() if p.requires_grad)} trained: the {cfg.adapter})" \
-        if cfg.adapter else ""
-    return (f"{count(net.parameters())} parameters{trained} | {len(data.index)} images, "
-            f"{data.num_classes} classes, cond {cfg.cond} | eta {cfg.eta} ({int(data.mask.sum())} {what}, "
-            f"{cfg.corruption}/{cfg.corruption_mode}) | cep {cfg.cep} | batch {cfg.batch_size} = {cfg.world_size} x "
-            f"{cfg.batch_gpu} x {cfg.accum} | {rt.device} compile={rt.compile} bf16={rt.bf16} cuda_graphs={rt.graphs} "
-            f"channels_last={cfg.channels_last} | {cfg.out}")
+    trained = [p for p in net.parameters() if p.requires_grad]
+    frozen = f" ({count(trained)} trained)" if len(trained) < len(list(net.parameters())) else ""
+    return (f"{count(net.parameters())} parameters{frozen} | {len(data.index)} images, "
+            f"{data.meta['num_classes']} classes, cond {cfg.cond} | eta {cfg.eta} "
+            f"({int(data.corruption['mask'].sum())} {what}, {cfg.corruption}/{cfg.corruption_mode}) | cep {cfg.cep} | "
+            f"batch {cfg.batch_size} = {cfg.world_size} x {cfg.batch_gpu} x {cfg.accum} | {rt.device} "
+            f"compile={rt.compile} bf16={rt.bf16} cuda_graphs={rt.graphs} channels_last={cfg.channels_last} | "
+            f"{cfg.out}")
 
 
 if __name__ == "__main__":

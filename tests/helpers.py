@@ -7,6 +7,8 @@ import time
 
 import pytest
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # python -m ext.adapters runs from here
+
 
 def assert_moments_close(a, b, rel=1e-3):
     """Adam's moments are linear in the gradients (the weights are not: Adam normalises away a wrong scale)."""
@@ -44,7 +46,7 @@ def finish(cmd_fresh, cmd_resume, out, kill_at=None):
     """Run cmd (fresh, or --resume once a checkpoint exists) until it exits, or SIGKILL its whole process group once
     its log reaches step kill_at. Returns True if it ran to the end."""
     cmd = cmd_resume if os.path.exists(os.path.join(out, "ckpt.pt")) else cmd_fresh
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, cwd=ROOT)
     while p.poll() is None:
         if kill_at is not None and logged_step(out) >= kill_at:
             os.killpg(p.pid, signal.SIGKILL)
@@ -66,8 +68,9 @@ def run_cli(script, *args):
     import types
 
     import plumbing
-    errors = (ValueError, OSError, FloatingPointError) if script == "train.py" else (ValueError, OSError)
-    main, err, code = importlib.import_module(script[:-3]).main, io.StringIO(), 0
+    errors = (ValueError, OSError, FloatingPointError) if script in ("train.py", "ext.adapters") else \
+        (ValueError, OSError)
+    main, err, code = importlib.import_module(script.removesuffix(".py")).main, io.StringIO(), 0
     with contextlib.redirect_stderr(err):
         try:
             plumbing.cli(lambda: main([str(a) for a in args]), script, errors)

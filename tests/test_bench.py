@@ -1,10 +1,10 @@
 import re
 
-import bench
+from ext import bench
 
 
 def test_bench_runs_every_stage_on_the_cpu(capsys):
-    """A smoke test of bench.py at toy sizes (no figure here means anything; the GPU run fills the README)."""
+    """A smoke test of ext/bench.py at toy sizes (no figure here means anything; the GPU run fills the README)."""
     lines = bench.main(["--device", "cpu", "--presets", "tiny", "--train-steps", "2", "--train-batch", "8",
                         "--sample-batch", "4", "--sample-steps", "2", "--feature-images", "4"])
     assert lines[0].startswith("cpu | torch ") and [l.split()[0] for l in lines[1:]] == ["train", "sample", "FID"]

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 import corrupt
+import plumbing
 
 
 def imbalanced_labels(n=20000, seed=0):
@@ -113,15 +114,15 @@ def test_caption_swap_resample_mode_and_impossible_counts():
 
 def test_read_captions_checks_count_and_encoding(tmp_path):
     (tmp_path / "captions.jsonl").write_bytes(b'"a red disk"\n["two", "captions"]\n')
-    assert corrupt.read_captions(str(tmp_path), 2) == [["a red disk"], ["two", "captions"]]
+    assert plumbing.read_captions(str(tmp_path / "captions.jsonl"), 2) == [["a red disk"], ["two", "captions"]]
     with pytest.raises(ValueError, match="has 2 lines for 3 images"):
-        corrupt.read_captions(str(tmp_path), 3)
+        plumbing.read_captions(str(tmp_path / "captions.jsonl"), 3)
     (tmp_path / "captions.jsonl").write_bytes(b'"a red disk"\n"\xff\xfe"\n')
     with pytest.raises(ValueError, match="line 2 is not a UTF-8 JSON caption"):
-        corrupt.read_captions(str(tmp_path), 2)
+        plumbing.read_captions(str(tmp_path / "captions.jsonl"), 2)
     (tmp_path / "captions.jsonl").write_bytes(b'"a"\n[]\n')
     with pytest.raises(ValueError, match="line 2: want a caption"):
-        corrupt.read_captions(str(tmp_path), 2)
+        plumbing.read_captions(str(tmp_path / "captions.jsonl"), 2)
 
 
 def test_cli_swap_says_how_many_captions_changed(shapes, tmp_path, capsys):

@@ -1,6 +1,7 @@
 """Faults: kill -9 at any point, disk full, damaged and hostile inputs, NaN, a rank that dies. Each case ends in a
 complete earlier state and a one-line error, never a traceback or a silently wrong run."""
 import io
+import importlib
 import json
 import os
 import pickle
@@ -22,6 +23,7 @@ import plumbing
 import prepare_data
 import train
 from helpers import finish, interrupted_sampling, run_cli
+import diffusion  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--preset", "tiny", "--batch-size", "8", "--warmup", "1", "--lr", "1e-3", "--grid-steps", "1",
@@ -238,13 +240,13 @@ def test_hostile_archives_and_images(tmp_path, monkeypatch):
 
 @pytest.mark.faults
 def test_injected_nan_stops_the_run_and_keeps_the_last_good_checkpoint(shapes, tmp_path, monkeypatch):
-    real, calls = model.Diffusion.loss, []
+    real, calls = diffusion.Diffusion.loss, []
 
     def poisoned(self, *a, **k):
         calls.append(1)
         out = real(self, *a, **k)
         return out * float("nan") if len(calls) == 5 else out  # step 5 of 8
-    monkeypatch.setattr(model.Diffusion, "loss", poisoned)
+    monkeypatch.setattr(diffusion.Diffusion, "loss", poisoned)
     with pytest.raises(FloatingPointError, match="loss is nan at step 5"):
         train.main(["--data", f"{shapes}/train", *TINY, "--steps", "8", "--ckpt-every", "2", "--out",
                     str(tmp_path / "run")])
@@ -254,7 +256,7 @@ def test_injected_nan_stops_the_run_and_keeps_the_last_good_checkpoint(shapes, t
 
 @pytest.mark.faults
 def test_a_dead_rank_stops_the_other_instead_of_hanging(shapes, tmp_path):
-    port = __import__("bench").free_port()
+    port = __import__("ext.bench").bench.free_port()
     out = tmp_path / "run"
     procs = []
     for rank in (0, 1):
@@ -332,9 +334,12 @@ def test_a_checkpoint_write_that_fails_anywhere_is_one_line_and_leaves_nothing(t
 
 def numeric_flags(script):
     """(flag dest, int or float, nargs, its interval or None) of every numeric flag of a script's parser(s)."""
-    mod = __import__(script[:-3])
+    mod = importlib.import_module(script.removesuffix(".py"))
     parsers = mod.get_parser()
-    parsers = parsers[1].values() if isinstance(parsers, tuple) else [parsers]  # evaluate.py: one per sub-command
+    if isinstance(parsers, tuple):  # evaluate.py: one per sub-command, those of ext/ from their modules
+        parsers = [*parsers[1].values(), *(mod.extension(m).parser(c) for c, (m, _) in mod.EXTENSIONS.items())]
+    else:
+        parsers = [parsers]
     out = {}
     for p in parsers:
         for act in p._actions:
@@ -355,7 +360,7 @@ SCRIPTS = {"train.py": lambda tmp, shapes: ["--data", f"{shapes}/train", "--out"
            "evaluate.py": lambda tmp, shapes: ["--samples", f"{tmp}/none.npz", "--ref", f"{tmp}/none"],
            "prepare_data.py": lambda tmp, shapes: ["--dataset", "shapes", "--out", f"{tmp}/d"],
            "corrupt.py": lambda tmp, shapes: ["--data", f"{tmp}/none", "--eta", "0.1", "--out", f"{tmp}/c.npz"],
-           "bench.py": lambda tmp, shapes: ["--device", "cpu"]}
+           "ext.bench": lambda tmp, shapes: ["--device", "cpu"]}
 EVALUATE_COMMAND = {"feat_size": ["repro", "a", "b"], "threshold": ["repro", "a", "b"],
                     "epochs": ["classify", "--samples", "a", "--ref", "b"],
                     "l2_threshold": ["diversity", "--samples", "a", "--ref", "b"],
@@ -366,7 +371,7 @@ EVALUATE_COMMAND = {"feat_size": ["repro", "a", "b"], "threshold": ["repro", "a"
 @pytest.mark.faults
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_every_numeric_flag_of_every_script_is_range_checked_before_any_work(script, shapes, tmp_path):
-    mod = __import__(script[:-3])
+    mod = importlib.import_module(script.removesuffix(".py"))
     flags = numeric_flags(script)
     assert flags and all(spec for *_, spec in flags), "a numeric flag without a range"
     refused = 0
@@ -416,7 +421,7 @@ def test_a_half_written_log_line_is_dropped_on_resume(shapes16, tmp_path):
 
 @pytest.mark.faults
 def test_a_dead_rank_during_sampling_stops_the_other_in_one_line(tiny_run, tmp_path):
-    port = __import__("bench").free_port()
+    port = __import__("ext.bench").bench.free_port()
     procs = []
     for rank in (0, 1):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",

@@ -18,6 +18,7 @@ import sample  # noqa: E402
 import train  # noqa: E402
 from helpers import assert_moments_close  # noqa: E402
 from tiny_vae import make_autoencoder  # noqa: E402
+import diffusion  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = ["--preset", "tiny", "--batch-size", "16", "--warmup", "1", "--lr", "1e-3", "--grid-steps", "1", "--log-every",
@@ -41,7 +42,7 @@ def test_schedules_equal_diffusers():
     for ours, theirs in [("linear", dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02)),
                          ("scaled_linear", dict(beta_schedule="scaled_linear", beta_start=0.0015, beta_end=0.0195))]:
         want = DDPMScheduler(num_train_timesteps=1000, **theirs).betas.double().numpy()
-        np.testing.assert_allclose(model.make_betas(ours, 1000), want, rtol=1e-6)  # theirs is float32
+        np.testing.assert_allclose(diffusion.make_betas(ours, 1000), want, rtol=1e-6)  # theirs is float32
 
 
 def test_ldm4_parameter_count():
@@ -74,26 +75,25 @@ def test_encoding_is_deterministic_and_stores_the_mirror(latents, shapes16, tmp_
 
 
 def test_kl_latent_draw_is_the_posterior_and_reproducible_from_seed_and_step(latents):
-    cfg, _ = train.resolve_config(train.parse_args(["--data", latents["kl"][0], *RUN, "--bench", "1"]), 1)
+    cfg = train.resolve_config(train.parse_args(["--data", latents["kl"][0], *RUN]), 1)
     cpu = torch.device("cpu")
     data = train.load_data(cfg, cpu)
     net = model.Denoiser(**train.model_config(cfg, data, None)[0])
     a, b = train.draw_step(3, cfg, data, net, cpu), train.draw_step(3, cfg, data, net, cpu)
-    assert a["eps"].shape == (16, 4, 8, 8) and torch.equal(a["eps"], b["eps"]) and torch.equal(a["flip"], b["flip"])
-    halves = [train.draw_step(3, cfg, data, net, cpu, rank, 2)["eps"] for rank in (0, 1)]
-    assert torch.equal(torch.cat(halves), a["eps"])
+    assert a.eps.shape == (16, 4, 8, 8) and torch.equal(a.eps, b.eps) and torch.equal(a.flip, b.flip)
+    halves = [train.draw_step(3, cfg, data, net, cpu, rank, 2).eps for rank in (0, 1)]
+    assert torch.equal(torch.cat(halves), a.eps)
     seen = {}
 
     class Capture:
-        def loss(self, net, x, *rest):
+        def loss(self, net, x, *rest, **inputs):
             seen["x"] = x
             return x.flatten(1).mean(1)
-    z = torch.from_numpy(np.load(f"{latents['kl'][0]}/latents.npy")[a["idx"]]).float()
-    train.micro_loss(net, Capture(), torch.contiguous_format, 0.5, z.half(), t=a["t"], noise=a["noise"], cond=a["cond"],
-                     flip=a["flip"], eps=a["eps"])
-    picked = z[torch.arange(16), a["flip"].long()]  # the mirror's latents where the step flips
-    torch.testing.assert_close(seen["x"], (picked[:, 0] + picked[:, 1] * a["eps"]) * 0.5)
-    assert a["flip"].any() and not a["flip"].all()
+    z = torch.from_numpy(np.load(f"{latents['kl'][0]}/latents.npy")[a.idx]).float()
+    train.micro_loss(net, Capture(), torch.contiguous_format, 0.5, a, z.half())
+    picked = z[torch.arange(16), a.flip.long()]  # the mirror's latents where the step flips
+    torch.testing.assert_close(seen["x"], (picked[:, 0] + picked[:, 1] * a.eps) * 0.5)
+    assert a.flip.any() and not a.flip.all()
 
 
 def test_latent_run_resumes_bit_identically_and_matches_two_processes(latents, tmp_path):

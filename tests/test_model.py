@@ -8,6 +8,7 @@ import torch
 import model
 import plumbing
 from model import Denoiser, Diffusion
+import diffusion  # noqa: E402
 
 
 @pytest.mark.parametrize("preset,res,classes", [("tiny", 32, 10), ("cifar", 32, 10), ("in64", 64, 1000)])
@@ -43,7 +44,7 @@ def test_cross_attention_reads_the_condition_tokens():
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_schedule_identities(schedule):
     d = Diffusion(schedule)
-    betas = model.make_betas(schedule, 1000)
+    betas = diffusion.make_betas(schedule, 1000)
     ac = np.cumprod(1 - betas)
     assert np.all(betas > 0) and np.all(betas <= 0.999) and np.all(np.diff(ac) < 0)
     np.testing.assert_allclose(d.alphas_cumprod.numpy(), ac, rtol=1e-6)
@@ -83,7 +84,7 @@ def test_ddim_eta0_is_deterministic_and_uses_no_noise():
     net = Denoiser(10, 32, 3, "tiny").eval()
     d = Diffusion()
     x = torch.randn(3, 3, 32, 32)
-    fn = model.guided(net, torch.tensor([0, 1, 2]), 1.0)
+    fn = diffusion.guided(net, torch.tensor([0, 1, 2]), 1.0)
 
     def no_noise(k):
         raise AssertionError("DDIM at eta 0 drew noise")
@@ -103,7 +104,7 @@ def test_sampler_noise_levels():
         d.ddim_timesteps(0)
     s_max, s_min = math.exp(d.log_sigmas[-1].item()), math.exp(d.log_sigmas[0].item())
     for sampler, steps, n in [("ddim", 50, 51), ("dpm++", 20, 21), ("ddpm", 0, 1001), ("heun", 18, 19)]:
-        sig = d.sigmas(*list(model.resolve_sampler(sampler, steps).values())[:2])
+        sig = d.sigmas(*list(diffusion.resolve_sampler(sampler, steps).values())[:2])
         assert len(sig) == n and sig[-1] == 0 and all(a > b for a, b in zip(sig, sig[1:]))
         assert sig[0] == pytest.approx(s_max, rel=1e-5) and sig[-2] == pytest.approx(s_min, rel=1e-5)
     heun = np.array(d.sigmas("heun", 18)[:-1])
@@ -117,9 +118,9 @@ def test_ddpm_is_ancestral_with_the_posterior_variance():
     ac, ac_prev = d.alphas_cumprod[t].double(), d.alphas_cumprod[t - 1].double()
     beta = 1 - ac / ac_prev
     xt = torch.full((n, 1), 0.7)
-    sig = d.sigmas(*list(model.resolve_sampler("ddpm", 0).values())[:2])
+    sig = d.sigmas(*list(diffusion.resolve_sampler("ddpm", 0).values())[:2])
     s, s_next = sig[999 - t], sig[1000 - t]
-    out = model.sample_ddim(lambda x, sigma: torch.full_like(x, x0), xt * math.sqrt(1 + s ** 2), [s, s_next, 0.0][:2],
+    out = diffusion.sample_ddim(lambda x, sigma: torch.full_like(x, x0), xt * math.sqrt(1 + s ** 2), [s, s_next, 0.0][:2],
                             eta=1.0, noise_fn=lambda k: torch.randn(n, 1, dtype=torch.float64))
     out = out * ac_prev.sqrt()  # back to x_{t-1}
     mean = (beta * ac_prev.sqrt() / (1 - ac)) * x0 + ((1 - ac_prev) * (1 - beta).sqrt() / (1 - ac)) * 0.7
@@ -146,7 +147,7 @@ class GaussianData:
 def test_deterministic_samplers_converge_on_gaussian_data(sampler, spacing):
     d = Diffusion()
     exact = GaussianData(d)
-    x = model.sample_noise(0, range(4000), (1, 2, 2))
+    x = diffusion.sample_noise(0, range(4000), (1, 2, 2))
     errors = []
     for steps in (20, 50, 200):
         out = d.sample(exact, x, sampler, steps, spacing=spacing).double()
@@ -160,7 +161,7 @@ def test_dpm_solver_beats_ddim_at_20_steps():
     """Distance of each sample to the exact ODE solution from the same noise (Heun, 400 steps)."""
     d = Diffusion()
     exact = GaussianData(d)
-    x = model.sample_noise(0, range(4000), (1, 2, 2))
+    x = diffusion.sample_noise(0, range(4000), (1, 2, 2))
     ref = d.sample(exact, x, "heun", 400).double()
     err = {(s, sp): (d.sample(exact, x, s, 20, spacing=sp).double() - ref).abs().mean().item()
            for s, sp in [("ddim", "time"), ("dpm++", "time"), ("dpm++", "logsnr")]}
@@ -176,9 +177,9 @@ def test_classifier_free_guidance_is_batched_and_exact():
     x, t, y = torch.randn(2, 3, 32, 32), torch.tensor([5, 600]), torch.tensor([3, 4])
     with torch.no_grad():
         cond, uncond = net(x, t, y), net(x, t, torch.full_like(y, 10))
-        got = model.guided(net, y, 2.5)(x, t)
+        got = diffusion.guided(net, y, 2.5)(x, t)
         torch.testing.assert_close(got, uncond + 2.5 * (cond - uncond), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(model.guided(net, y, 1.0)(x, t), cond)
+        torch.testing.assert_close(diffusion.guided(net, y, 1.0)(x, t), cond)
 
 
 @pytest.mark.parametrize("kind", ["uniform", "gaussian"])
@@ -205,11 +206,11 @@ def test_cep_changes_the_embedding_only_when_given():
 
 
 def test_sample_noise_depends_only_on_seed_and_index():
-    a = model.sample_noise(0, [0, 1, 2, 3], (3, 4, 4))
-    b = torch.cat([model.sample_noise(0, [2, 3], (3, 4, 4)), model.sample_noise(0, [0, 1], (3, 4, 4))])
+    a = diffusion.sample_noise(0, [0, 1, 2, 3], (3, 4, 4))
+    b = torch.cat([diffusion.sample_noise(0, [2, 3], (3, 4, 4)), diffusion.sample_noise(0, [0, 1], (3, 4, 4))])
     torch.testing.assert_close(a, b[[2, 3, 0, 1]], rtol=0, atol=0)
-    assert not torch.allclose(a, model.sample_noise(1, [0, 1, 2, 3], (3, 4, 4)))
-    assert not torch.allclose(a, model.sample_noise(0, [0, 1, 2, 3], (3, 4, 4), step=0))
+    assert not torch.allclose(a, diffusion.sample_noise(1, [0, 1, 2, 3], (3, 4, 4)))
+    assert not torch.allclose(a, diffusion.sample_noise(0, [0, 1, 2, 3], (3, 4, 4), step=0))
     assert a.std().item() == pytest.approx(1.0, rel=0.15)
 
 
@@ -344,7 +345,7 @@ def test_control_is_phased_in_at_low_noise():
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_schedule_shift_divides_the_snr(schedule):
     snr = lambda betas: (lambda ac: ac / (1 - ac))(np.cumprod(1 - betas))  # float64, as the schedule is built
-    base, shifted = model.make_betas(schedule, 1000), model.make_betas(schedule, 1000, shift=2.0)
+    base, shifted = diffusion.make_betas(schedule, 1000), diffusion.make_betas(schedule, 1000, shift=2.0)
     np.testing.assert_allclose(snr(shifted), snr(base) / 4, rtol=1e-9)
     assert np.all(shifted > 0) and np.all(shifted < 1)
     assert Diffusion(schedule, shift=2.0).alphas_cumprod[500] < Diffusion(schedule).alphas_cumprod[500]

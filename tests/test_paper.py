@@ -13,13 +13,17 @@ import evaluate
 import model
 import sample
 import train
+import diffusion  # noqa: E402
+from diffusion import Diffusion  # noqa: E402
+from ext import gmm  # noqa: E402
+from ext import measures  # noqa: E402
 
 TINY = ["--preset", "tiny", "--batch-size", "8", "--warmup", "1", "--grid-steps", "1"]
 
 
 def test_input_perturbation_moves_the_input_and_keeps_the_target():
-    diffusion, seen = model.Diffusion(), []
-    net = lambda x, t, c, delta, ctrl, hint: seen.append(x) or torch.zeros_like(x)  # a network that outputs 0
+    diffusion, seen = Diffusion(), []
+    net = lambda x, t, c, **inputs: seen.append(x) or torch.zeros_like(x)  # a network that outputs 0
     g = torch.Generator().manual_seed(0)
     x0, noise, xi = (torch.randn(2, 3, 4, 4, generator=g) for _ in range(3))
     t = torch.tensor([10, 900])
@@ -31,14 +35,13 @@ def test_input_perturbation_moves_the_input_and_keeps_the_target():
 def test_input_perturbation_is_one_more_draw_and_changes_no_other(shapes16):
     draws = {}
     for ip in ("0", "0.1"):
-        cfg, _ = train.resolve_config(train.parse_args(["--data", f"{shapes16}/train", *TINY, "--ip-gamma", ip,
-                                                        "--bench", "1"]), 1)
+        cfg = train.resolve_config(train.parse_args(["--data", f"{shapes16}/train", *TINY, "--ip-gamma", ip]), 1)
         data = train.load_data(cfg, torch.device("cpu"))
         net = model.Denoiser(**train.model_config(cfg, data, None)[0])
         draws[ip] = train.draw_step(3, cfg, data, net, torch.device("cpu"))
-    assert "ip" not in draws["0"] and all(torch.equal(torch.as_tensor(draws["0"][k]), torch.as_tensor(v))
-                                          for k, v in draws["0.1"].items() if k != "ip")
-    assert draws["0.1"]["ip"].std().item() == pytest.approx(0.1, rel=0.15)
+    assert draws["0"].ip is None and all(torch.equal(torch.as_tensor(getattr(draws["0"], k)), torch.as_tensor(v))
+                                         for k, v in vars(draws["0.1"]).items() if k != "ip" and v is not None)
+    assert draws["0.1"].ip.std().item() == pytest.approx(0.1, rel=0.15)
     assert cfg.out.endswith("-ip0.1")
 
 
@@ -60,16 +63,16 @@ def test_condition_embedding_distance_by_hand():
 def test_relative_mahalanobis_by_hand():
     ref, labels = np.array([[0.0], [2.0], [4.0], [6.0]]), np.array([0, 0, 1, 1])
     # class means 1 and 5, within-class variance 1; all: mean 3, variance 5
-    got = evaluate.relative_mahalanobis(np.array([[1.0], [5.0], [5.0]]), np.array([0, 0, 1]), ref, labels)
+    got = measures.relative_mahalanobis(np.array([[1.0], [5.0], [5.0]]), np.array([0, 0, 1]), ref, labels)
     np.testing.assert_allclose(got, [0 - 4 / 5, 16 - 4 / 5, 0 - 4 / 5])
 
 
 def test_code_entropy_and_nearest_l2_by_hand():
-    assert evaluate.code_entropy([0, 0, 1, 1], 64) == pytest.approx(math.log(2))
-    assert evaluate.code_entropy(np.zeros((2, 3), np.int64), 8) == 0.0
-    assert evaluate.code_entropy(np.arange(8), 8) == pytest.approx(math.log(8))
+    assert measures.code_entropy([0, 0, 1, 1], 64) == pytest.approx(math.log(2))
+    assert measures.code_entropy(np.zeros((2, 3), np.int64), 8) == 0.0
+    assert measures.code_entropy(np.arange(8), 8) == pytest.approx(math.log(8))
     ref = torch.tensor([[0.0, 0.0], [3.0, 4.0], [0.0, 1.0]])
-    got = evaluate.nearest_l2(torch.tensor([[0.0, 0.0], [3.0, 0.0]]), ref, k=2)
+    got = measures.nearest_l2(torch.tensor([[0.0, 0.0], [3.0, 0.0]]), ref, k=2)
     torch.testing.assert_close(got, torch.tensor([[0.0, 1.0], [math.sqrt(9 + 1), math.sqrt(9)]]).sort(1).values)
 
 
@@ -83,8 +86,8 @@ def test_diversity_of_copied_training_images_with_a_vq_entropy(shapes16, tmp_pat
     r = evaluate.main(["diversity", "--samples", str(tmp_path / "samples.npz"), "--ref", f"{shapes}/train",
                        "--features", "pixels", "--vq", str(tmp_path / "vq")])
     assert r["memorization_ratio"] == 1.0 and r["nn5_l2"] > 0  # each is its own nearest neighbour; the next 4 not
-    codes, n = evaluate.vq_codes(str(tmp_path / "vq"), train_images[:50], torch.device("cpu"))
-    assert r["entropy"] == pytest.approx(evaluate.code_entropy(codes, n)) and 0 < r["entropy"] <= math.log(n)
+    codes, n = measures.vq_codes(str(tmp_path / "vq"), train_images[:50], torch.device("cpu"))
+    assert r["entropy"] == pytest.approx(measures.code_entropy(codes, n)) and 0 < r["entropy"] <= math.log(n)
     assert len(r["rmd_density"]) == 20 and r["rmd_top1"] >= r["rmd_mean"]
     assert json.load(open(tmp_path / "diversity.json"))["features"] == "pixels"
     with pytest.raises(ValueError, match="is not a VQModel"):
@@ -162,9 +165,9 @@ def test_clip_features_and_clip_score_by_hand(tiny_clip, shapes16, tmp_path):
     with torch.no_grad():  # by hand: CLIP's preprocessing, both embeddings, 100 max(cos, 0)
         x = torch.nn.functional.interpolate(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255, size=(32, 32),
                                             mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
-        x = (x - torch.tensor(evaluate.CLIP_MEAN)[:, None, None]) / torch.tensor(evaluate.CLIP_STD)[:, None, None]
-        i = evaluate.embeds(net.get_image_features(pixel_values=x))
-        t = evaluate.embeds(net.get_text_features(**tok(list(captions), padding=True, return_tensors="pt")))
+        x = (x - torch.tensor(measures.CLIP_MEAN)[:, None, None]) / torch.tensor(measures.CLIP_STD)[:, None, None]
+        i = measures.embeds(net.get_image_features(pixel_values=x))
+        t = measures.embeds(net.get_text_features(**tok(list(captions), padding=True, return_tensors="pt")))
     want = (100 * torch.cosine_similarity(i, t).clamp_min(0)).mean().item()
     assert r["clip_score"] == pytest.approx(want, rel=1e-4)
     np.savez(tmp_path / "labels.npz", arr_0=images, arr_1=np.load(f"{shapes16}/train/labels.npy")[:6])
@@ -184,11 +187,11 @@ def test_missing_transformers_is_one_line(monkeypatch, tmp_path):
 
 def test_w2_and_entropy_of_gaussians_by_hand():
     one = lambda v: np.array([[v]])
-    assert evaluate.w2_gaussian(np.zeros(1), one(1.0), np.ones(1), one(4.0)) == pytest.approx(2.0)  # 1 + (1 - 2)^2
+    assert gmm.w2_gaussian(np.zeros(1), one(1.0), np.ones(1), one(4.0)) == pytest.approx(2.0)  # 1 + (1 - 2)^2
     c = np.diag([1.0, 9.0])  # independent coordinates: the squared distances add up
-    assert evaluate.w2_gaussian(np.zeros(2), c, np.array([3.0, 0]), np.eye(2)) == pytest.approx(9 + 0 + 4)
-    assert evaluate.gaussian_entropy(one(1.0)) == pytest.approx(0.5 * math.log(2 * math.pi * math.e))
-    assert evaluate.gaussian_entropy(c) - evaluate.gaussian_entropy(np.eye(2)) == pytest.approx(math.log(3))
+    assert gmm.w2_gaussian(np.zeros(2), c, np.array([3.0, 0]), np.eye(2)) == pytest.approx(9 + 0 + 4)
+    assert gmm.gaussian_entropy(one(1.0)) == pytest.approx(0.5 * math.log(2 * math.pi * math.e))
+    assert gmm.gaussian_entropy(c) - gmm.gaussian_entropy(np.eye(2)) == pytest.approx(math.log(3))
 
 
 def test_the_simulated_linear_model_generates_the_closed_forms():
@@ -196,11 +199,11 @@ def test_the_simulated_linear_model_generates_the_closed_forms():
     mu = 2 * rng.standard_normal(3)
     x0 = mu + rng.standard_normal((40, 3))
     m, s = x0.mean(0), np.cov(x0.T, bias=True)
-    made = lambda g: evaluate.generated_gaussian(*evaluate.fit_denoiser(x0, np.exp(-times), g), times)
+    made = lambda g: gmm.generated_gaussian(*gmm.fit_denoiser(x0, np.exp(-times), g), times)
     mean, cov = made(0.0)  # App. A Lemma 3: clean training generates the empirical Gaussian
     np.testing.assert_allclose(mean, m, atol=1e-3)
     np.testing.assert_allclose(cov, s, atol=1e-2)
-    (fit_mean, fit_cov), (lemma_mean, lemma_cov) = evaluate.gmm_forms(m, s, 0.5)
+    (fit_mean, fit_cov), (lemma_mean, lemma_cov) = gmm.gmm_forms(m, s, 0.5)
     mean_g, cov_g = made(0.5)
     np.testing.assert_allclose(mean_g, m / 1.25, atol=1e-3)  # mu_hat / (1 + gamma^2), as Lemma 4
     np.testing.assert_allclose(fit_mean, lemma_mean)
@@ -224,22 +227,22 @@ def test_gmm_command_measures_the_gains_it_predicts(tmp_path):
 
 
 def test_toppr_kde_and_bandwidth_by_hand():
-    kde = evaluate.cosine_kde(torch.tensor([[0.0], [1.0]]), torch.tensor([[0.0], [3.5]]), 2.0)
+    kde = measures.cosine_kde(torch.tensor([[0.0], [1.0]]), torch.tensor([[0.0], [3.5]]), 2.0)
     assert kde[0, 0].item() == pytest.approx(0.5 * math.pi / 8 * (1 + math.cos(math.pi / 4)))  # 1 is within h
     assert kde[1, 0].item() == 0  # 3.5 is farther than h from both
     pts = torch.tensor([[0.0], [1.0], [3.0], [6.0], [10.0]])  # nearest later point: 1, 2, 3, 4 -> the median's 2
-    assert evaluate.balloon_bandwidth(pts, 1) == pytest.approx(2.0)
+    assert measures.balloon_bandwidth(pts, 1) == pytest.approx(2.0)
 
 
 def test_toppr_on_sets_with_known_overlap():
     g = torch.Generator().manual_seed(0)
     real, same, far = (torch.randn(400, 8, generator=g) + shift for shift in (0, 0, 8))
-    assert min(evaluate.top_pr(real, same)) > 0.85
-    assert evaluate.top_pr(real, far) == (0.0, 0.0, 0.0)
-    precision, recall, f1 = evaluate.top_pr(real, torch.cat([same[:200], far[:200]]))  # half the fakes off-support
+    assert min(measures.top_pr(real, same)) > 0.85
+    assert measures.top_pr(real, far) == (0.0, 0.0, 0.0)
+    precision, recall, f1 = measures.top_pr(real, torch.cat([same[:200], far[:200]]))  # half the fakes off-support
     assert 0.4 < precision < 0.6 and recall > 0.9 and f1 == pytest.approx(2 * precision * recall / (precision + recall))
     with pytest.raises(ValueError, match="more than 40 samples"):
-        evaluate.top_pr(real[:40], same)
+        measures.top_pr(real[:40], same)
 
 
 def test_toppr_projects_wide_features_as_its_authors_do():
@@ -249,4 +252,4 @@ def test_toppr_projects_wide_features_as_its_authors_do():
     torch.manual_seed(99)  # Kim et al.'s top_pr: torch.manual_seed(99), then xavier_normal_ on the projection
     torch.nn.init.xavier_normal_(proj.weight)
     with torch.no_grad():
-        assert evaluate.top_pr(real, fake) == evaluate.top_pr(proj(real), proj(fake))
+        assert measures.top_pr(real, fake) == measures.top_pr(proj(real), proj(fake))

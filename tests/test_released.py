@@ -16,6 +16,8 @@ import prepare_data  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
 from tiny_vae import make_autoencoder  # noqa: E402
+import diffusion  # noqa: E402
+import plumbing  # noqa: E402
 
 TOL = dict(atol=2e-5, rtol=2e-5)  # float32 round-off: the same operations in another order (fused qkv, SDPA)
 
@@ -93,7 +95,7 @@ def test_dits_own_checkpoint_file_converts_exactly(tmp_path):
     torch.testing.assert_close(got, want, **TOL)
     m = ckpt["config"]["model"]
     assert m["preset"] == "dit-tiny" and (m["freq_shift"], m["mlp_eps"], m["resolution"]) == (0, 1e-6, 8)
-    assert ckpt["config"]["source"]["sha256"] == model.file_hash(str(tmp_path / "DiT-tiny.pt"))
+    assert ckpt["config"]["source"]["sha256"] == plumbing.file_hash(str(tmp_path / "DiT-tiny.pt"))
     with pytest.raises(ValueError, match="needs? --vae|without its autoencoder"):  # DiT's files hold no autoencoder
         model.latent_decoder(ckpt["config"]["data"]["latent"])
 
@@ -108,7 +110,7 @@ def test_the_pipeline_and_sample_py_give_the_same_images(tmp_path, monkeypatch):
                                  vae=make_autoencoder("kl", str(tmp_path / "v")))
     pipe.save_pretrained(tmp_path / "pipe")
     labels = [3, 999, 42, 7]
-    noise = model.sample_noise(0, range(4), (4, 8, 8))
+    noise = diffusion.sample_noise(0, range(4), (4, 8, 8))
     monkeypatch.setattr(diffusers.pipelines.dit.pipeline_dit, "randn_tensor", lambda *a, **k: noise.clone())
     theirs = pipe(labels, guidance_scale=1.5, num_inference_steps=1000, output_type="np").images
     out = str(tmp_path / "s.npz")

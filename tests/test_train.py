@@ -149,8 +149,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(shapes, tmp_path):
 
 
 def test_bench_mode_prints_figures_and_writes_nothing(shapes, tmp_path, capsys):
-    r = train.main(["--data", f"{shapes}/train", "--out", str(tmp_path / "b"), "--preset", "tiny", "--batch-size",
-                    "8", "--bench", "3"])
+    from ext import bench
+    r = bench.time_training(["--data", f"{shapes}/train", "--out", str(tmp_path / "b"), "--preset", "tiny",
+                             "--batch-size", "8"], 3)
     assert r["images_per_s"] > 0 and r["step_ms"] > 0 and r["gflop_per_image"] > 0 and r["mfu"] is None  # CPU
     assert "images/s" in capsys.readouterr().out and not (tmp_path / "b").exists()
 
@@ -222,15 +223,13 @@ def test_captions_file_that_does_not_match_the_images(shapes, tmp_path):
 
 
 def test_step_randomness_comes_from_seed_and_step_alone_for_any_rank_layout(shapes16):
-    cfg, _ = train.resolve_config(train.parse_args(["--data", f"{shapes16}/train", "--preset", "tiny", *TEXT,
-                                                    "--cep", "uniform", "--label-dropout", "0.5", "--batch-size", "12",
-                                                    "--bench", "1"]), 1)
+    cfg = train.resolve_config(train.parse_args(["--data", f"{shapes16}/train", "--preset", "tiny", *TEXT, "--cep",
+                                                 "uniform", "--label-dropout", "0.5", "--batch-size", "12"]), 1)
     cpu = torch.device("cpu")
     data = train.load_data(cfg, cpu)
     net = model.Denoiser(**train.model_config(cfg, data, None)[0])
     draw = lambda step, rank=0, world=1: train.draw_step(step, cfg, data, net, cpu, rank, world)
-    fields = lambda d: [torch.as_tensor(d["idx"]), d["t"], d["noise"], d["cond"], d["flip"], d["delta"],
-                        *d["crop"].unbind(1), d["ctrl"]]
+    fields = lambda d: [torch.as_tensor(d.idx), d.t, d.noise, d.cond, d.flip, d.delta, *d.crop.unbind(1), d.ctrl]
     a, b, other = fields(draw(5)), fields(draw(5)), fields(draw(6))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not any(torch.equal(x, y) for x, y in zip(a[1:], other[1:]))  # every draw changes with the step

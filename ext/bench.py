@@ -1,14 +1,15 @@
 """Throughput of the three heavy stages on the GPU at hand, each against eager fp32 measured in the same run.
 
-    python bench.py [--presets cifar in64] [--train-batch 128 16] [--train-steps 200] [--sample-batch 500]
-                    [--feature-images 10000] [--baseline DIR] [--profile]
+    python -m ext.bench [--presets cifar in64] [--train-batch 128 16] [--train-steps 200] [--sample-batch 500]
+                        [--feature-images 10000] [--baseline DIR] [--profile]
+    python -m ext.bench --time-train N [train.py flags]    # one variant: N steps of train.py's step function
 
-Training: each variant is `train.py --bench` in its own process, on random images of the preset's size. On the GPU
+Training: each variant is `--time-train` in its own process, on random images of the preset's size. On the GPU
 they first compile in parallel (a one-step run each, which fills torch.compile's on-disk caches), then are timed one
 at a time, so no timing shares the GPU or the CPU with a compile: the defaults (bf16, torch.compile with CUDA graphs,
 NCHW), eager fp32, the defaults without CUDA graphs, in NHWC, and under torchrun's environment at world size 1 (which
-adds the gradient all-reduce). train.py --bench times the step function its training loop calls (time_training).
---baseline DIR times the train.py of another checkout (an earlier commit, say) with its own defaults, after the others.
+adds the gradient all-reduce). --time-train times the step function train.py's loop calls, built by its own setup.
+--baseline DIR times the training of another checkout (an earlier commit, say) with its own defaults, after the others.
 Sampling: DDIM 50 steps with classifier-free guidance (scale 1.5) of a randomly initialised model.
 FID features: our Inception on random uint8 32x32 images, batch 500 on the GPU vs batch 50 converted on the host.
 --profile: the CUDA kernels of 20 training steps (defaults, first preset and batch), by total time.
@@ -19,25 +20,79 @@ import argparse
 import datetime
 import json
 import os
+import resource
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 import torch
 
 import evaluate
-import model
 import train
-from model import Denoiser, Diffusion
-from plumbing import Interval, check_flags, timed
+from diffusion import Diffusion, generate
+from model import Denoiser
+from plumbing import Interval, check_flags, cli, distributed, mfu, peak_flops
 
 # input size of each preset; the DiTs train on 32x32x4 latents (256x256 images through an 8x autoencoder), the
 # paper's DiT-XL/2 setting
 RES = {"tiny": 32, "cifar": 32, "in64": 64, "dit-tiny": 32, "dit-xl2": 32}
 CLASSES = {"in64": 1000, "dit-xl2": 1000}
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def timed(fn, device, warmup=1, reps=3, reset_memory=False):
+    """Seconds per call of fn, after warmup untimed calls (and, reset_memory, with the peak memory counted anew)."""
+    import torch
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    if reset_memory and device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / reps
+
+
+def time_training(argv, n):
+    """train.py's setup for its flags argv (nothing written: the run folder is a temporary one), then n calls of its
+    step function after min(n, 10) untimed ones (compile, graph capture, cuDNN's search) -> images/s, ms/step, peak
+    memory, GFLOP/image, MFU; printed, and as one JSON line for the parent process."""
+    args = train.parse_args(argv)
+    with distributed(args.device, args.dist_timeout) as (ddp, rank, world, local_rank), \
+            tempfile.TemporaryDirectory() as tmp:
+        args.out = os.path.join(tmp, "run")
+        cfg, config, data, s, rt = train.setup(args, ddp, rank, world, local_rank, grids=False)
+        step_fn = train.make_step_fn(cfg, data, s, rt)
+        grid = train.grid_rows(cfg.cond, data.meta["class_names"], data.captions, data.text_emb, cfg.max_len)
+        flops = train.train_flops_per_image(s.net, s.diffusion, (data.ch, data.res, data.res), grid, rt.device)
+        s.net.train()
+        return bench_steps(step_fn, s.step, n, cfg.batch_size, flops, rt.device, world, rank,
+                           f"{cfg.preset} batch {cfg.batch_size} on {world}x compile={rt.compile} bf16={rt.bf16}")
+
+
+def bench_steps(step_fn, step, n, batch, flops_img, device, world, rank, what):
+    """--bench n: n steps of the training step function after min(n, 10) untimed ones (compile, graph capture,
+    cuDNN's search) -> images/s, ms/step, peak memory, GFLOP/image, MFU; printed, and as one JSON line for bench.py."""
+    steps = iter(range(step, step + min(10, n) + n))
+    dt = timed(lambda: step_fn(next(steps)), device, warmup=min(10, n), reps=n, reset_memory=True)
+    cuda, peak = device.type == "cuda", peak_flops(device)
+    mem = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    r = dict(images_per_s=batch / dt, step_ms=dt * 1000, peak_mem_gib=mem, gflop_per_image=flops_img / 1e9,
+             mfu=mfu(flops_img, batch / dt, peak, world))
+    if rank == 0:
+        print(f"bench {what} {torch.cuda.get_device_name(device) if cuda else 'cpu'}: {r['images_per_s']:.1f} "
+              f"images/s, {r['step_ms']:.1f} ms/step, peak memory {mem:.2f} GiB, {r['gflop_per_image']:.2f} "
+              f"GFLOP/image (fwd+bwd), MFU "
+              + (f"{r['mfu']:.1%} of bf16 dense peak" if peak else "n/a (peak unknown)"))
+        print(json.dumps(dict(bench=r)))
+    return r
 
 
 def fake_dataset(root, preset, n=4096):
@@ -64,21 +119,23 @@ def free_port():
         return str(s.getsockname()[1])
 
 
-def launch(argv, log, ddp=False, script=os.path.join(HERE, "train.py")):
-    """train.py in a process of its own, stderr (progress bars) to a file; ddp: with the environment torchrun
-    --nproc_per_node=1 would set."""
+def launch(argv, steps, log, ddp=False, root=ROOT):
+    """--time-train of the checkout at root in a process of its own (an older checkout's train.py --bench), stderr
+    (progress bars) to a file; ddp: with the environment torchrun --nproc_per_node=1 would set."""
     env = dict(os.environ)
     if ddp:
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=free_port())
-    p = subprocess.Popen([sys.executable, script, *argv], stdout=subprocess.PIPE, stderr=open(log, "w"), text=True,
-                         env=env, cwd=os.path.dirname(script))
+    cmd = ["-m", "ext.bench", "--time-train", str(steps), *argv] if os.path.isfile(f"{root}/ext/bench.py") else \
+        [os.path.join(root, "train.py"), *argv, "--bench", str(steps)]
+    p = subprocess.Popen([sys.executable, *cmd], stdout=subprocess.PIPE, stderr=open(log, "w"), text=True, env=env,
+                         cwd=root)
     p.log = log
     return p
 
 
 def result(proc, name):
-    """The figures train.py --bench printed as its last line, one JSON object."""
+    """The figures a --time-train process printed as its last line, one JSON object."""
     out = proc.communicate()[0]
     try:
         assert proc.returncode == 0
@@ -104,16 +161,14 @@ def bench_train(preset, batches, steps, tmp, device, baseline=None, baseline_bat
         for name, (flags, ddp) in variants.items():
             runs[batch, name] = (common + flags, ddp, os.path.join(tmp, f"{preset}-{batch}-{name.replace(' ', '_')}"))
     if device.type == "cuda":  # compile every variant at once; the timed runs below find the compiled code cached
-        warm = {k: launch(argv + ["--bench", "1"], log + "-warm.log", ddp) for k, (argv, ddp, log) in runs.items()}
+        warm = {k: launch(argv, 1, log + "-warm.log", ddp) for k, (argv, ddp, log) in runs.items()}
         for key, p in warm.items():
             result(p, key)
-    out = {key: result(launch(argv + ["--bench", str(steps)], log + ".log", ddp), key)
-           for key, (argv, ddp, log) in runs.items()}
+    out = {key: result(launch(argv, steps, log + ".log", ddp), key) for key, (argv, ddp, log) in runs.items()}
     for batch in baseline_batches if baseline else []:
-        common = ["--data", data, "--preset", preset, "--batch-size", str(batch), "--bench", str(steps)]
+        common = ["--data", data, "--preset", preset, "--batch-size", str(batch)]
         log = os.path.join(tmp, f"{preset}-{batch}-baseline.log")
-        out[batch, "baseline"] = result(launch(common, log, script=os.path.join(os.path.abspath(baseline), "train.py")),
-                                        "baseline")
+        out[batch, "baseline"] = result(launch(common, steps, log, root=os.path.abspath(baseline)), "baseline")
     return out
 
 
@@ -122,9 +177,9 @@ def profile_train(preset, batch, tmp, device, top=15):
     from torch.profiler import ProfilerActivity, profile
     data = fake_dataset(os.path.join(tmp, preset), preset)
     argv = ["--data", data, "--preset", preset, "--batch-size", str(batch), "--device", device.type]
-    train.main(argv + ["--bench", "3"])  # compile outside the profile (the cache serves the run below)
+    time_training(argv, 3)  # compile outside the profile (the cache serves the run below)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        r = train.main(argv + ["--bench", "20"])
+        r = time_training(argv, 20)
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     total = sum(e.self_device_time_total for e in events)
     lines = [f"profile {preset} batch {batch}: wall {r['step_ms']:.1f} ms/step; GPU busy {total / 30 / 1000:.1f} ms "
@@ -144,7 +199,7 @@ def bench_sample(preset, batch, device, steps=50):
     out = {}
     for name, fwd, bf16 in [("fast", torch.compile(net) if fast else net, fast), ("eager", net, False)]:
         torch._dynamo.reset()
-        dt = timed(lambda: model.generate(fwd, diffusion, idx, c, seed=0, shape=(ch, RES[preset], RES[preset]),
+        dt = timed(lambda: generate(fwd, diffusion, idx, c, seed=0, shape=(ch, RES[preset], RES[preset]),
                                            device=device, bf16=bf16, steps=steps, cfg_scale=1.5), device, reps=2)
         out[name] = batch / dt
     return out
@@ -192,8 +247,8 @@ def get_parser():
     p.add_argument("--no-sample", action="store_true", help="skip sampling")
     p.add_argument("--no-train", action="store_true", help="skip training")
     p.add_argument("--no-variants", action="store_true", help="time only the defaults, eager fp32 and DDP world 1")
-    p.add_argument("--baseline", help="another checkout whose train.py to time too (its own defaults; one whose "
-                                      "--bench prints its figures as JSON)")
+    p.add_argument("--baseline", help="another checkout whose training to time too (its own defaults; its ext/bench.py "
+                                      "--time-train, or an older train.py --bench that prints its figures as JSON)")
     p.add_argument("--baseline-batch", type=count, nargs="+", help="batches to time the baseline at (default: all)")
     p.add_argument("--profile", action="store_true", help="print the kernels of the default training step")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -201,6 +256,9 @@ def get_parser():
 
 
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--time-train"]:
+        return time_training(argv[2:], int(argv[1]))
     p = get_parser()
     a = check_flags(p, p.parse_args(argv))
     device = torch.device(a.device)
@@ -231,4 +289,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main, "ext.bench", (ValueError, OSError, FloatingPointError))

@@ -1,0 +1,113 @@
+"""The report's figures, drawn with pillow (no plotting library): evaluate.py report calls report_figures through
+its command table (the second lazy seam); gmm.py draws with plot too.
+
+  report.png           FID, IS, precision, recall (and an adapter's edge F1 and accuracy) against eta
+  report-guidance.png  a guidance sweep: FID against IS and precision against recall, a curve per eta (Fig. 3)
+  report-rmd.png       the RMD density per eta (Fig. 4), report-entropy.png the VQ sample entropy against guidance
+  report-study.png     the reproducibility study (Zhang et al.): reproducibility and generalization against size
+"""
+import numpy as np
+from PIL import Image, ImageDraw
+
+from plumbing import save_atomic
+
+
+COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75)]
+
+
+def plot(rows, path, x, xlabel, panels, series_of, order=None, w=420, h=300):
+    """One panel per (key, title, y label[, x key, x label]) of `panels` against row[x], a line per series_of(row)
+    through the mean of its points at each x, or (order) through its points in the order of row[order]: the FID-IS
+    curve of a guidance sweep. Drawn with pillow."""
+    series = {}
+    for r in rows:
+        series.setdefault(series_of(r), []).append(r)
+    nrow = -(-len(panels) // 2)
+    img = Image.new("RGB", (2 * w, nrow * h + 24 * (len(series) // 2 + 1)), "white")
+    d = ImageDraw.Draw(img)
+    for p, (key, title, ylabel, *px) in enumerate(panels):
+        ox, oy, (px, pxlabel) = (p % 2) * w, (p // 2) * h, px or (x, xlabel)
+        left, top, right, bottom = ox + 55, oy + 42, ox + w - 15, oy + h - 35
+        pts = [(r[px], r[key]) for r in rows if r[key] is not None and r[px] is not None]
+        d.text((ox + w // 2 - 3 * len(title), oy + 4), title, fill="black")
+        d.text((ox + 4, oy + 22), ylabel, fill="black")
+        d.rectangle([left, top, right, bottom], outline="black")
+        d.text((left + (right - left) // 2 - 3 * len(pxlabel), bottom + 20), pxlabel, fill="black")
+        if not pts:
+            d.text((left + (right - left) // 2 - 21, (top + bottom) // 2 - 6), "no data", fill="black")
+            continue
+        (x0, x1), (y0, y1) = [(min(v), max(v)) for v in zip(*pts)]
+        xpad, pad = (x1 - x0) * 0.06 or 1.0, (y1 - y0) * 0.1 or abs(y0) * 0.1 or 1.0  # no point on the frame
+        xs, (x0, x1), (y0, y1) = [v for v, _ in pts], (x0 - xpad, x1 + xpad), (y0 - pad, y1 + pad)
+        X = lambda v: left + (v - x0) / (x1 - x0) * (right - left)
+        Y = lambda v: bottom - (v - y0) / (y1 - y0) * (bottom - top)
+        whole = all(float(v).is_integer() for v in xs)  # e.g. log2 of subset sizes: a tick at each integer
+        xticks = sorted(set(int(v) for v in xs)) if whole else [min(xs) + (max(xs) - min(xs)) * i / 4 for i in range(5)]
+        for i in range(5):
+            yv = y0 + (y1 - y0) * i / 4
+            d.line([left - 4, Y(yv), left, Y(yv)], fill="black")
+            d.text((ox + 4, Y(yv) - 6), f"{yv:.3g}", fill="black")
+        for xv in xticks:
+            d.line([X(xv), bottom, X(xv), bottom + 4], fill="black")
+            d.text((X(xv) - 8, bottom + 6), f"{xv:.3g}", fill="black")
+        for s, (name, rs) in enumerate(series.items()):
+            c = COLOURS[s % len(COLOURS)]
+            at = {v: [r[key] for r in rs if r[px] == v and r[key] is not None] for v in sorted({r[px] for r in rs})
+                  if v is not None}
+            xy = [(X(v), Y(float(np.mean(ys)))) for v, ys in at.items() if ys] if order is None else \
+                [(X(r[px]), Y(r[key])) for r in sorted(rs, key=lambda r: r[order]) if None not in (r[px], r[key])]
+            if len(xy) > 1:
+                d.line(xy, fill=c, width=2)
+            for u, v in xy:
+                (d.ellipse if s % 2 == 0 else d.rectangle)([u - 4, v - 4, u + 4, v + 4], fill=c)
+    for s, name in enumerate(series):
+        u, v = 20 + (s % 2) * w, nrow * h + 6 + (s // 2) * 24
+        c = COLOURS[s % len(COLOURS)]
+        (d.ellipse if s % 2 == 0 else d.rectangle)([u, v, u + 8, v + 8], fill=c)
+        d.text((u + 14, v - 2), name, fill="black")
+    save_atomic(path, lambda f: img.save(f, "PNG"))
+
+
+def diversity_plots(rows, out, series_of):
+    """Chen et al. Fig. 4 from the diversity.json beside the metrics: the RMD density per eta (OUT-rmd.png) and the
+    sample entropy against guidance (OUT-entropy.png). -> the files written."""
+    dens = [dict(r, rmd=(lo + hi) / 2, density=v) for r in rows if r["rmd_density"]
+            for lo, hi, v in zip(r["rmd_edges"], r["rmd_edges"][1:], r["rmd_density"])]
+    wrote = []
+    if dens:
+        plot(dens, out + "-rmd.png", "rmd", "relative Mahalanobis distance", [("density", "RMD density", "density")],
+             lambda r: series_of(r) + f", cfg {r['cfg']}", order="rmd")
+        wrote.append(out + "-rmd.png")
+    if any(r["entropy"] is not None for r in rows):
+        plot(rows, out + "-entropy.png", "cfg", "guidance scale", [("entropy", "sample entropy", "nats")], series_of)
+        wrote.append(out + "-entropy.png")
+    return wrote
+
+
+def report_figures(rows, study, out):
+    """The figures of `evaluate.py report` as OUT.png, OUT-*.png: rows, the eta rows with eta_pct (None: no eta
+    table); study, the study's rows. -> the files written."""
+    wrote = []
+    if rows is not None:
+        cep = lambda r: ("no CEP" if r["cep"] == "none" else f"CEP-{r['cep'][0].upper()} gamma {r['gamma']:g}") + \
+            (f", IP {r['ip']:g}" if r["ip"] else "")
+        sweep = len({r["cfg"] for r in rows}) > 1
+        extra = [(k, title, title) for k, title in (("edge_f1", "edge F1"), ("accuracy", "conditioning accuracy"))
+                 if any(r[k] is not None for r in rows)]  # an adapter's control fidelity (Fig. 6 with Table 2)
+        plot(rows, out + ".png", "eta_pct", "eta (%)", [("fid", "FID", "FID"), ("is_mean", "IS", "IS"),
+             ("precision", "precision", "precision"), ("recall", "recall", "recall")] + extra,
+             lambda r: f"{r['adapter'] + ', ' if r['adapter'] else ''}{r['cond']}, {cep(r)}, {r['corruption']}/"
+                       f"{r['mode']}" + (f", cfg {r['cfg']}" if sweep else ""))
+        wrote.append(out + ".png")
+        wrote += diversity_plots(rows, out, lambda r: f"eta {r['eta_pct']:g}%, {cep(r)}")
+        if sweep:  # Chen et al. Fig. 3: a curve per eta through its guidance scales
+            plot(rows, out + "-guidance.png", None, None, [("fid", "FID against IS", "FID", "is_mean", "IS"),
+                 ("precision", "precision against recall", "precision", "recall", "recall")],
+                 lambda r: f"eta {r['eta_pct']:g}%, {r['cond']}, {cep(r)}", order="cfg")
+            wrote.append(out + "-guidance.png")
+    if study:
+        plot(study, out + "-study.png", "log2n", "log2 training images",
+             [("rp", "reproducibility (between seeds)", "pairs with cosine > threshold"),
+              ("gl", "generalization", "1 - memorized fraction")], lambda r: f"width {r['width']}")
+        wrote.append(out + "-study.png")
+    return wrote
