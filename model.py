@@ -6,12 +6,13 @@ and the checkpoint opener. The diffusion (schedules, loss, samplers) is diffusio
   attention          the one multi-head attention (SDPA) of the UNet, the DiT and the text encoder
   UNet               ResBlock, AttentionBlock (self-, cross-attention, LDM's feed-forward), ResAttnBlock, UNet
   DiT                sincos_2d, DiTBlock (adaLN-Zero), DiT
-  conditions         ClassEmbedder, TextEncoder (UTF-8 bytes), ControlEmbedder (Berrada et al.), cep_delta (Chen et al.)
+  conditions         ClassEmbedder, TextEncoder (UTF-8 bytes), cep_delta (Chen et al.)
   Denoiser           a backbone and its condition embedders: what train.py trains and sample.py samples
   autoencoders       load_autoencoder, ae_encode, latent_decoder: the latent path (diffusers)
   checkpoints        build, load_model: a run (a released model: ext/released.py, through the first lazy seam)
 
-The condition enters a backbone in two ways, so text tokens or control metadata are added without touching it:
+The condition enters a backbone in two ways, so text tokens (or ext/metadata.py's control metadata) are added without
+touching it:
   c_vec    [B, emb_dim]      added to the time embedding (a UNet's scale-shift norms, a DiT's adaLN);
   c_tokens [B, L, ctx_dim]   attended to by cross-attention (if ctx_dim is set).
 """
@@ -27,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from diffusion import Diffusion, T
+from diffusion import Diffusion
 from plumbing import load_checkpoint, optional, weights_hash
 
 PRESETS = {
@@ -382,36 +383,6 @@ class TextEncoder(nn.Module):
         return self.to_vec(pooled), h
 
 
-# crop box and flip scaled x1000 and sizes in pixels: every value spans the sinusoids' range, as timesteps do
-CONTROL_SCALE = (1000.0, 1000.0, 1000.0, 1000.0, 1.0, 1.0, 1000.0)
-
-
-def neutral_control(n, resolution, size=None, device=None):
-    """Control metadata of "no crop, no flip" [n, 7]: (top, left, height, width, original h, original w, flip)."""
-    h, w = size or (resolution, resolution)
-    return torch.tensor([[0.0, 0.0, 1.0, 1.0, h, w, 0.0]], device=device).repeat(n, 1)
-
-
-def control_weight(t):
-    """Phase-in of the control embedding over the noise level: 1 at t = 0, 0 at t = T - 1 (Berrada et al. use a
-    cosine schedule; its exact form is unconfirmed, no code: we take cos^2(pi/2 t / (T - 1)))."""
-    return torch.cos(0.5 * math.pi * t.float() / (T - 1)) ** 2
-
-
-class ControlEmbedder(nn.Module):
-    """Control metadata [B, 7] (crop box as fractions of the source image, original size, flip) -> [B, emb_dim]:
-    sinusoidal features of each value through its own MLP, kept apart from the semantic condition."""
-
-    def __init__(self, emb_dim, freq_dim=64):
-        super().__init__()
-        self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(nn.Linear(7 * freq_dim, emb_dim), nn.SiLU(), zero_init(nn.Linear(emb_dim, emb_dim)))
-        self.register_buffer("scale", torch.tensor(CONTROL_SCALE), persistent=False)
-
-    def forward(self, ctrl):
-        return self.mlp(timestep_embedding((ctrl.float() * self.scale).flatten(), self.freq_dim).view(len(ctrl), -1))
-
-
 def cep_delta(kind, gamma, shape, generator=None, device=None):
     """Condition Embedding Perturbation, Chen et al. Sec. 5, Eq. 8; delta is fresh per sample per step.
 
@@ -430,11 +401,10 @@ class Denoiser(nn.Module):
     """x_t, t, condition c -> network output: a backbone (self.unet or self.dit) and its condition embedders. c is one
     of: class labels [B] (index num_classes = null), byte tokens [B, L] of captions (the empty caption = null),
     precomputed caption embeddings [B, L, ext_dim] (zeros = null). cond_delta: training-time noise on the condition
-    embedding (cond_noise); ctrl: control metadata [B, 7] (Berrada et al.)."""
+    embedding (cond_noise)."""
 
     def __init__(self, num_classes, resolution=32, channels=3, preset="tiny", cond="class", text_dim=None,
-                 text_layers=None, max_len=64, ext_dim=None, replicate_pad=True, pad_noise=0.1, control=None,
-                 class_ctx=None, **arch):
+                 text_layers=None, max_len=64, ext_dim=None, replicate_pad=True, pad_noise=0.1, class_ctx=None, **arch):
         """preset: a name in PRESETS; arch: its backbone's values changed (a UNet's ch, dropout, attn_res; a DiT's
         depth, dim, heads, patch, freq_shift, mlp_eps); class_ctx: the class through cross-attention on an
         embedding this wide (0: through c_vec; default: the preset's)."""
@@ -446,8 +416,7 @@ class Denoiser(nn.Module):
             raise ValueError(f"{preset} is a {kind.upper()}: {', '.join(sorted(unknown))} are not its settings")
         class_ctx = spec.get("class_ctx") if class_ctx is None else class_ctx
         self.class_ctx = class_ctx if cond == "class" else None
-        self.num_classes, self.cond, self.resolution = num_classes, cond, resolution
-        self.pad_noise, self.control_mode = pad_noise, control
+        self.num_classes, self.cond, self.resolution, self.pad_noise = num_classes, cond, resolution, pad_noise
         text_dim, text_layers = (a or b for a, b in zip((text_dim, text_layers), spec.get("text", (384, 6))))
         ctx_dim = text_dim if cond == "text" else self.class_ctx or None
         backbone = net(resolution, channels, ctx_dim=ctx_dim, **{**spec[kind], **arch})
@@ -456,26 +425,19 @@ class Denoiser(nn.Module):
             self.label_embed = ClassEmbedder(num_classes, self.class_ctx or backbone.emb_dim)
         else:
             self.text = TextEncoder(text_dim, text_layers, max_len, backbone.emb_dim, ext_dim, replicate_pad)
-        if control:
-            self.control = ControlEmbedder(backbone.emb_dim)
 
     @property
     def backbone(self):
         return self.unet if self.unet is not None else self.dit
 
-    def forward(self, x, t, c, cond_delta=None, ctrl=None):
-        return self.backbone(x, t, *self.condition(c, t, cond_delta, ctrl))
+    def forward(self, x, t, c, cond_delta=None):
+        return self.backbone(x, t, *self.condition(c, t, cond_delta))
 
-    def condition(self, c, t, cond_delta=None, ctrl=None):
+    def condition(self, c, t, cond_delta=None):
         """-> (c_vec, c_tokens), what the backbone reads of the condition (see the module's docstring)."""
         c_vec, c_tokens = (self.label_embed(c, cond_delta), None) if self.cond == "class" else self.text(c, cond_delta)
         if self.class_ctx:  # the class as one token that cross-attention reads (LDM), not in the time embedding
             c_vec, c_tokens = None, c_vec[:, None]
-        if self.control_mode:
-            e = self.control(neutral_control(len(t), self.resolution, device=t.device) if ctrl is None else ctrl)
-            # "phased": Berrada et al.'s phase-in, control acts mostly at low noise; "sum": the baseline
-            e = e * control_weight(t)[:, None] if self.control_mode == "phased" else e
-            c_vec = e if c_vec is None else c_vec + e
         return c_vec, c_tokens
 
     def null_cond(self, c):
@@ -561,19 +523,15 @@ def build(config):
     return Denoiser(**config["model"]), Diffusion(**config["diffusion"])
 
 
-def load_model(spec, with_vae=True):
-    """--ckpt, --init-from: a slightdiff run folder or checkpoint file. Anything else goes to ext/released.py (the
-    first lazy seam), which converts a released model on load (with_vae: recording its autoencoder) or raises the
-    run loader's error."""
+def load_model(spec, with_vae=True, ext=False):
+    """--ckpt, --init-from: a slightdiff run folder or checkpoint file (ext: an extension's run too). Anything else
+    goes to ext/released.py (the first lazy seam), which converts a released model on load (with_vae: recording its
+    autoencoder) or raises the run loader's error."""
     try:
-        ckpt = load_checkpoint(spec)
+        return load_checkpoint(spec, ext)
     except (OSError, ValueError) as e:
         try:
             from ext import released
         except ImportError:  # a fork without ext/: plain runs only
             raise e from None
         return released.load(spec, with_vae, why=e)
-    if "base" in ckpt["config"]:
-        raise ValueError(f"{spec} is an adapter ({ckpt['config']['model'].get('adapter')}) on a frozen base run: "
-                         f"sample it with python -m ext.adapters sample --ckpt {spec} --controls DATASET")
-    return ckpt

@@ -300,9 +300,9 @@ def ckpt_path(path):
     return os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
 
 
-def load_checkpoint(path, adapter=False):
+def load_checkpoint(path, ext=False):
     """Load a slightdiff checkpoint with weights_only=True; a missing, truncated or foreign file is a ValueError, and
-    so is an adapter's unless asked for (adapter: ext/adapters.py, which adds its base's weights)."""
+    so is a run of an extension (an adapter, control metadata) unless ext: its module in ext/ loads it."""
     import torch
     folder, path = os.path.isdir(path), ckpt_path(path)
     if not os.path.isfile(path):
@@ -332,9 +332,10 @@ def load_checkpoint(path, adapter=False):
     if missing or not {"model", "diffusion", "train", "data"} <= set(ckpt["config"]):
         raise ValueError(f"{path} lacks {', '.join(sorted(missing)) or 'parts of its config'}: it was not written by "
                          f"this version of slightdiff's train.py")
-    if "base" in ckpt["config"] and not adapter:
-        raise ValueError(f"{path} is an adapter ({ckpt['config']['model'].get('adapter')}) on a frozen base run: "
-                         f"use python -m ext.adapters (train --resume, sample --ckpt)")
+    made_by = "adapters" if "base" in ckpt["config"] else "metadata" if ckpt["config"]["model"].get("control") else None
+    if made_by and not ext:
+        raise ValueError(f"{path} is a run of ext/{made_by}.py: continue it or sample it with python -m ext.{made_by} "
+                         f"(train --resume, sample --ckpt)")
     return ckpt
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from diffusion import T, Diffusion, generate, resolve_sampler
-from model import build, latent_decoder, load_model, neutral_control, tokenize
+from model import build, latent_decoder, load_model, tokenize
 from plumbing import (Interval, check_flags, ckpt_path, class_indices, cli, distributed, load_weights, read_captions,
                       remove_shards, run_shards, save_grid, save_npz, setup_device, weights_hash)
 
@@ -57,9 +57,6 @@ def get_parser():
     a("--prompts", help="text models: captions to cycle through, one per line (.jsonl: a dataset's captions.jsonl, "
                         "the first caption of each line)")
     a("--prompt-emb", help="models trained on --text-emb: caption embeddings .npy to cycle through")
-    a("--ctrl-crop", default="0,0,1,1", help="control models: crop box top,left,height,width (fractions)")
-    a("--ctrl-size", help="control models: original size H,W (default: the training set's median)")
-    a("--ctrl-flip", action="store_true", help="control models: condition on a flipped image")
     a("--vae", help="latent models: where the autoencoder recorded in the checkpoint lives now (its hash is checked)")
     a("--weights", default="ema", choices=["ema", "model"], help="EMA (default) or raw weights")
     a("--batch", type=COUNT, help="per-process batch (default: 500 on a GPU, 32 on the CPU)")
@@ -103,7 +100,8 @@ def read_prompts(args, max_len):
 
 def conditions(args, cfg, num):
     """What sample i is conditioned on, from the flags: (cond [num, ...], a host tensor; what the npz stores of it;
-    inputs(indices) -> the network's other inputs for those samples; what the settings record of them)."""
+    inputs(indices) -> the network's other inputs for those samples (an extension's); what the settings record of
+    them)."""
     m = cfg["model"]
     if m.get("cond", "class") == "class":
         if args.prompt is not None or args.prompts or args.prompt_emb:
@@ -126,24 +124,7 @@ def conditions(args, cfg, num):
         prompts = read_prompts(args, m["max_len"])
         captions = [prompts[i % len(prompts)] for i in range(num)]
         cond, stored = tokenize(captions, m["max_len"]), dict(captions=np.array(captions))
-    ctrl = control(args, m, cfg.get("data", {}))
-    inputs = lambda idx: {} if ctrl is None else dict(ctrl=ctrl.expand(len(idx), -1))
-    return cond, stored, inputs, dict(control=None if ctrl is None else ctrl[0].tolist())
-
-
-def control(args, m, data):
-    """Control metadata of every sample [1, 7]: no crop and no flip unless the flags say otherwise."""
-    if not m.get("control"):
-        return None
-    try:
-        crop = [float(v) for v in args.ctrl_crop.split(",")]
-        size = [int(v) for v in args.ctrl_size.split(",")] if args.ctrl_size else data.get("control_size")
-        assert len(crop) == 4 and all(0 <= v <= 1 for v in crop) and len(size or [0, 0]) == 2
-    except (ValueError, AssertionError):
-        raise ValueError("--ctrl-crop wants top,left,height,width in [0, 1] and --ctrl-size H,W") from None
-    ctrl = neutral_control(1, m["resolution"], size)
-    ctrl[0, :4], ctrl[0, 6] = torch.tensor(crop), float(args.ctrl_flip)
-    return ctrl
+    return cond, stored, lambda idx: {}, {}
 
 
 def main(argv=None):
@@ -198,7 +179,7 @@ def run(args, ckpt, net, conds, ddp, rank, world, local_rank):
                         steps=walk["steps"], ddim_eta=args.ddim_eta, spacing=args.spacing, cfg_scale=scale,
                         seed=args.seed, labels=args.labels,
                         conditions=hashlib.sha256(next(iter(stored.values())).tobytes()).hexdigest()[:16],
-                        control=None, bf16=use_bf16, config=cfg, controls=None)
+                        bf16=use_bf16, config=cfg)
         sample_shards(out, dict(settings, **recorded), stored, args, job, ddp, rank, world)
 
 

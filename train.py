@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 import corrupt
 from diffusion import T, Diffusion, generate
-from model import PRESETS, Denoiser, cep_delta, latent_decoder, load_model, neutral_control, tokenize
+from model import PRESETS, Denoiser, cep_delta, latent_decoder, load_model, tokenize
 from plumbing import (CKPT_FORMAT, Interval, barrier, check_flags, ckpt_path, cli, distributed, flag_adder,
                       load_checkpoint, load_weights, mfu, peak_flops, peers, read_captions, read_dataset,
                       resumable_flags, save_atomic, save_grid, save_json, save_npz, seed_of, setup_device, to_device,
@@ -83,8 +83,6 @@ def get_parser():
     a("--replicate-pad", action=argparse.BooleanOptionalAction, default=True,
       help="noisy replicate padding of the caption tokens (Berrada et al. 2024)")
     a("--pad-noise", type=NONNEG, default=0.1, help="std of the replicate-padding noise (training only)")
-    a("--control", default="none", choices=["none", "phased", "sum"],
-      help="control metadata (crop, size, flip): phased in over the noise level (Berrada et al.) or summed into c_vec")
     a("--crop-scale", type=Interval(float, "(0, 1]"), default=1.0,
       help="random crops of side in [crop-scale, 1] of the image (1: off)")
     a("--init-from", help="start from these EMA weights at this dataset's resolution: a run folder or ckpt.pt, or a "
@@ -311,8 +309,6 @@ class Data:
     fixed_ids: np.ndarray  # each position's condition id under the fixed corruption (make_label_fn)
     captions: list  # captions.jsonl, a list of captions per dataset row (text models), or None
     text_emb: np.ndarray  # --text-emb, one row per dataset row, or None
-    sizes: np.ndarray  # original (height, width) of each position, from sizes.npy (control metadata), or None
-    control_size: list  # the median original size: the control metadata of a grid
     batches: object  # Batches: the global batch of each step
     cond_of: object  # (condition ids, step) -> the host condition of a batch (make_cond)
     decode: object  # latents -> images for rank 0's grids, or None
@@ -323,8 +319,6 @@ def load_data(cfg, device, rank=0, grids=True):
     latents were made with (its hash checked)."""
     images, clean_labels, index, meta = load_dataset(cfg.data, cfg.subset, cfg.data_seed)
     captions, text_emb = load_text(cfg.data, len(images), cfg.text_emb) if cfg.cond == "text" else (None, None)
-    sizes_path = os.path.join(cfg.data, "sizes.npy")
-    sizes = np.load(sizes_path) if cfg.control != "none" and os.path.isfile(sizes_path) else None
     label_fn, fixed_ids, mask = make_label_fn(cfg.corruption, cfg.corruption_mode, cfg.eta, cfg.data_seed, clean_labels,
                                               meta["num_classes"], meta["class_names"], cfg.corrupt_classes)
     in_memory = len(index) * images[0].nbytes < 8 << 30
@@ -332,13 +326,11 @@ def load_data(cfg, device, rank=0, grids=True):
     latent = meta.get("latent")
     if latent and cfg.crop_scale < 1:
         raise ValueError("--crop-scale does not apply to precomputed latents (the latent of a crop is not a crop of "
-                         "the latent): leave it at 1; flips and original sizes still apply")
+                         "the latent): leave it at 1; flips still apply")
     image_res = latent["image_resolution"] if latent else meta["resolution"]
     return Data(
         meta=meta, index=index, res=meta["resolution"], ch=images.shape[3], image_res=image_res, latent=latent,
         corruption=dict(mask=mask, index=index, **conds), fixed_ids=fixed_ids, captions=captions, text_emb=text_emb,
-        sizes=None if sizes is None else sizes[index],  # by position in the (subset) dataset
-        control_size=np.median(sizes, 0).round().astype(int).tolist() if sizes is not None else [image_res] * 2,
         batches=Batches(images, index, device, cfg.seed, label_fn, in_memory, cfg.data),
         cond_of=functools.partial(make_cond, cfg.cond, index=index, captions=captions, text_emb=text_emb,
                                   seed=cfg.seed, max_len=cfg.max_len),
@@ -370,8 +362,6 @@ def model_config(cfg, data, src=None):
         model_cfg.update(text_dim=cfg.text_dim, text_layers=cfg.text_layers, replicate_pad=cfg.replicate_pad,
                          pad_noise=cfg.pad_noise, max_len=cfg.max_len if emb is None else emb.shape[1],
                          ext_dim=None if emb is None else emb.shape[2])
-    if cfg.control != "none":
-        model_cfg["control"] = cfg.control
     if cfg.class_ctx is not None:
         model_cfg["class_ctx"] = cfg.class_ctx
     diff_cfg = dict(schedule=cfg.schedule, T=T, prediction=cfg.prediction, shift=cfg.schedule_shift or 1.0,
@@ -400,8 +390,7 @@ def run_config(cfg, data, model_cfg, diff_cfg, source=None):
     """What config.json and every checkpoint store: the model, the diffusion, the flags as resolved, the dataset (and
     a released model's id and hash, if the run started from one)."""
     config = dict(model=model_cfg, diffusion=diff_cfg, train={k: v for k, v in cfg._asdict().items() if k != "resume"},
-                  data=dict(path=os.path.abspath(cfg.data), control_size=data.control_size,
-                            checksum=data.meta.get("source_checksum"),
+                  data=dict(path=os.path.abspath(cfg.data), checksum=data.meta.get("source_checksum"),
                             **{k: data.meta[k] for k in ("num_classes", "class_names", "resolution", "count")},
                             **({"latent": data.latent} if data.latent else {})))
     return dict(config, source=source) if source else config
@@ -413,7 +402,7 @@ def init_model(cfg, model_cfg, src, device, memory_format, make=Denoiser):
     net = make(**model_cfg).to(device, memory_format=memory_format)
     if src is not None:
         load_weights(net, src["ema"], f"--init-from {cfg.init_from}", "this model",
-                     "give the --preset, --cond and text/control flags of that run")
+                     "give the --preset, --cond and text flags of that run")
     return net
 
 
@@ -490,7 +479,6 @@ class Draw:
     flip: torch.Tensor  # horizontal flips
     delta: torch.Tensor = None  # CEP's delta and the replicate-padding noise on the condition embedding
     crop: torch.Tensor = None  # crop boxes (top, left, side) as fractions of the image (--crop-scale)
-    ctrl: torch.Tensor = None  # control metadata (--control)
     eps: torch.Tensor = None  # a fresh draw from each KL latent's posterior
     ip: torch.Tensor = None  # input perturbation (--ip-gamma)
 
@@ -511,16 +499,10 @@ def draw_step(step, cfg, data, net, device, rank=0, world=1):
     cond = torch.where(drop.view(-1, *[1] * (cond.dim() - 1)), net.null_cond(cond), cond)
     flip = (torch.rand(batch, generator=gen, device=device) < 0.5) & cfg.hflip
     d = Draw(idx, t, noise, cond, flip, delta=net.cond_noise(cond, cfg.cep, cfg.cep_gamma, gen))
-    zero = torch.zeros(batch, device=device)
-    top, left, side = zero, zero, zero + 1
     if crop_scale < 1:
         side = crop_scale + (1 - crop_scale) * torch.rand(batch, generator=gen, device=device)
         top, left = (torch.rand(2, batch, generator=gen, device=device) * (1 - side)).unbind()
         d.crop = torch.stack([top, left, side], 1)
-    if cfg.control != "none":  # what was done to each image: the crop box, its original size, the flip
-        hw = torch.full((batch, 2), float(data.image_res), device=device) if data.sizes is None else \
-            to_device(torch.from_numpy(data.sizes[idx]), device).float()
-        d.ctrl = torch.cat([torch.stack([top, left, side, side], 1), hw, flip[:, None].float()], 1)
     if data.latent is not None and data.latent["kind"] == "kl":  # a fresh draw from each latent's posterior
         d.eps = torch.randn(batch, *shape, generator=gen, device=device)
     if cfg.ip_gamma:  # drawn last: the other draws stay those of a run without it
@@ -531,14 +513,14 @@ def draw_step(step, cfg, data, net, device, rank=0, world=1):
 def micro_loss(net, diffusion, memory_format, latent_scale, d, x, **inputs):
     """Per-sample loss of a micro-batch d: uint8 NHWC images x to [-1, 1] in the run's layout, cropped and flipped;
     or latents x [b, 2 (image, mirror), K, C, h, w]: the mirror's for a flip, mean + std * eps for a KL autoencoder (a
-    fresh draw each step, as EDM2), times the scaling factor. inputs: the network's other inputs (an adapter's
-    control image, cropped and flipped with its image by `augment`)."""
+    fresh draw each step, as EDM2), times the scaling factor. inputs: the network's other inputs (an extension's: a
+    control image cropped and flipped with its image by `augment`, control metadata)."""
     if latent_scale is not None:
         x = x[torch.arange(len(x), device=x.device), d.flip.long()].float()
         x = (x[:, 0] if d.eps is None else x[:, 0] + x[:, 1] * d.eps) * latent_scale
     else:
         x = augment(to_float(x).contiguous(memory_format=memory_format), d)
-    return diffusion.loss(net, x, d.cond, d.t, d.noise, ip=d.ip, cond_delta=d.delta, ctrl=d.ctrl, **inputs)
+    return diffusion.loss(net, x, d.cond, d.t, d.noise, ip=d.ip, cond_delta=d.delta, **inputs)
 
 
 def augment(v, d):
@@ -676,15 +658,12 @@ def grid_rows(cond, class_names, captions, text_emb, max_len):
     return tokenize(prompts, max_len), prompts, {}
 
 
-def draw_grid(ema, diffusion, rows, labels, inputs, ctrl_size, shape, device, cfg_scale, steps, path, decode=None,
-              ncol=8):
-    """ncol samples per row condition (and its other inputs), fixed noise, DDIM from the EMA weights, no crop and no
-    flip; latents decoded."""
-    n, inputs = len(rows) * ncol, {k: v.repeat_interleave(ncol, 0) for k, v in inputs.items()}
-    if ema.control_mode:
-        inputs["ctrl"] = neutral_control(1, shape[-1], ctrl_size).expand(n, -1)
-    x = generate(ema, diffusion, range(n), rows.repeat_interleave(ncol, 0), seed=0, shape=shape, device=device,
-                 steps=steps, cfg_scale=cfg_scale, decode=decode, inputs=inputs)
+def draw_grid(ema, diffusion, rows, labels, inputs, shape, device, cfg_scale, steps, path, decode=None, ncol=8):
+    """ncol samples per row condition (and its other inputs), fixed noise, DDIM from the EMA weights; latents
+    decoded."""
+    inputs = {k: v.repeat_interleave(ncol, 0) for k, v in inputs.items()}
+    x = generate(ema, diffusion, range(len(rows) * ncol), rows.repeat_interleave(ncol, 0), seed=0, shape=shape,
+                 device=device, steps=steps, cfg_scale=cfg_scale, decode=decode, inputs=inputs)
     save_grid(path, x, nrow=len(rows), labels=labels)
 
 
@@ -737,7 +716,7 @@ def train(cfg, config, data, s, step_fn, grid, rt):
             if s.step % cfg.ckpt_every == 0 or last:
                 if master:
                     save_checkpoint(cfg.out, s, config, s.step, cfg.batch_size, cfg.snapshot_every)
-                    draw_grid(s.ema, s.diffusion, *grid, data.control_size, shape, rt.device, cfg.grid_cfg,
+                    draw_grid(s.ema, s.diffusion, *grid, shape, rt.device, cfg.grid_cfg,
                               cfg.grid_steps, os.path.join(cfg.out, f"grid-{s.step:07d}.png"), data.decode)
                     saved = s.step
                 barrier(rt.ddp, rt.rank, "continue it with --resume")
@@ -764,11 +743,12 @@ def main(argv=None):
         train(cfg, config, data, s, step_fn, grid, rt)
 
 
-def setup(args, ddp, rank, world, local_rank, grids=True):
+def setup(args, ddp, rank, world, local_rank, grids=True, make=Denoiser, model=None):
     """Everything a run needs before its first step, each paragraph once: the config (resolved once, then
-    read-only), the runtime, the data, and the model's state (fresh, --resume or --init-from)."""
+    read-only), the runtime, the data, and the model's state (fresh, --resume or --init-from). make, model: the
+    network's class and its settings beyond the flags' (an extension's: ext/metadata.py)."""
     # Configuration
-    ckpt = load_checkpoint(args.resume) if args.resume else None
+    ckpt = load_checkpoint(args.resume, ext=make is not Denoiser) if args.resume else None
     cfg = resolve_config(args, world, ckpt)
     rt = runtime(cfg, ddp, rank, world, local_rank)
 
@@ -777,10 +757,11 @@ def setup(args, ddp, rank, world, local_rank, grids=True):
     src = load_model(cfg.init_from, with_vae=False) if cfg.init_from and ckpt is None else None  # a run, a released DiT
     model_cfg, diff_cfg = (ckpt["config"]["model"], ckpt["config"]["diffusion"]) if ckpt else model_config(cfg, data,
                                                                                                            src)
+    model_cfg = model_cfg if ckpt else dict(model_cfg, **(model or {}))
     config = run_config(cfg, data, model_cfg, diff_cfg, (ckpt or src or {}).get("config", {}).get("source"))
     if ckpt is not None:
         check_same_run(cfg.out, config["data"], ckpt["config"]["data"], **data.corruption)
-    s = build_state(cfg, init_model(cfg, model_cfg, src, rt.device, rt.memory_format), diff_cfg, ckpt, rt)
+    s = build_state(cfg, init_model(cfg, model_cfg, src, rt.device, rt.memory_format, make), diff_cfg, ckpt, rt)
     if rank == 0:
         print(summary(cfg, data, s.net, rt))
     return cfg, config, data, s, rt

@@ -28,7 +28,8 @@ from einops import rearrange
 
 import sample
 import train
-from model import Denoiser, Downsample, load_model, zero_init
+from ext.metadata import MetadataDenoiser, neutral_control, sample_flags, with_metadata
+from model import Downsample, load_model, zero_init
 from evaluate import load_samples, save_result
 from plumbing import (Interval, check_flags, ckpt_path, cli, distributed, file_hash, load_checkpoint, load_weights,
                       optional, read_dataset, save_atomic, save_json, to_float, weights_hash)
@@ -146,9 +147,10 @@ class DiTControlNet(nn.Module):
 ADAPTERS = {("controlnet", "unet"): ControlNet, ("t2i", "unet"): T2IAdapter, ("controlnet", "dit"): DiTControlNet}
 
 
-class AdapterDenoiser(Denoiser):
-    """A Denoiser whose network reads a control image hint [B, C, H, W] in [0, 1] through an adapter: controlnet or
-    t2i on control images of hint_ch channels at hint_res (default: the resolution; latents: the images')."""
+class AdapterDenoiser(MetadataDenoiser):
+    """A Denoiser (with control metadata if its base has them) whose network reads a control image hint [B, C, H, W]
+    in [0, 1] through an adapter: controlnet or t2i on control images of hint_ch channels at hint_res (default: the
+    resolution; latents: the images')."""
 
     def __init__(self, adapter, hint_ch=1, hint_res=None, **model):
         super().__init__(**model)
@@ -172,12 +174,12 @@ class AdapterDenoiser(Denoiser):
 def load_run(spec):
     """An adapter run's checkpoint with its base's (EMA) weights added, refused unless they are the ones the adapter
     was trained on; a plain run as it is."""
-    ckpt = load_checkpoint(spec, adapter=True)
+    ckpt = load_checkpoint(spec, ext=True)
     base = ckpt["config"].get("base")
     if not base:
         return ckpt
     try:
-        state = load_model(base["path"], with_vae=False)["ema"]
+        state = load_model(base["path"], with_vae=False, ext=True)["ema"]
     except (OSError, ValueError) as e:
         raise ValueError(f"this adapter's base run {base['path']} cannot be read ({str(e)[:100]}): put it back "
                          f"there") from None
@@ -263,6 +265,8 @@ def train_main(argv):
             adapter_config(cfg, data, base["config"], controls.shape[3])
         config = train.run_config(cfg, data, model_cfg, diff_cfg, (ckpt or base)["config"].get("source"))
         config["base"] = ckpt["config"]["base"] if ckpt else base_record(cfg.init_from, base)
+        if model_cfg.get("control"):  # a base with control metadata: its grid and samples' size, the images'
+            config["data"]["control_size"] = [data.image_res] * 2
         if ckpt is not None:
             train.check_same_run(cfg.out, config["data"], ckpt["config"]["data"], **data.corruption)
         net = adapter_model(cfg, model_cfg, base, rt)
@@ -278,7 +282,7 @@ def train_main(argv):
                                                                                  hint=hints.images_at(idx)))
         if rank == 0:
             train.prepare_run_folder(cfg.out, config, train.corruption_record(cfg, data), s.step)
-        train.train(cfg, config, data, s, step_fn, grid_rows(cfg.cond, data, hints), rt)
+        train.train(cfg, config, data, s, step_fn, grid_rows(cfg.cond, data, hints, model_cfg.get("control")), rt)
 
 
 def base_run(args):
@@ -286,7 +290,7 @@ def base_run(args):
     if not args.adapter or not args.init_from:
         raise ValueError("--adapter trains on top of a pre-trained model: give --adapter controlnet|t2i and the run "
                          "folder with --init-from")
-    base = load_model(args.init_from, with_vae=False)
+    base = load_model(args.init_from, with_vae=False, ext=True)
     args.preset = base["config"]["model"]["preset"]  # the base's network, whatever --preset says
     args.out = args.out or os.path.join("runs", f"{os.path.basename(os.path.normpath(args.init_from))}-"
                                                 f"{args.adapter}{train.perturbed(vars(args))}")
@@ -332,13 +336,16 @@ def adapter_loss(net, diffusion, memory_format, latent_scale, d, x, hint):
     return train.micro_loss(net, diffusion, memory_format, latent_scale, d, x, hint=hint)
 
 
-def grid_rows(cond, data, hints):
-    """The grid: the first 8 images' conditions (clean labels, or captions) with their control images."""
+def grid_rows(cond, data, hints, control):
+    """The grid: the first 8 images' conditions (clean labels, or captions) with their control images (and, on a
+    base with control metadata, no crop and no flip)."""
     rows = np.arange(min(8, len(data.index)))
     c = torch.from_numpy(data.corruption["clean_labels"][rows]) if cond == "class" else \
         data.cond_of(torch.from_numpy(rows), step=0)
     names = [data.meta["class_names"][k] for k in c] if cond == "class" else [f"image {k}" for k in rows]
-    return c, names, dict(hint=to_float(hints.images_at(rows).cpu(), unit=True))
+    inputs = dict(hint=to_float(hints.images_at(rows).cpu(), unit=True))
+    return c, names, dict(inputs, ctrl=neutral_control(len(rows), data.res, [data.image_res] * 2)) if control else \
+        inputs
 
 
 # ----------------------------------------------------------------------------- sample: from control images
@@ -349,6 +356,7 @@ def sample_main(argv):
     p = sample.get_parser()
     p.add_argument("--controls", required=True, help="a dataset folder with controls.npy; sample i takes row i %% N "
                                                      "of its controls and labels")
+    sample_flags(p)  # a base with control metadata
     p.description = __doc__
     args = sample.parse(p, argv)
     with distributed(args.device, args.dist_timeout) as (ddp, rank, world, local_rank):
@@ -360,7 +368,7 @@ def sample_main(argv):
         d = read_dataset(args.controls)
         controls = read_controls(args.controls, len(d.labels), m.get("hint_res") or m["resolution"], m["hint_ch"])
         rows = np.arange(args.num) % len(controls)
-        cond, stored, inputs, recorded = sample.conditions(args, cfg, args.num)
+        cond, stored, inputs, recorded = with_metadata(args, cfg, sample.conditions(args, cfg, args.num))
         if "arr_1" in stored and not args.labels:  # the controls' own classes unless --labels says otherwise
             cond, stored = torch.from_numpy(d.labels[rows]), dict(arr_1=d.labels[rows])
         stored["control_rows"] = rows

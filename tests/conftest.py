@@ -35,14 +35,25 @@ def tiny_run(shapes, tmp_path_factory):
     return out
 
 
+TEXT_RUN = ["--preset", "tiny", "--batch-size", "8", "--steps", "2", "--warmup", "1", "--ckpt-every", "2",
+            "--grid-steps", "1", "--cond", "text", "--max-len", "32"]
+
+
 @pytest.fixture(scope="session")
 def tiny_text_run(shapes, tmp_path_factory):
-    """A tiny caption-conditioned model with control metadata, trained for 2 steps."""
+    """A tiny caption-conditioned model, trained for 2 steps."""
     import train
     out = str(tmp_path_factory.mktemp("runs") / "tiny-text")
-    train.main(["--data", f"{shapes}/train", "--out", out, "--preset", "tiny", "--batch-size", "8", "--steps", "2",
-                "--warmup", "1", "--ckpt-every", "2", "--grid-steps", "1", "--cond", "text", "--control", "phased",
-                "--max-len", "32"])
+    train.main(["--data", f"{shapes}/train", "--out", out, *TEXT_RUN])
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_meta_run(shapes, tmp_path_factory):
+    """The same with control metadata (ext/metadata.py)."""
+    from ext import metadata
+    out = str(tmp_path_factory.mktemp("runs") / "tiny-meta")
+    metadata.main(["train", "--data", f"{shapes}/train", "--out", out, *TEXT_RUN, "--control", "phased"])
     return out
 
 

@@ -85,7 +85,7 @@ def test_adapter_trains_only_itself_and_resumes_after_a_kill_bit_identically(bas
     args = ["--data", f"{data}/train", "--init-from", run, "--adapter", "controlnet", *TINY, "--steps", "4",
             "--ckpt-every", "2"]
     adapters.main(["train", *args, "--out", str(tmp_path / "ref")])
-    ref, start = plumbing.load_checkpoint(str(tmp_path / "ref"), adapter=True), plumbing.load_checkpoint(run)
+    ref, start = plumbing.load_checkpoint(str(tmp_path / "ref"), ext=True), plumbing.load_checkpoint(run)
     assert ref["model"] and all(k.startswith("adapter.") for k in ref["model"])  # the adapter only ...
     named = ref["config"]["base"]
     assert named["sha256"] == plumbing.weights_hash(start["ema"]) and named["eta"] == 0.1
@@ -96,7 +96,7 @@ def test_adapter_trains_only_itself_and_resumes_after_a_kill_bit_identically(bas
     fresh = [sys.executable, "-m", "ext.adapters", "train", *args, "--out", out]
     assert not finish(fresh, None, out, kill_at=3)  # SIGKILL after the step-2 checkpoint
     assert finish(None, [sys.executable, "-m", "ext.adapters", "train", "--resume", out], out)
-    got = plumbing.load_checkpoint(out, adapter=True)
+    got = plumbing.load_checkpoint(out, ext=True)
     assert got["step"] == 4 and all(torch.equal(ref[w][k], got[w][k]) for w in ("model", "ema") for k in ref[w])
 
 
@@ -151,11 +151,11 @@ def test_adapter_errors_are_one_line(base, tmp_path):
     with pytest.raises(ValueError, match="goes with a model with an adapter"):
         adapters.main(["sample", "--ckpt", run, "--controls", f"{data}/test", "--num", "2", "--out",
                        str(tmp_path / "b.npz")])
-    with pytest.raises(ValueError, match="is an adapter .* use python -m ext.adapters"):  # it needs its controls
+    with pytest.raises(ValueError, match="is a run of ext/adapters.py: .* python -m ext.adapters"):  # it needs its controls
         sample.main(["--ckpt", adapter, "--num", "2", "--out", str(tmp_path / "c.npz")])
     other = str(tmp_path / "base2")  # the base run replaced by another one: the adapter refuses it
     shutil.copytree(run, other)
-    cfg = plumbing.load_checkpoint(adapter, adapter=True)
+    cfg = plumbing.load_checkpoint(adapter, ext=True)
     cfg["config"]["base"]["path"] = os.path.join(other, "ckpt.pt")
     torch.save(cfg, os.path.join(adapter, "ckpt.pt"))
     state = plumbing.load_checkpoint(other)

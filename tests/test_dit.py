@@ -9,6 +9,7 @@ import torch
 import model
 import plumbing
 import train
+from ext import metadata
 from helpers import assert_moments_close
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,18 +64,21 @@ def test_class_through_attention_keeps_the_class_out_of_adaln_and_still_conditio
 
 def test_dit_run_resumes_bit_identically_and_matches_two_processes(shapes16, tmp_path):
     data = f"{shapes16}/train"
-    text = ["--cond", "text", "--control", "phased", "--max-len", "24", "--crop-scale", "0.8"]
-    train.main(["--data", data, *RUN, *text, "--steps", "4", "--ckpt-every", "2", "--out", str(tmp_path / "full")])
-    train.main(["--data", data, *RUN, *text, "--steps", "2", "--ckpt-every", "2", "--out", str(tmp_path / "cut")])
-    train.main(["--resume", str(tmp_path / "cut"), "--steps", "4"])
-    a, b = plumbing.load_checkpoint(str(tmp_path / "full")), plumbing.load_checkpoint(str(tmp_path / "cut"))
+    text = ["--cond", "text", "--control", "phased", "--max-len", "24", "--crop-scale", "0.8"]  # ext/metadata.py
+    meta = lambda argv: metadata.main(["train", *argv])
+    meta(["--data", data, *RUN, *text, "--steps", "4", "--ckpt-every", "2", "--out", str(tmp_path / "full")])
+    meta(["--data", data, *RUN, *text, "--steps", "2", "--ckpt-every", "2", "--out", str(tmp_path / "cut")])
+    meta(["--resume", str(tmp_path / "cut"), "--steps", "4"])
+    load = lambda out: plumbing.load_checkpoint(str(out), ext=True)
+    a, b = load(tmp_path / "full"), load(tmp_path / "cut")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert any(k.startswith("dit.blocks.0.kv_x") for k in a["model"])  # text tokens through cross-attention
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          f"{ROOT}/train.py", "--data", data, *RUN, *text, "--steps", "4", "--ckpt-every", "4",
-                          "--batch-gpu", "4", "--out", str(tmp_path / "two")], capture_output=True, text=True, cwd=ROOT)
+                          "-m", "ext.metadata", "train", "--data", data, *RUN, *text, "--steps", "4", "--ckpt-every",
+                          "4", "--batch-gpu", "4", "--out", str(tmp_path / "two")], capture_output=True, text=True,
+                         cwd=ROOT)
     assert two.returncode == 0, two.stderr[-2000:]
-    c = plumbing.load_checkpoint(str(tmp_path / "two"))
+    c = load(tmp_path / "two")
     assert_moments_close(a, c)
 
 

@@ -320,23 +320,25 @@ def test_cep_on_text_perturbs_every_token_and_the_pooled_vector():
 
 
 def test_control_is_phased_in_at_low_noise():
-    w = model.control_weight(torch.tensor([0, 100, 500, 900, 999]))
+    from ext import metadata
+    Meta = lambda control: metadata.MetadataDenoiser(control, num_classes=10, resolution=32, channels=3, preset="tiny")
+    w = metadata.control_weight(torch.tensor([0, 100, 500, 900, 999]))
     assert w[0] == 1 and w[-1] < 1e-6 and w[1] > 0.97 and abs(w[2] - 0.5) < 0.01 and w[3] < 0.03
     torch.manual_seed(0)
-    net = Denoiser(10, 32, 3, "tiny", control="phased").eval()
+    net = Meta("phased").eval()
     torch.nn.init.normal_(net.control.mlp[-1].weight, std=0.5)  # zero-initialised: give the control an effect
     for m in net.unet.modules():  # and the blocks, which start as the identity
         if isinstance(m, torch.nn.Conv2d):
             torch.nn.init.normal_(m.weight, std=0.05)
     x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
-    a, b = model.neutral_control(2, 32), model.neutral_control(2, 32)
+    a, b = metadata.neutral_control(2, 32), metadata.neutral_control(2, 32)
     b[:, 6] = 1  # flipped
     with torch.no_grad():
         for t, changes in [(0, True), (999, False)]:
             tt = torch.full((2,), t)
             out_a, out_b = net(x, tt, y, ctrl=a), net(x, tt, y, ctrl=b)
             assert (not torch.allclose(out_a, out_b, atol=1e-6)) == changes, t
-        summed = Denoiser(10, 32, 3, "tiny", control="sum").eval()
+        summed = Meta("sum").eval()
         summed.load_state_dict(net.state_dict())
         tt = torch.full((2,), 999)
         assert not torch.allclose(summed(x, tt, y, ctrl=a), summed(x, tt, y, ctrl=b), atol=1e-6)  # the baseline

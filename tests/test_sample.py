@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import sample
+from ext import metadata
 from helpers import interrupted_sampling, run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,19 +102,20 @@ def test_missing_checkpoint(tmp_path, tiny_run):
     assert r.returncode == 1 and "config.json is not a checkpoint" in r.stderr and r.stderr.count("\n") == 1
 
 
-def test_prompts_are_cycled_stored_and_seeded_per_index(tiny_text_run, tmp_path):
+def test_prompts_are_cycled_stored_and_seeded_per_index(tiny_meta_run, tmp_path):
     (tmp_path / "p.txt").write_text("a red disk\n\na blue ring on the left\nun carré\n", encoding="utf-8")
-    common = ["--ckpt", tiny_text_run, "--steps", "2", "--cfg-scale", "2", "--batch", "4"]
-    sample.main(common + ["--num", "7", "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "a.npz")])
+    common = ["--ckpt", tiny_meta_run, "--steps", "2", "--cfg-scale", "2", "--batch", "4"]
+    meta = lambda argv: metadata.main(["sample", *argv])  # a model with control metadata (ext/metadata.py)
+    meta(common + ["--num", "7", "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "a.npz")])
     z = np.load(tmp_path / "a.npz", allow_pickle=False)
     assert z["arr_0"].shape == (7, 32, 32, 3) and "arr_1" not in z.files
     assert z["captions"].tolist() == ["a red disk", "a blue ring on the left", "un carré"] * 2 + ["a red disk"]
     settings = json.loads(str(z["settings"]))
     assert settings["control"] == [0.0, 0.0, 1.0, 1.0, 32.0, 32.0, 0.0]  # no crop, no flip, the training size
     assert os.path.exists(tmp_path / "a.png")
-    sample.main(common + ["--num", "1", "--prompt", "a red disk", "--out", str(tmp_path / "b.npz")])
+    meta(common + ["--num", "1", "--prompt", "a red disk", "--out", str(tmp_path / "b.npz")])
     assert np.abs(np.load(tmp_path / "b.npz")["arr_0"][0].astype(int) - z["arr_0"][0].astype(int)).max() <= 1
-    sample.main(common + ["--num", "1", "--prompt", "a red disk", "--ctrl-flip", "--out", str(tmp_path / "c.npz")])
+    meta(common + ["--num", "1", "--prompt", "a red disk", "--ctrl-flip", "--out", str(tmp_path / "c.npz")])
     assert json.loads(str(np.load(tmp_path / "c.npz")["settings"]))["control"][6] == 1.0
 
 
@@ -123,11 +125,12 @@ def test_prompts_are_cycled_stored_and_seeded_per_index(tiny_text_run, tmp_path)
     (None, [], "give --prompt TEXT or --prompts FILE"),
     (None, ["--ctrl-crop", "0,0,2,1"], "--ctrl-crop wants"),
 ])
-def test_bad_prompts(tiny_text_run, tmp_path, content, flags, message):
-    if content is None:  # the flags alone
+def test_bad_prompts(tiny_text_run, tiny_meta_run, tmp_path, content, flags, message):
+    if content is None:  # the flags alone (--ctrl-crop: a model with control metadata)
+        main = (lambda argv: metadata.main(["sample", "--ckpt", tiny_meta_run, *argv])) if flags else \
+            (lambda argv: sample.main(["--ckpt", tiny_text_run, *argv]))
         with pytest.raises(ValueError, match=re.escape(message)):
-            sample.main(["--ckpt", tiny_text_run, "--out", str(tmp_path / "s.npz"), *flags] +
-                        (["--prompt", "x"] if flags else []))
+            main(["--out", str(tmp_path / "s.npz"), *flags] + (["--prompt", "x"] if flags else []))
         return
     (tmp_path / "p.txt").write_bytes(content)  # bad files: checked on the command line, one line each
     r = run_cli("sample.py", "--ckpt", tiny_text_run, "--prompts", tmp_path / "p.txt")

@@ -10,16 +10,23 @@ import torch
 import model
 import plumbing
 import train
+from ext import metadata
 from helpers import assert_moments_close
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_train(data, out, *extra):
+    """train.py, or with --control ext/metadata.py's train (control metadata)."""
     base = ["--data", data, "--out", str(out), "--preset", "tiny", "--batch-size", "16", "--warmup", "2",
             "--lr", "1e-3", "--log-every", "2", "--grid-steps", "2"]
-    train.main(base + [str(e) for e in extra])
-    return plumbing.load_checkpoint(str(out))
+    entry(extra)(base + [str(e) for e in extra])
+    return plumbing.load_checkpoint(str(out), ext=True)
+
+
+def entry(flags):
+    """The main that takes these flags: train.py's, or ext/metadata.py's train for --control."""
+    return (lambda argv: metadata.main(["train", *argv])) if "--control" in flags else train.main
 
 
 def cli(*args):
@@ -65,7 +72,8 @@ def test_channels_last_gives_the_same_gradients_and_resumes(shapes, tmp_path):
     net.load_state_dict(nhwc["ema"])
 
 
-TEXT = ["--cond", "text", "--control", "phased", "--crop-scale", "0.7", "--max-len", "24"]
+TEXT_CROP = ["--cond", "text", "--crop-scale", "0.7", "--max-len", "24"]
+TEXT = TEXT_CROP + ["--control", "phased"]  # ext/metadata.py's train
 
 
 @pytest.mark.parametrize("cond", [[], TEXT], ids=["class", "text"])
@@ -76,8 +84,8 @@ def test_resume_ends_with_identical_weights(shapes16, tmp_path, cond):
     run_train(f"{shapes16}/train", tmp_path / "cut", "--steps", "4", *common)
     with open(tmp_path / "cut/log.jsonl", "a") as f:  # a line the killed run wrote after its last checkpoint
         f.write(json.dumps({"step": 5, "loss": 1.0}) + "\n")
-    train.main(["--resume", str(tmp_path / "cut"), "--steps", "8"])
-    resumed = plumbing.load_checkpoint(str(tmp_path / "cut"))
+    entry(cond)(["--resume", str(tmp_path / "cut"), "--steps", "8"])
+    resumed = plumbing.load_checkpoint(str(tmp_path / "cut"), ext=True)
     assert resumed["step"] == 8
     assert states_equal(full["model"], resumed["model"]) and states_equal(full["ema"], resumed["ema"])
     steps = [json.loads(l)["step"] for l in open(tmp_path / "cut/log.jsonl")]
@@ -88,15 +96,17 @@ def test_resume_ends_with_identical_weights(shapes16, tmp_path, cond):
 def test_two_process_ddp_matches_one_process(shapes16, tmp_path, cond):
     args = ["--data", f"{shapes16}/train", "--preset", "tiny", "--batch-size", "16", "--steps", "3", "--warmup", "1",
             "--lr", "1e-3", "--ckpt-every", "3", "--grid-steps", "1", "--eta", "0.1", "--cep", "uniform", *cond]
-    train.main(args + ["--out", str(tmp_path / "one")])
+    entry(cond)(args + ["--out", str(tmp_path / "one")])
+    script = ["-m", "ext.metadata", "train"] if cond else [f"{ROOT}/train.py"]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          f"{ROOT}/train.py", *args, "--out", str(tmp_path / "two"), "--batch-gpu", "4"],
+                          *script, *args, "--out", str(tmp_path / "two"), "--batch-gpu", "4"],
                          capture_output=True, text=True, cwd=ROOT)
     assert two.returncode == 0, two.stderr
-    a, b = plumbing.load_checkpoint(str(tmp_path / "one")), plumbing.load_checkpoint(str(tmp_path / "two"))
+    a, b = plumbing.load_checkpoint(str(tmp_path / "one"), ext=True), plumbing.load_checkpoint(str(tmp_path / "two"),
+                                                                                               ext=True)
     assert b["config"]["train"]["world_size"] == 2 and b["config"]["train"]["accum"] == 2
     assert_moments_close(a, b)
-    assert not states_equal(a["model"], plumbing.load_checkpoint(str(tmp_path / "one"))["ema"])
+    assert not states_equal(a["model"], plumbing.load_checkpoint(str(tmp_path / "one"), ext=True)["ema"])
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -169,7 +179,7 @@ def test_text_model_loss_falls_and_run_folder_records_the_swap(shapes16, tmp_pat
     cfg = ckpt["config"]
     assert cfg["model"]["cond"] == "text" and cfg["model"]["control"] == "phased"
     assert cfg["data"]["control_size"] == [16, 16]
-    net, _ = model.build(cfg)
+    net = metadata.MetadataDenoiser(**cfg["model"])
     net.load_state_dict(ckpt["ema"])
     assert any(k.startswith("text.") for k in ckpt["model"]) and any(k.startswith("control.") for k in ckpt["model"])
 
@@ -223,13 +233,13 @@ def test_captions_file_that_does_not_match_the_images(shapes, tmp_path):
 
 
 def test_step_randomness_comes_from_seed_and_step_alone_for_any_rank_layout(shapes16):
-    cfg = train.resolve_config(train.parse_args(["--data", f"{shapes16}/train", "--preset", "tiny", *TEXT, "--cep",
+    cfg = train.resolve_config(train.parse_args(["--data", f"{shapes16}/train", "--preset", "tiny", *TEXT_CROP, "--cep",
                                                  "uniform", "--label-dropout", "0.5", "--batch-size", "12"]), 1)
     cpu = torch.device("cpu")
     data = train.load_data(cfg, cpu)
     net = model.Denoiser(**train.model_config(cfg, data, None)[0])
     draw = lambda step, rank=0, world=1: train.draw_step(step, cfg, data, net, cpu, rank, world)
-    fields = lambda d: [torch.as_tensor(d.idx), d.t, d.noise, d.cond, d.flip, d.delta, *d.crop.unbind(1), d.ctrl]
+    fields = lambda d: [torch.as_tensor(d.idx), d.t, d.noise, d.cond, d.flip, d.delta, *d.crop.unbind(1)]
     a, b, other = fields(draw(5)), fields(draw(5)), fields(draw(6))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not any(torch.equal(x, y) for x, y in zip(a[1:], other[1:]))  # every draw changes with the step
