@@ -30,7 +30,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import PRESETS
 from plumbing import (Interval, check_flags, cli, download, file_hash, read_dataset, resolve_device, save_atomic,
                       save_json, save_npz, to_float)
 
@@ -423,11 +422,11 @@ def save_result(result, out, samples, name):
 # ----------------------------------------------------------------------------- report
 
 def collect(run_dirs):
-    """(eta rows from metrics*.json and diversity*.json, one per samples file, e.g. per guidance scale; study rows
-    from memorization.json [+ repro.json]) of the run folders."""
-    rows, study = [], []
+    """The eta rows of the run folders: one per samples file scored (metrics*.json, and the results of ext/'s
+    commands beside it: diversity, control, classify), e.g. one per guidance scale."""
+    rows = []
     for d in run_dirs:
-        run, has = os.path.basename(os.path.normpath(d)), lambda f: os.path.isfile(os.path.join(d, f))
+        run = os.path.basename(os.path.normpath(d))
         # one row per samples file scored: metrics-X.json, diversity-X.json ... (X: a sweep's -cfg2, or none)
         kinds = ("metrics", "diversity", "control", "classify")
         for x in sorted({re.sub(r"^(metrics|diversity|control|classify)", "", os.path.basename(p)) for k in kinds
@@ -449,23 +448,10 @@ def collect(run_dirs):
                              **{k: m.get(k) for k in ("fid", "sfid", "is_mean", "precision", "recall")},
                              **{k: div.get(k) for k in ("rmd_top1", "nn5_l2", "memorization_ratio", "toppr_f1",
                                                         "entropy", "rmd_density", "rmd_edges")}))
-        if has("memorization.json") and has("config.json"):  # the reproducibility study (Zhang et al.)
-            m, cfg = (json.load(open(os.path.join(d, f))) for f in ("memorization.json", "config.json"))
-            n = cfg["train"].get("subset") or cfg["data"]["count"]
-            rp = json.load(open(os.path.join(d, "repro.json")))["rp_score"] if has("repro.json") else None
-            study.append(dict(run=run, images=n, log2n=float(np.log2(n)), seed=cfg["train"]["seed"], rp=rp,
-                              width=cfg["model"].get("ch", PRESETS[cfg["model"]["preset"]].get("unet", {}).get("ch")),
-                              gl=m["generalization_score"], features=m["features"]))
-        if not any(glob.glob(os.path.join(d, f"{k}*.json")) for k in ("metrics", "diversity", "control")) \
-                and not has("memorization.json"):
+        if not any(glob.glob(os.path.join(d, f"{k}*.json")) for k in ("metrics", "diversity", "control", "memorization")):
             print(f"skipping {d}: no metrics.json or memorization.json", file=sys.stderr)
-    if not rows and not study:
-        raise ValueError("no run folder with a metrics.json (or memorization.json): run sample.py and evaluate.py "
-                         "first")
-    return (sorted(rows, key=lambda r: (r["adapter"] or "", r["cond"], r["cep"], r["gamma"] or 0, r["ip"],
-                                        r["corruption"], r["mode"],
-                                        r["eta"] if r["eta"] is not None else -1)),
-            sorted(study, key=lambda r: (r["width"], r["images"], r["seed"])))
+    return sorted(rows, key=lambda r: (r["adapter"] or "", r["cond"], r["cep"], r["gamma"] or 0, r["ip"],
+                                       r["corruption"], r["mode"], r["eta"] if r["eta"] is not None else -1))
 
 
 def markdown(columns, rows):
@@ -486,25 +472,21 @@ ETA_COLUMNS = [("run", lambda r: r["run"]), ("cond", lambda r: r["cond"]), ("ada
                ("NN L2", num("nn5_l2", ".3f")), ("mem. ratio", num("memorization_ratio", ".3f")),
                ("TopPR F1", num("toppr_f1", ".3f")), ("entropy", num("entropy", ".3f")),
                ("edge F1", num("edge_f1", ".3f")), ("accuracy", num("accuracy", ".3f"))]
-STUDY_COLUMNS = [("run", lambda r: r["run"]), ("training images", lambda r: str(r["images"])),
-                 ("width", lambda r: str(r["width"])), ("seed", lambda r: str(r["seed"])),
-                 ("reproducibility", num("rp", ".3f")), ("generalization", num("gl", ".3f")),
-                 ("features", lambda r: r["features"])]
 
 
 def cmd_report(a):
-    """OUT.md: the eta table and the reproducibility study's; OUT.png and the other figures: ext/plots.py."""
+    """OUT.md: the eta table, and (ext/plots.py) the reproducibility study's; OUT.png and the other figures."""
     dirs = [d for pattern in a.runs for d in (sorted(glob.glob(pattern)) or [pattern]) if os.path.isdir(d)]
-    rows, study = collect(dirs)
+    rows = collect(dirs)
     a.out = a.out or os.path.join(os.path.commonpath([os.path.dirname(os.path.abspath(d)) for d in dirs]), "report")
-    table = "\n".join(markdown(columns, r) for columns, r in ((ETA_COLUMNS, rows), (STUDY_COLUMNS, study)) if r)
-    save_atomic(a.out + ".md", lambda f: f.write(table.encode()))
     eta_rows = [dict(r, eta_pct=r["eta"] * 100) for r in rows if r["eta"] is not None]
-    try:
-        plots = extension("plots")
-    except ImportError:  # a fork without ext/: the tables alone
-        plots = None
-    wrote = plots.report_figures(eta_rows if rows else None, study, a.out) if plots else []
+    plots = extension("plots")  # the study's table and the figures; a checkout without ext/: the eta table alone
+    study, study_table, wrote = plots.report(eta_rows if rows else None, dirs, a.out) if plots else ([], "", [])
+    if not rows and not study:
+        raise ValueError("no run folder with a metrics.json (or memorization.json): run sample.py and evaluate.py "
+                         "first")
+    table = "\n".join(t for t in (markdown(ETA_COLUMNS, rows) if rows else "", study_table) if t)
+    save_atomic(a.out + ".md", lambda f: f.write(table.encode()))
     print(table + f"wrote {a.out}.md, {' and '.join(wrote)}")
     return eta_rows + study
 
@@ -524,7 +506,13 @@ EXTENSIONS = {
 
 
 def extension(module):
-    return importlib.import_module(f"ext.{module}")
+    """The second lazy seam: an ext/ module, imported when its command runs; None in a checkout without ext/."""
+    try:
+        return importlib.import_module(f"ext.{module}")
+    except ModuleNotFoundError as e:
+        if e.name not in ("ext", f"ext.{module}"):  # ext/ is there; something it imports is not
+            raise
+        return None
 
 
 def get_parser():
@@ -559,9 +547,14 @@ def inception_flags(p):
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        return get_parser()[0].parse_args(argv)  # every command, with a line each
     name = argv[0] if argv and not argv[0].startswith("-") else "metrics"
     if name in EXTENSIONS:
-        return extension(EXTENSIONS[name][0]).evaluate(name, argv[1:])
+        module = extension(EXTENSIONS[name][0])
+        if module is None:
+            raise ValueError(f"{name} is a command of ext/{EXTENSIONS[name][0]}.py, which this checkout does not have")
+        return module.evaluate(name, argv[1:])
     if name not in ("metrics", "report"):
         raise ValueError(f"unknown command {name!r}: the commands are metrics (the default), report, "
                          f"{', '.join(EXTENSIONS)} (python evaluate.py --help)")

@@ -1,18 +1,12 @@
 """Pre-train a conditional diffusion model on conditions corrupted at ratio eta (Chen et al., NeurIPS 2024):
 class labels flipped, or captions swapped.
 
-One process (CPU or one GPU):   python train.py --data data/shapes/train --preset tiny --steps 2000
-Several GPUs (DDP):             torchrun --nproc_per_node=8 train.py --eta 0.05
-Text-conditional:               python train.py --data data/shapes/train --preset tiny --cond text --eta 0.1
-Continue a killed run:          python train.py --resume runs/NAME
-Start from a lower resolution:  python train.py --data data/in64/train --preset in64 --init-from runs/in32
+    python train.py --data data/shapes/train --preset tiny --steps 2000 [--cond text] [--eta 0.1] [--cep uniform]
+    torchrun --nproc_per_node=8 train.py --eta 0.05        # several GPUs; --resume runs/NAME continues a run
 
 Input: a dataset folder from prepare_data.py. Output: a run folder (config.json, corruption.npz, log.jsonl,
-ckpt.pt, grid-<step>.png; docs/file-formats.md). Adapters on a frozen run: python -m ext.adapters train.
-
-Everything random in a step (timesteps, noise, label dropout, CEP, flips, dropout masks) is drawn from
-generators seeded by (seed, step), for the global batch, before it is split over ranks: the run is the same
-for any number of GPUs at the same global batch, and the step number is the whole RNG state for --resume.
+ckpt.pt, grid-<step>.png; docs/file-formats.md). Everything random in a step is drawn from (seed, step) for the
+global batch before it is split over ranks: a run is the same for any number of GPUs, and --resume is exact.
 """
 import argparse
 import copy
@@ -39,15 +33,13 @@ from plumbing import (CKPT_FORMAT, Interval, barrier, check_flags, ckpt_path, cl
                       resumable_flags, save_atomic, save_grid, save_json, save_npz, seed_of, setup_device, to_device,
                       to_float)
 
-# How this process runs: device, ranks, the speed switches resolved from --compile, --bf16, --cuda-graphs, and the
-# memory layout of weights and inputs (--channels-last).
+# How this process runs: device, ranks, the speed switches of --compile, --bf16, --cuda-graphs, --channels-last.
 Runtime = namedtuple("Runtime", "device rank world ddp compile bf16 graphs memory_format")
 COUNT, FRACTION, NONNEG = Interval(int, "[1, inf)"), Interval(float, "[0, 1)"), Interval(float, "[0, inf)")
 
 
 def get_parser():
-    """The flags; resumable=True marks the few that a resumed run may change (every other one must match the
-    checkpoint's stored config)."""
+    """The flags; resumable=True marks those a resumed run may change (the others come from its checkpoint)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = flag_adder(p)
     a("--data", default="data/cifar10/train", help="dataset split folder from prepare_data.py")
@@ -58,15 +50,13 @@ def get_parser():
            "dit-s2, dit-b2, dit-l2, dit-xl2 (DiT-S/2 ... DiT-XL/2)")
     a("--channels", type=COUNT, help="UNet base width over the preset's (Zhang et al.'s UNet-64/128/256)")
     a("--dropout", type=FRACTION, help="override the preset's dropout")
-    a("--schedule", choices=["linear", "scaled_linear", "cosine"],
-      help="noise schedule (default: the preset's; linear, the paper's pixel runs and DiT; scaled_linear, LDM's)")
+    a("--schedule", choices=["linear", "scaled_linear", "cosine"], help="noise schedule (default: the preset's)")
     a("--class-ctx", type=Interval(int, "[0, inf)"), help="width of the class embedding read by cross-attention "
       "(ldm4: 512, as LDM; 0: through the time embedding, as the other presets)")
     a("--prediction", default="eps", choices=["eps", "v"])
     a("--cond", default="class", choices=["class", "text"], help="condition on class labels or on captions")
     a("--eta", type=FRACTION, default=0.0, help="fraction of corrupted labels (or swapped captions), in [0, 1)")
-    a("--corruption", choices=["symmetric", "asymmetric", "swap"],
-      help="label flips (default for class) or caption swaps (default for text)")
+    a("--corruption", choices=["symmetric", "asymmetric", "swap"], help="label flips (class) or caption swaps (text)")
     a("--corruption-mode", default="fixed", choices=["fixed", "resample"],
       help="fixed once (paper) or drawn anew each epoch (paper App. E.4)")
     a("--corrupt-classes", help="asymmetric: the class subset (indices or names, comma-separated)")
@@ -78,17 +68,13 @@ def get_parser():
     a("--text-dim", type=COUNT, help="text encoder width (default: by preset, 64/256/384)")
     a("--text-layers", type=COUNT, help="text encoder layers (default: by preset, 2/4/6)")
     a("--max-len", type=Interval(int, "[2, inf)"), default=64, help="caption length in UTF-8 bytes (longer: cut)")
-    a("--text-emb", help="precomputed caption embeddings .npy [N, D] or [N, L, D] in images.npy order, in place of "
-                         "the built-in encoder")
-    a("--replicate-pad", action=argparse.BooleanOptionalAction, default=True,
-      help="noisy replicate padding of the caption tokens (Berrada et al. 2024)")
+    a("--text-emb", help="caption embeddings .npy [N, D] or [N, L, D] made elsewhere, in place of the text encoder")
+    a("--replicate-pad", action=argparse.BooleanOptionalAction, default=True, help="noisy replicate padding (Berrada)")
     a("--pad-noise", type=NONNEG, default=0.1, help="std of the replicate-padding noise (training only)")
-    a("--crop-scale", type=Interval(float, "(0, 1]"), default=1.0,
-      help="random crops of side in [crop-scale, 1] of the image (1: off)")
+    a("--crop-scale", type=Interval(float, "(0, 1]"), default=1.0, help="random crops of side in [crop-scale, 1]")
     a("--init-from", help="start from these EMA weights at this dataset's resolution: a run folder or ckpt.pt, or a "
       "released model (DiT's .pt, a diffusers DiT folder or hub id: docs/released-models.md)")
-    a("--schedule-shift", type=Interval(float, "(0, inf)"),
-      help="divide the SNR by shift^2 (default 1; --init-from: new/old resolution)")
+    a("--schedule-shift", type=Interval(float, "(0, inf)"), help="divide the SNR by shift^2 (--init-from: new/old res)")
     a("--subset", type=COUNT, help="train on a seeded subset of this many images (Zhang et al. 2024)")
     a("--hflip", action=argparse.BooleanOptionalAction, default=True, help="random horizontal flips")
     a("--batch-size", type=COUNT, default=128, help="global batch over all ranks and accumulation steps")
@@ -104,32 +90,27 @@ def get_parser():
 
 
 def add_run_flags(a):
-    """How long, how logged and on what hardware: mostly the flags a resumed run may change."""
+    """How long, how logged and on what hardware: mostly flags a resumed run may change."""
     a("--steps", type=COUNT, default=800_000, resumable=True)
     a("--seed", type=Interval(int, "[0, inf)"), default=0, help="training randomness")
     a("--data-seed", type=Interval(int, "[0, inf)"), default=0, help="corruption and subset")
     a("--log-every", type=COUNT, default=100, resumable=True)
     a("--ckpt-every", type=COUNT, default=5000, resumable=True, help="save ckpt.pt and a sample grid every N steps")
-    a("--snapshot-every", type=Interval(int, "[0, inf)"), default=0, resumable=True,
-      help="also keep ckpt-<step>.pt every N steps (0: never)")
+    a("--snapshot-every", type=Interval(int, "[0, inf)"), default=0, resumable=True, help="keep ckpt-<step>.pt (0: no)")
     a("--grid-cfg", type=NONNEG, default=1.0, resumable=True, help="guidance scale of the sample grid")
     a("--grid-steps", type=Interval(int, f"[1, {T}]"), default=50, resumable=True, help="DDIM steps of the grid")
     a("--device", default="auto", resumable=True, help="auto, cpu or cuda")
-    a("--dist-timeout", type=Interval(float, "(0, inf)"), default=600, resumable=True,
-      help="seconds a rank waits for the others before it gives up")
-    a("--compile", action=argparse.BooleanOptionalAction, default=None, resumable=True,
-      help="torch.compile (default: on CUDA)")
+    a("--dist-timeout", type=Interval(float, "(0, inf)"), default=600, resumable=True, help="seconds to wait for ranks")
+    a("--compile", action=argparse.BooleanOptionalAction, default=None, resumable=True, help="default: on CUDA")
     a("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
     a("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None, resumable=True,
-      help="CUDA graphs for the compiled step (torch.compile mode reduce-overhead; default: on with --compile on CUDA)")
-    a("--channels-last", action="store_true", help="NHWC weights and inputs (measured 8%% slower than NCHW on an H100 "
-                                                   "with CUDA graphs: docs/performance.md; fixed for a run)")
+      help="CUDA graphs for the compiled step (default: on with --compile)")
+    a("--channels-last", action="store_true", help="NHWC weights and inputs (measured slower: docs/performance.md)")
 
 
 def parse_args(argv=None, parser=None):
-    """The flags (of get_parser, or of a parser built on it), checked, and args.given: the flags on the command line.
-    That needs a second parse with every default None, since a given flag may equal its default (a resumed run must
-    tell them apart)."""
+    """The flags (of get_parser, or of a parser built on it), checked, and args.given: those on the command line, from
+    a second parse with every default None (a given flag may equal its default)."""
     p = parser or get_parser()
     args = check_flags(p, p.parse_args(argv))
     p.set_defaults(**{k: None for k in vars(args)})
@@ -140,9 +121,8 @@ def parse_args(argv=None, parser=None):
 # ----------------------------------------------------------------------------- configuration
 
 def resolve_config(args, world, ckpt=None):
-    """Flags -> the run's config, read-only (a named tuple). A resumed run (ckpt: its checkpoint) takes its stored
-    config (only the resumable flags may change); then the defaults that depend on other flags (corruption kind, run
-    folder, per-rank batch) are filled in, and everything is checked before any work starts."""
+    """Flags -> the run's config, a read-only named tuple: a resumed run's (ckpt) as stored but for the resumable
+    flags, with the defaults that depend on other flags filled in, all checked before any work starts."""
     flags, resumable = {k: v for k, v in vars(args).items() if k != "given"}, resumable_flags(get_parser())
     if ckpt is not None:
         stored = ckpt["config"]["train"]
@@ -194,8 +174,7 @@ def check_args(corruption, cond, text_emb, text_dim, text_layers, corrupt_classe
 # ----------------------------------------------------------------------------- data
 
 def load_dataset(path, subset, data_seed):
-    """(images or latents, labels, rows used, meta) of a dataset folder (plumbing.read_dataset), cut to a seeded
-    --subset."""
+    """(images or latents, labels, rows used, meta) of a dataset folder, cut to a seeded --subset."""
     d = read_dataset(path)
     index, labels = np.arange(len(d.labels)), d.labels
     if subset:

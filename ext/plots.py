@@ -1,5 +1,5 @@
-"""The report's figures, drawn with pillow (no plotting library): evaluate.py report calls report_figures through
-its command table (the second lazy seam); gmm.py draws with plot too.
+"""The rest of evaluate.py report (called through its second lazy seam): the reproducibility study's table, and the
+figures, drawn with pillow (no plotting library); gmm.py draws with plot too.
 
   report.png           FID, IS, precision, recall (and an adapter's edge F1 and accuracy) against eta
   report-guidance.png  a guidance sweep: FID against IS and precision against recall, a curve per eta (Fig. 3)
@@ -9,6 +9,8 @@ its command table (the second lazy seam); gmm.py draws with plot too.
 import numpy as np
 from PIL import Image, ImageDraw
 
+from evaluate import markdown
+from ext.study import STUDY_COLUMNS, study_rows
 from plumbing import save_atomic
 
 
@@ -82,6 +84,12 @@ def diversity_plots(rows, out, series_of):
         plot(rows, out + "-entropy.png", "cfg", "guidance scale", [("entropy", "sample entropy", "nats")], series_of)
         wrote.append(out + "-entropy.png")
     return wrote
+
+
+def report(rows, run_dirs, out):
+    """-> (the study's rows, their table, the figures written) for evaluate.py report's eta rows and run folders."""
+    study = study_rows(run_dirs)
+    return study, markdown(STUDY_COLUMNS, study) if study else "", report_figures(rows, study, out)
 
 
 def report_figures(rows, study, out):

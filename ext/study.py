@@ -7,13 +7,15 @@ sizes and seeds, sampled with the same seed, compared image by image and against
 repro.json, memorization.json; evaluate.py report tabulates and plots the study (report-study.png).
 """
 import argparse
+import json
 import os
 
 import numpy as np
 import torch
 
-from evaluate import load_samples, save_result
+from evaluate import load_samples, num, save_result
 from ext.measures import Features, feature_flags, image_folder, training_rows
+from model import PRESETS
 from plumbing import check_flags, resolve_device
 
 
@@ -71,6 +73,25 @@ def cmd_memorization(a):
     return out
 
 
+def study_rows(run_dirs):
+    """The study's row of each run folder with a memorization.json (and a repro.json: its seed pair's score)."""
+    rows = []
+    for d in run_dirs:
+        has = lambda f: os.path.isfile(os.path.join(d, f))
+        if has("memorization.json") and has("config.json"):
+            m, cfg = (json.load(open(os.path.join(d, f))) for f in ("memorization.json", "config.json"))
+            n = cfg["train"].get("subset") or cfg["data"]["count"]
+            rp = json.load(open(os.path.join(d, "repro.json")))["rp_score"] if has("repro.json") else None
+            rows.append(dict(run=os.path.basename(os.path.normpath(d)), images=n, log2n=float(np.log2(n)),
+                             seed=cfg["train"]["seed"], rp=rp, gl=m["generalization_score"], features=m["features"],
+                             width=cfg["model"].get("ch", PRESETS[cfg["model"]["preset"]].get("unet", {}).get("ch"))))
+    return sorted(rows, key=lambda r: (r["width"], r["images"], r["seed"]))
+
+
+STUDY_COLUMNS = [("run", lambda r: r["run"]), ("training images", lambda r: str(r["images"])),
+                 ("width", lambda r: str(r["width"])), ("seed", lambda r: str(r["seed"])),
+                 ("reproducibility", num("rp", ".3f")), ("generalization", num("gl", ".3f")),
+                 ("features", lambda r: r["features"])]
 COMMANDS = dict(repro=cmd_repro, memorization=cmd_memorization)
 
 

@@ -76,4 +76,5 @@ def inception_weights(tmp_path_factory):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "faults: kill -9, disk-full and hostile-input tests (slower; part of CI)")
+    config.addinivalue_line("markers", "faults: kill -9, disk-full and hostile-input tests (part of CI)")
+    config.addinivalue_line("markers", "slow: left out of the quick tier, -m 'not slow' (the full suite runs them)")

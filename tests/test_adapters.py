@@ -80,6 +80,7 @@ def test_controls_are_opencvs_canny_edges_or_a_given_array(base, tmp_path):
     assert np.load(f"{folder}/controls.npy").shape == (24, 16, 16, 1)  # the earlier file is left as it was
 
 
+@pytest.mark.slow
 def test_adapter_trains_only_itself_and_resumes_after_a_kill_bit_identically(base, tmp_path):
     data, run = base
     args = ["--data", f"{data}/train", "--init-from", run, "--adapter", "controlnet", *TINY, "--steps", "4",

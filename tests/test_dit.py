@@ -62,6 +62,7 @@ def test_class_through_attention_keeps_the_class_out_of_adaln_and_still_conditio
     assert (a - b).abs().max() > 1e-4  # the label reaches the output through attention
 
 
+@pytest.mark.slow
 def test_dit_run_resumes_bit_identically_and_matches_two_processes(shapes16, tmp_path):
     data = f"{shapes16}/train"
     text = ["--cond", "text", "--control", "phased", "--max-len", "24", "--crop-scale", "0.8"]  # ext/metadata.py

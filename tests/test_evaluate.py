@@ -105,6 +105,7 @@ def test_precision_recall_matches_brute_force():
     assert small_batches == pytest.approx(want[0], abs=1e-9)
 
 
+@pytest.mark.slow
 def test_metrics_end_to_end_with_cache(shapes, inception_weights, tmp_path):
     images = np.load(f"{shapes}/train/images.npy")[:8]
     samples = write_samples(tmp_path / "samples.npz", images)
@@ -133,6 +134,7 @@ def test_metrics_end_to_end_with_cache(shapes, inception_weights, tmp_path):
     assert only["fid"] == pytest.approx(m["fid"], rel=1e-6) and "precision" not in only
 
 
+@pytest.mark.slow
 def test_fid_of_a_set_against_itself_is_zero(shapes, inception_weights, tmp_path):
     images = np.load(f"{shapes}/test/images.npy")[:20]
     np.savez(tmp_path / "ref.npz", arr_0=images)  # an ADM-style reference batch

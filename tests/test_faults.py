@@ -48,6 +48,7 @@ def equal_states(a, b):
     return all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
 
 
+@pytest.mark.slow
 @pytest.mark.faults
 def test_kill_9_at_random_points_then_resume_gives_the_uninterrupted_weights(shapes16, tmp_path):
     args = ["--data", f"{shapes16}/train", *TINY, "--steps", "12", "--ckpt-every", "3"]
@@ -68,6 +69,7 @@ def test_kill_9_at_random_points_then_resume_gives_the_uninterrupted_weights(sha
     assert not [f for f in os.listdir(out) if ".tmp" in f]
 
 
+@pytest.mark.slow
 @pytest.mark.faults
 def test_kill_9_while_writing_a_checkpoint(shapes16, tmp_path):
     args = ["--data", f"{shapes16}/train", *TINY, "--steps", "6", "--ckpt-every", "2"]
@@ -94,6 +96,7 @@ def test_kill_9_while_writing_a_checkpoint(shapes16, tmp_path):
     assert not [f for f in os.listdir(out) if ".tmp" in f]  # the resumed run swept the half-written file
 
 
+@pytest.mark.slow
 @pytest.mark.faults
 def test_kill_9_of_a_two_process_torchrun_then_resume(shapes16, tmp_path):
     args = ["--data", f"{shapes16}/train", *TINY, "--steps", "8", "--ckpt-every", "2", "--batch-gpu", "2"]
@@ -110,6 +113,7 @@ def test_kill_9_of_a_two_process_torchrun_then_resume(shapes16, tmp_path):
     assert b["step"] == 8 and equal_states(a["model"], b["model"]) and equal_states(a["ema"], b["ema"]), at
 
 
+@pytest.mark.slow
 @pytest.mark.faults
 def test_kill_9_of_sample_py_then_rerun_gives_the_same_bytes(tiny_run, tmp_path):
     args = ["--ckpt", tiny_run, "--num", "12", "--steps", "2", "--shard-size", "2", "--batch", "2"]
@@ -129,6 +133,7 @@ def test_kill_9_of_sample_py_then_rerun_gives_the_same_bytes(tiny_run, tmp_path)
     assert out.read_bytes() == (tmp_path / "ref.npz").read_bytes()
 
 
+@pytest.mark.slow
 @pytest.mark.faults
 def test_disk_full_leaves_the_previous_files_and_says_so_in_one_line(shapes, tiny_run, tmp_path):
     # a checkpoint: the step-2 one stays loadable when writing the step-4 one fails
@@ -160,6 +165,7 @@ def test_disk_full_leaves_the_previous_files_and_says_so_in_one_line(shapes, tin
     assert sorted(os.listdir(tmp_path / "data/shapes")) == ["test", "train"]
 
 
+@pytest.mark.slow
 @pytest.mark.faults
 def test_damaged_run_and_dataset_files_give_one_line_errors(shapes, tmp_path):
     data, run = tmp_path / "data", tmp_path / "run"
@@ -254,6 +260,7 @@ def test_injected_nan_stops_the_run_and_keeps_the_last_good_checkpoint(shapes, t
     assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
+@pytest.mark.slow
 @pytest.mark.faults
 def test_a_dead_rank_stops_the_other_instead_of_hanging(shapes, tmp_path):
     port = __import__("ext.bench").bench.free_port()
@@ -299,6 +306,7 @@ def test_resumed_sampling_never_mixes_two_models_saved_at_one_path(tiny_run, tmp
         ckpt["ema"])
 
 
+@pytest.mark.slow
 @pytest.mark.faults
 def test_reference_features_of_a_rebuilt_dataset_are_computed_again(tmp_path, inception_weights):
     import evaluate
@@ -419,6 +427,7 @@ def test_a_half_written_log_line_is_dropped_on_resume(shapes16, tmp_path):
     assert [json.loads(l)["step"] for l in open(out / "log.jsonl")] == [1, 2, 3]
 
 
+@pytest.mark.slow
 @pytest.mark.faults
 def test_a_dead_rank_during_sampling_stops_the_other_in_one_line(tiny_run, tmp_path):
     port = __import__("ext.bench").bench.free_port()

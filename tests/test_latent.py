@@ -96,6 +96,7 @@ def test_kl_latent_draw_is_the_posterior_and_reproducible_from_seed_and_step(lat
     assert a.flip.any() and not a.flip.all()
 
 
+@pytest.mark.slow
 def test_latent_run_resumes_bit_identically_and_matches_two_processes(latents, tmp_path):
     # the kill itself is tested on pixels (test_faults.py); here: a latent run's resume draws the same posterior noise
     data, full, cut = latents["kl"][0], tmp_path / "full", str(tmp_path / "cut")
@@ -116,6 +117,7 @@ def test_latent_run_resumes_bit_identically_and_matches_two_processes(latents, t
         train.main(["--data", data, *RUN, "--steps", "1", "--crop-scale", "0.8", "--out", str(tmp_path / "crop")])
 
 
+@pytest.mark.slow
 def test_sampling_decodes_and_refuses_another_autoencoder(latents, tmp_path):
     data, ae = latents["vq"]
     run = tmp_path / "run"

@@ -30,6 +30,7 @@ def interrupted_at(monkeypatch, step):
     monkeypatch.setattr(train, "train_step", step_fn)
 
 
+@pytest.mark.slow
 def test_ctrl_c_says_what_there_is_to_continue_from(shapes, tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "r")
     interrupted_at(monkeypatch, 2)

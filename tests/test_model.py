@@ -11,6 +11,7 @@ from model import Denoiser, Diffusion
 import diffusion  # noqa: E402
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset,res,classes", [("tiny", 32, 10), ("cifar", 32, 10), ("in64", 64, 1000)])
 def test_unet_output_shape_every_preset(preset, res, classes):
     torch.manual_seed(0)
@@ -260,6 +261,7 @@ def test_save_atomic_keeps_the_previous_file_when_a_write_fails(tmp_path):
     assert (tmp_path / "g.npz").read_bytes() == before  # no timestamps: the same arrays, the same bytes
 
 
+@pytest.mark.slow
 def test_compiled_model_agrees_with_eager():
     torch.manual_seed(0)
     net = Denoiser(10, 32, 3, "tiny").eval()

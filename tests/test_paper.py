@@ -101,6 +101,7 @@ class MeanStd(torch.nn.Module):
         return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)
 
 
+@pytest.mark.slow
 def test_a_guidance_sweep_writes_a_file_per_scale_scored_and_plotted(tiny_run, shapes, inception_weights, tmp_path):
     out = str(tmp_path / "samples.npz")
     common = ["--ckpt", tiny_run, "--num", "6", "--steps", "2", "--batch", "4", "--device", "cpu"]

@@ -100,6 +100,7 @@ def test_dits_own_checkpoint_file_converts_exactly(tmp_path):
         model.latent_decoder(ckpt["config"]["data"]["latent"])
 
 
+@pytest.mark.slow
 def test_the_pipeline_and_sample_py_give_the_same_images(tmp_path, monkeypatch):
     """DiTPipeline with DDIM over all 1000 steps (the one DDIM walk diffusers and slightdiff share exactly: diffusers
     steps from t to t - 1000 // steps, slightdiff to the next of its own timesteps), guidance 1.5 on all latent

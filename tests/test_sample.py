@@ -71,6 +71,7 @@ def test_interrupted_run_reuses_finished_shards(tiny_run, tmp_path, monkeypatch)
     assert np.all(merged[:4] == 7) and np.array_equal(merged[4:], full[4:])
 
 
+@pytest.mark.slow
 def test_two_process_sampling_matches_one_process(tiny_run, tmp_path):
     args = ["--ckpt", tiny_run, "--num-samples", "6", "--steps", "2", "--shard-size", "2", "--batch", "2"]
     sample.main(args + ["--out", str(tmp_path / "one.npz")])

@@ -38,6 +38,7 @@ def states_equal(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_loss_falls_on_shapes_and_run_folder_is_complete(shapes16, tmp_path, capsys):
     out = tmp_path / "run"
     ckpt = run_train(f"{shapes16}/train", out, "--steps", "60", "--log-every", "10", "--ckpt-every", "30",
@@ -59,6 +60,7 @@ def test_loss_falls_on_shapes_and_run_folder_is_complete(shapes16, tmp_path, cap
     assert "compile=False bf16=False" in capsys.readouterr().out  # the CUDA-only paths are off on the CPU
 
 
+@pytest.mark.slow
 def test_channels_last_gives_the_same_gradients_and_resumes(shapes, tmp_path):
     common = ["--steps", "2", "--ckpt-every", "2", "--dropout", "0"]
     plain = run_train(f"{shapes}/train", tmp_path / "plain", *common)
@@ -76,6 +78,7 @@ TEXT_CROP = ["--cond", "text", "--crop-scale", "0.7", "--max-len", "24"]
 TEXT = TEXT_CROP + ["--control", "phased"]  # ext/metadata.py's train
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cond", [[], TEXT], ids=["class", "text"])
 def test_resume_ends_with_identical_weights(shapes16, tmp_path, cond):
     common = ["--dropout", "0.1", "--eta", "0.05", "--corruption-mode", "resample", "--cep", "gaussian",
@@ -92,6 +95,7 @@ def test_resume_ends_with_identical_weights(shapes16, tmp_path, cond):
     assert steps == [2, 4, 6, 8]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cond", [[], TEXT], ids=["class", "text"])
 def test_two_process_ddp_matches_one_process(shapes16, tmp_path, cond):
     args = ["--data", f"{shapes16}/train", "--preset", "tiny", "--batch-size", "16", "--steps", "3", "--warmup", "1",
@@ -129,6 +133,7 @@ def test_a_bad_flag_is_one_line_on_the_command_line(shapes, tmp_path):
     assert r.returncode == 1 and r.stderr.startswith("train.py: error:") and r.stderr.count("\n") == 1, r.stderr
 
 
+@pytest.mark.slow
 def test_missing_data_and_bad_checkpoints(shapes, tmp_path):
     r = cli("--data", tmp_path / "nothing", "--preset", "tiny")  # the command line: one line
     assert r.returncode == 1 and "prepare_data.py" in r.stderr and r.stderr.count("\n") == 1
@@ -146,6 +151,7 @@ def test_missing_data_and_bad_checkpoints(shapes, tmp_path):
         train.main(["--resume", str(tmp_path / "foreign.pt")])
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(shapes, tmp_path):
     r = cli("--data", f"{shapes}/train", "--out", tmp_path / "run", "--preset", "tiny", "--batch-size", "8",
             "--steps", "20", "--lr", "1e30", "--warmup", "0", "--log-every", "1", "--ckpt-every", "1",
@@ -158,14 +164,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(shapes, tmp_path):
     assert ckpt["step"] < failed_at
 
 
-def test_bench_mode_prints_figures_and_writes_nothing(shapes, tmp_path, capsys):
-    from ext import bench
-    r = bench.time_training(["--data", f"{shapes}/train", "--out", str(tmp_path / "b"), "--preset", "tiny",
-                             "--batch-size", "8"], 3)
-    assert r["images_per_s"] > 0 and r["step_ms"] > 0 and r["gflop_per_image"] > 0 and r["mfu"] is None  # CPU
-    assert "images/s" in capsys.readouterr().out and not (tmp_path / "b").exists()
-
-
+@pytest.mark.slow
 def test_text_model_loss_falls_and_run_folder_records_the_swap(shapes16, tmp_path, capsys):
     out = tmp_path / "text"
     ckpt = run_train(f"{shapes16}/train", out, "--steps", "60", "--log-every", "10", "--ckpt-every", "60",
@@ -196,6 +195,7 @@ def test_precomputed_caption_embeddings(shapes, tmp_path):
     assert r.returncode == 1 and "one row per image" in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
 
+@pytest.mark.slow
 def test_init_from_a_lower_resolution(shapes, tmp_path):
     low = tmp_path / "low"
     low.mkdir()
@@ -215,6 +215,7 @@ def test_init_from_a_lower_resolution(shapes, tmp_path):
     assert r.returncode == 1 and "its weights do not fit this model" in r.stderr and r.stderr.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_captions_file_that_does_not_match_the_images(shapes, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
