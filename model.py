@@ -41,10 +41,11 @@ PRESETS = {
     # ADM's ImageNet 64x64 UNet (Dhariwal & Nichol, Table 14), with conv resampling.
     "in64": dict(unet=dict(ch=192, ch_mult=(1, 2, 3, 4), num_res_blocks=3, attn_res=(32, 16, 8), dropout=0.1,
                            head_ch=64, scale_shift=True)),
-    # LDM-4 on 64x64x3 VQ-f4 latents (Chen et al. Table 3; CompVis cin256-v2): one attention head, the class through
-    # cross-attention on a 512-wide embedding as LDM (class_ctx; 0 sends it through c_vec), LDM's schedule.
+    # LDM-4 on 64x64x3 VQ-f4 latents, CompVis' cin256-v2 block for block (Chen et al. Table 3): LDM's spatial
+    # transformers with one head, the class as one cross-attention token of a 512-wide embedding (class_ctx; 0 sends
+    # it through c_vec), LDM's schedule. An ldm4 config without `transformer` predates this block (load_checkpoint).
     "ldm4": dict(unet=dict(ch=192, ch_mult=(1, 2, 3, 5), num_res_blocks=2, attn_res=(32, 16, 8), dropout=0.0,
-                           head_ch=None, scale_shift=False, ff=True), class_ctx=512, schedule="scaled_linear"),
+                           head_ch=None, scale_shift=False, transformer=True), class_ctx=512, schedule="scaled_linear"),
     # DiTs (depth, width, heads, patch): a CPU-sized one and DiT's S/2, B/2, L/2, XL/2 (Peebles & Xie, Table 1).
     "dit-tiny": dict(dit=dict(depth=4, dim=128, heads=4, patch=2), text=(64, 2)),
     "dit-s2": dict(dit=dict(depth=12, dim=384, heads=6, patch=2)),
@@ -133,13 +134,41 @@ class AttentionBlock(nn.Module):
         return x
 
 
-class ResAttnBlock(nn.Module):
-    """A ResBlock, followed at the attention resolutions by an AttentionBlock."""
+class SpatialTransformer(nn.Module):
+    """LDM's transformer block over the pixels (CompVis' SpatialTransformer, diffusers' Transformer2DModel): GroupNorm,
+    a 1x1 projection in, LayerNorm + self-attention, LayerNorm + cross-attention to the condition tokens (itself
+    without them, as LDM), LayerNorm + GEGLU (4x wide), a zero-initialised 1x1 projection out, residual."""
 
-    def __init__(self, cin, cout, emb_dim, dropout, scale_shift, attn, head_ch, ctx_dim, ff):
+    def __init__(self, ch, head_ch, ctx_dim=None):
+        super().__init__()
+        self.heads = max(1, ch // head_ch) if head_ch else 1
+        self.norm, self.proj_in = nn.GroupNorm(math.gcd(32, ch), ch, eps=1e-6), nn.Conv2d(ch, ch, 1)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(ch), nn.LayerNorm(ch), nn.LayerNorm(ch)
+        self.q, self.kv, self.proj = nn.Linear(ch, ch, bias=False), nn.Linear(ch, 2 * ch, bias=False), nn.Linear(ch, ch)
+        self.q_x, self.proj_x = nn.Linear(ch, ch, bias=False), nn.Linear(ch, ch)
+        self.kv_x = nn.Linear(ctx_dim or ch, 2 * ch, bias=False)
+        self.ff_in, self.ff_out = nn.Linear(ch, 8 * ch), nn.Linear(4 * ch, ch)
+        self.proj_out = zero_init(nn.Conv2d(ch, ch, 1))
+
+    def forward(self, x, tokens=None):
+        h = rearrange(self.proj_in(self.norm(x)), "b c y x -> b (y x) c")
+        n = self.norm1(h)
+        h = h + attend(n, n, self.heads, self.q, self.kv, self.proj)
+        n = self.norm2(h)
+        h = h + attend(n, n if tokens is None else tokens, self.heads, self.q_x, self.kv_x, self.proj_x)
+        a, gate = self.ff_in(self.norm3(h)).chunk(2, -1)
+        h = h + self.ff_out(a * F.gelu(gate))
+        return x + self.proj_out(rearrange(h, "b (y x) c -> b c y x", y=x.shape[2]))
+
+
+class ResAttnBlock(nn.Module):
+    """A ResBlock, followed at the attention resolutions by an AttentionBlock (or LDM's SpatialTransformer)."""
+
+    def __init__(self, cin, cout, emb_dim, dropout, scale_shift, attn, head_ch, ctx_dim, ff, transformer):
         super().__init__()
         self.res = ResBlock(cin, cout, emb_dim, dropout, scale_shift)
-        self.attn = AttentionBlock(cout, head_ch, ctx_dim, ff) if attn else None
+        self.attn = None if not attn else SpatialTransformer(cout, head_ch, ctx_dim) if transformer else \
+            AttentionBlock(cout, head_ch, ctx_dim, ff)
 
     def forward(self, h, emb, tokens):
         h = self.res(h, emb)
@@ -166,7 +195,7 @@ class Upsample(nn.Module):
 
 class UNet(nn.Module):
     def __init__(self, resolution=32, in_ch=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=(16,),
-                 dropout=0.1, head_ch=64, scale_shift=True, ctx_dim=None, out_ch=None, ff=False):
+                 dropout=0.1, head_ch=64, scale_shift=True, ctx_dim=None, out_ch=None, ff=False, transformer=False):
         super().__init__()
         self.ch, self.emb_dim = ch, 4 * ch
         if resolution % 2 ** (len(ch_mult) - 1):
@@ -174,7 +203,7 @@ class UNet(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(ch, self.emb_dim), nn.SiLU(), nn.Linear(self.emb_dim, self.emb_dim))
         self.conv_in = nn.Conv2d(in_ch, ch, 3, padding=1)
         blk = dict(emb_dim=self.emb_dim, dropout=dropout, scale_shift=scale_shift, head_ch=head_ch, ctx_dim=ctx_dim,
-                   ff=ff)
+                   ff=ff, transformer=transformer)
         self.down, skips, cur, res = nn.ModuleList(), [ch], ch, resolution
         for i, m in enumerate(ch_mult):
             for _ in range(num_res_blocks):
@@ -534,4 +563,4 @@ def load_model(spec, with_vae=True, ext=False):
             from ext import released
         except ImportError:  # a fork without ext/: plain runs only
             raise e from None
-        return released.load(spec, with_vae, why=e)
+        return released.load(spec, with_vae, why=e, ext=ext)

@@ -300,10 +300,22 @@ def ckpt_path(path):
     return os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
 
 
+def torch_load(path, allow=()):
+    """torch.load(weights_only=True) to the CPU, the classes in allow let through (DiT's argparse.Namespace); any
+    other pickled object is refused in one line, never run."""
+    import torch
+    try:
+        with torch.serialization.safe_globals(list(allow)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refuses anything but tensors and plain containers
+        what = next((l.split("error: ")[-1].split(".")[0] for l in str(e).splitlines() if "Unsupported" in l), "")
+        raise ValueError(f"refusing {path}: it holds pickled objects, which weights-only loading does not run "
+                         f"({what}); a checkpoint holds only tensors and plain values") from None
+
+
 def load_checkpoint(path, ext=False):
     """Load a slightdiff checkpoint with weights_only=True; a missing, truncated or foreign file is a ValueError, and
     so is a run of an extension (an adapter, control metadata) unless ext: its module in ext/ loads it."""
-    import torch
     folder, path = os.path.isdir(path), ckpt_path(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"the run folder {os.path.dirname(path)} has no checkpoint yet (train.py writes "
@@ -318,11 +330,9 @@ def load_checkpoint(path, ext=False):
     if not ours:
         raise ValueError(f"{path} is not a slightdiff checkpoint (format {CKPT_FORMAT})")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # weights_only refuses anything but tensors and plain containers
-        what = next((l.split("error: ")[-1].split(".")[0] for l in str(e).splitlines() if "Unsupported" in l), "")
-        raise ValueError(f"refusing {path}: it holds pickled objects, which weights-only loading does not run "
-                         f"({what}); a slightdiff checkpoint holds only tensors and plain values") from None
+        ckpt = torch_load(path)
+    except ValueError:
+        raise
     except Exception as e:
         raise ValueError(f"cannot read checkpoint {path} (truncated or not a torch file: "
                          f"{type(e).__name__}); use an earlier checkpoint or retrain") from None
@@ -332,7 +342,11 @@ def load_checkpoint(path, ext=False):
     if missing or not {"model", "diffusion", "train", "data"} <= set(ckpt["config"]):
         raise ValueError(f"{path} lacks {', '.join(sorted(missing)) or 'parts of its config'}: it was not written by "
                          f"this version of slightdiff's train.py")
-    made_by = "adapters" if "base" in ckpt["config"] else "metadata" if ckpt["config"]["model"].get("control") else None
+    model = ckpt["config"]["model"]
+    if model.get("preset") == "ldm4" and "transformer" not in model:  # written before the cin256-v2 block
+        model.update(transformer=False, ff=True)
+    made_by = "adapters" if "base" in ckpt["config"] else "metadata" if model.get("control") else \
+        "released" if "bert" in model else None
     if made_by and not ext:
         raise ValueError(f"{path} is a run of ext/{made_by}.py: continue it or sample it with python -m ext.{made_by} "
                          f"(train --resume, sample --ckpt)")

@@ -263,16 +263,17 @@ def make_label_fn(kind, mode, eta, data_seed, labels, num_classes, class_names, 
     return ((lambda e: fixed) if mode == "fixed" else (lambda e: draw(e)[0])), fixed, mask
 
 
-def make_cond(cond, cond_ids, index, captions, text_emb, seed, step, max_len):
-    """Host-side condition of a global batch: class labels, byte tokens of one caption per image (which one is
-    drawn by (seed, step)), or precomputed caption embeddings."""
+def make_cond(cond, cond_ids, index, captions, text_emb, seed, step, max_len, tokens=None):
+    """Host-side condition of a global batch: class labels, byte tokens (or tokens(captions), an extension's
+    tokenizer's) of one caption per image (which one is drawn by (seed, step)), or precomputed caption embeddings."""
     if cond == "class":
         return cond_ids
     rows = index[cond_ids.numpy()]
     if text_emb is not None:
         return torch.from_numpy(np.asarray(text_emb[rows], dtype=np.float32))
     rng = np.random.default_rng([seed, step, 4])
-    return tokenize([captions[r][rng.integers(len(captions[r]))] for r in rows], max_len)
+    picked = [captions[r][rng.integers(len(captions[r]))] for r in rows]
+    return tokenize(picked, max_len) if tokens is None else tokens(picked)
 
 
 @dataclasses.dataclass
@@ -343,6 +344,8 @@ def model_config(cfg, data, src=None):
                          ext_dim=None if emb is None else emb.shape[2])
     if cfg.class_ctx is not None:
         model_cfg["class_ctx"] = cfg.class_ctx
+    if "transformer" in PRESETS[cfg.preset].get("unet", {}):  # recorded: an ldm4 config without it is the old block
+        model_cfg["transformer"] = PRESETS[cfg.preset]["unet"]["transformer"]
     diff_cfg = dict(schedule=cfg.schedule, T=T, prediction=cfg.prediction, shift=cfg.schedule_shift or 1.0,
                     **({"clip": False} if data.latent else {}))  # latents have no [-1, 1] range to clip x0 to
     if src is not None:  # resolution transfer (Berrada et al. 2024) from a run at a lower resolution: every weight
@@ -354,12 +357,12 @@ def model_config(cfg, data, src=None):
         if kind not in PRESETS[cfg.preset]:
             raise ValueError(f"--init-from {cfg.init_from} is a {kind.upper()} ({old['preset']}) and --preset "
                              f"{cfg.preset} is not: start from a run of the same backbone, with its --preset")
-        if kind == "unet":
+        shape = ("depth", "dim", "heads", "patch", "freq_shift", "mlp_eps") if kind == "dit" else \
+            ("ch", "ch_mult", "num_res_blocks", "head_ch", "transformer", "ff")
+        model_cfg.update({k: v for k, v in old.items() if k in shape or k == "class_ctx" and cfg.class_ctx is None})
+        if kind == "unet":  # the shape as stored (a released model's among it); attention at the same levels
             model_cfg["attn_res"] = [round(r * ratio) for r in old.get("attn_res", PRESETS[old["preset"]]["unet"]
                                                                          ["attn_res"])]
-        else:  # a DiT's shape as stored (a released one's timestep frequencies and norm eps among it)
-            model_cfg.update({k: v for k, v in old.items() if k in ("depth", "dim", "heads", "patch", "freq_shift",
-                                                                    "mlp_eps")})
         if cfg.schedule_shift is None:
             diff_cfg["shift"] = src["config"]["diffusion"].get("shift", 1.0) * ratio
     return model_cfg, diff_cfg
@@ -733,7 +736,7 @@ def setup(args, ddp, rank, world, local_rank, grids=True, make=Denoiser, model=N
 
     # Data, model, optimizer
     data = load_data(cfg, rt.device, rank, grids)
-    src = load_model(cfg.init_from, with_vae=False) if cfg.init_from and ckpt is None else None  # a run, a released DiT
+    src = load_model(cfg.init_from, with_vae=False, ext=make is not Denoiser) if cfg.init_from and not ckpt else None
     model_cfg, diff_cfg = (ckpt["config"]["model"], ckpt["config"]["diffusion"]) if ckpt else model_config(cfg, data,
                                                                                                            src)
     model_cfg = model_cfg if ckpt else dict(model_cfg, **(model or {}))
@@ -766,7 +769,7 @@ def summary(cfg, data, net, rt):
     what = "labels corrupted" if cfg.cond == "class" else "caption embeddings swapped"
     if data.captions is not None:
         what = f"captions swapped, {corrupt.changed_captions(data.captions, data.fixed_ids, data.index)} changed"
-    count = lambda ps: f"{sum(p.numel() for p in ps) / 1e6:.2f}M"
+    count = lambda ps: f"{sum(p.numel() for p in ps):,}"  # exact: ldm4 is 400,920,579 + the class embedding
     trained = [p for p in net.parameters() if p.requires_grad]
     frozen = f" ({count(trained)} trained)" if len(trained) < len(list(net.parameters())) else ""
     return (f"{count(net.parameters())} parameters{frozen} | {len(data.index)} images, "

@@ -48,8 +48,10 @@ def test_schedules_equal_diffusers():
 def test_ldm4_parameter_count():
     with torch.device("meta"):
         net = model.Denoiser(1000, 64, 3, "ldm4")
+        old = model.Denoiser(1000, 64, 3, "ldm4", transformer=False, ff=True)  # the block before cin256-v2's
     n = sum(p.numel() for p in net.parameters())
-    assert n == 385_602_691 and abs(n / 400e6 - 1) < 0.05, n  # Chen et al. Table 3 and LDM: "400M"
+    assert n == 400_920_579 + 512_512 and abs(n / 400e6 - 1) < 0.05, n  # Chen et al. Table 3 and LDM: "400M"
+    assert sum(p.numel() for p in old.parameters()) == 385_602_691
     assert net.class_ctx == 512 and net.unet.down[-1].attn.heads == 1  # class through cross-attention, one head
 
 

@@ -13,7 +13,6 @@ import evaluate
 import model
 import sample
 import train
-import diffusion  # noqa: E402
 from diffusion import Diffusion  # noqa: E402
 from ext import gmm  # noqa: E402
 from ext import measures  # noqa: E402
