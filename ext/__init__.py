@@ -10,3 +10,15 @@ commands of its EXTENSIONS table (and report's figures, plots.py).
   plots.py      the report's figures
   bench.py      throughput of training, sampling and FID features against eager fp32
 """
+
+
+def run_command(commands, argv, module, doc):
+    """python -m ext.MODULE COMMAND [flags]: the command's main on its flags; --help, the module's docstring."""
+    import sys
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        return print(doc)
+    if not argv or argv[0] not in commands:
+        raise ValueError(f"give a command: python -m ext.{module} {{{','.join(commands)}}} ... (--help: what each "
+                         f"does)" + (f"; {argv[0]!r} is not one" if argv else ""))
+    return commands[argv[0]](argv[1:])

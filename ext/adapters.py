@@ -18,7 +18,6 @@ import functools
 import json
 import math
 import os
-import sys
 
 import numpy as np
 import torch
@@ -28,6 +27,7 @@ from einops import rearrange
 
 import sample
 import train
+from ext import run_command
 from ext.metadata import MetadataDenoiser, neutral_control, sample_flags, with_metadata
 from model import Downsample, load_model, zero_init
 from evaluate import load_samples, save_result
@@ -448,13 +448,7 @@ COMMANDS = dict(controls=controls_main, train=train_main, sample=sample_main)
 
 
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in COMMANDS:
-        if argv and argv[0] in ("-h", "--help"):
-            return print(__doc__)
-        raise ValueError(f"give a command: python -m ext.adapters {{{','.join(COMMANDS)}}} ... (--help: what each "
-                         f"does)")
-    return COMMANDS[argv[0]](argv[1:])
+    return run_command(COMMANDS, argv, "adapters", __doc__)
 
 
 if __name__ == "__main__":

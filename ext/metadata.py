@@ -13,7 +13,6 @@ image size. train and sample are train.py and sample.py with the metadata as one
 import functools
 import math
 import os
-import sys
 
 import numpy as np
 import torch
@@ -21,6 +20,7 @@ import torch.nn as nn
 
 import sample
 import train
+from ext import run_command
 from diffusion import T
 from model import Denoiser, timestep_embedding, zero_init
 from plumbing import cli, distributed, load_checkpoint, to_device
@@ -167,12 +167,7 @@ COMMANDS = dict(train=train_main, sample=sample_main)
 
 
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in COMMANDS:
-        if argv and argv[0] in ("-h", "--help"):
-            return print(__doc__)
-        raise ValueError("give a command: python -m ext.metadata {train,sample} ... (--help: what each does)")
-    return COMMANDS[argv[0]](argv[1:])
+    return run_command(COMMANDS, argv, "metadata", __doc__)
 
 
 if __name__ == "__main__":

@@ -18,13 +18,13 @@ import json
 import math
 import os
 import re
-import sys
 import zipfile
 
 import torch
 
 import sample
 import train
+from ext import run_command
 from diffusion import T
 from model import PRESETS, Denoiser, cep_delta, load_autoencoder, load_model
 from plumbing import CKPT_FORMAT, cli, distributed, file_hash, optional, torch_load, weights_hash
@@ -303,26 +303,17 @@ def ldm_state(sd, levels, blocks):
     return out
 
 
-def pipeline_file(spec, sub, names):
-    """The first of names in a pipeline's subfolder (a folder, or a hub id) -> its local path."""
-    for n in names:
-        if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, sub, n)):
-            return os.path.join(spec, sub, n)
-        if not os.path.isdir(spec):
-            try:
-                return __import__("huggingface_hub").hf_hub_download(spec, f"{sub}/{n}")
-            except Exception:
-                continue
-    raise ValueError(f"refusing {spec}: its {sub}/ has none of {', '.join(names)}")
-
-
 def class_embedding(spec):
     """The fork's ClassEmbedder (class_embedder/: nn.Embedding(n_classes, 512), the null class its last row)."""
-    path = pipeline_file(spec, "class_embedder", ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"])
-    sd = __import__("safetensors.torch").torch.load_file(path) if path.endswith(".safetensors") else torch_load(path)
-    if "embedding.weight" not in sd:
-        raise ValueError(f"refusing {spec}: {path} holds no embedding.weight (the fork's ClassEmbedder)")
-    return sd["embedding.weight"]
+    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
+        try:
+            path = os.path.join(spec, "class_embedder", name) if os.path.isdir(spec) else \
+                __import__("huggingface_hub").hf_hub_download(spec, f"class_embedder/{name}")
+            sd = __import__("safetensors.torch").torch.load_file(path) if name.endswith("s") else torch_load(path)
+            return sd["embedding.weight"]
+        except Exception:  # no such file (the next one, then one line), or not the fork's layout
+            continue
+    raise ValueError(f"refusing {spec}: its class_embedder/ holds no embedding.weight (the fork's ClassEmbedder)")
 
 
 def ldm_checkpoint(spec, index, with_vae, ext, source):
@@ -464,12 +455,7 @@ COMMANDS = dict(sample=sample_main, train=train_main)
 
 
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in COMMANDS:
-        if argv and argv[0] in ("-h", "--help"):
-            return print(__doc__)
-        raise ValueError("give a command: python -m ext.released {sample,train} ... (--help: what each does)")
-    return COMMANDS[argv[0]](argv[1:])
+    return run_command(COMMANDS, argv, "released", __doc__)
 
 
 if __name__ == "__main__":
