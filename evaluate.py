@@ -30,8 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from plumbing import (Interval, check_flags, cli, download, file_hash, read_dataset, resolve_device, save_atomic,
-                      save_json, save_npz, to_float)
+from plumbing import (Interval, check_flags, cli, download, file_hash, read_dataset, read_file, resolve_device,
+                      save_atomic, save_json, save_npz, to_float)
 
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                "pt_inception-2015-12-05-6726825d.pth")
@@ -319,7 +319,15 @@ def image_folder(path, need_labels=False):
     return d.images, d.meta, d.labels
 
 
-def reference(ref, net, sha, resolution):
+def check_size(images, ref, where, channels=True):
+    """The one check that samples and reference images are comparable: the same size (and channel count)."""
+    n, size = 3 if channels else 2, lambda a: "x".join(map(str, a.shape[1:4 if channels else 3]))
+    if tuple(images.shape[1:1 + n]) != tuple(ref.shape[1:1 + n]):
+        raise ValueError(f"{where} holds {size(ref)} images but the samples are {size(images)}: compare against a "
+                         f"reference of the same size")
+
+
+def reference(ref, net, sha, like=None):
     """Reference statistics and pool features of a dataset folder or an npz, cached beside it. The cache is keyed by
     the Inception weights' sha256 and by the version of the images it was computed from (their file's size and
     modification time, and a dataset's count and source checksum): a rebuilt dataset is never read through the old
@@ -328,13 +336,9 @@ def reference(ref, net, sha, resolution):
     if os.path.isdir(ref):
         (images, meta, _), cache = image_folder(ref), os.path.join(ref, f"inception-{sha[:16]}.npz")
     elif os.path.isfile(ref):
-        try:
-            z = np.load(ref, allow_pickle=False)
-            files = z.files
-        except Exception as e:
-            raise ValueError(f"cannot read --ref {ref} as npz ({type(e).__name__})") from None
-        if "arr_0" not in files:
-            if "mu" in files and "sigma" in files:  # pytorch-fid statistics: FID only
+        z = read_file(ref, "give a dataset folder, an ADM reference batch (arr_0) or pytorch-fid statistics")
+        if "arr_0" not in z:
+            if "mu" in z and "sigma" in z:  # pytorch-fid statistics: FID only
                 return dict(mu=z["mu"], sigma=z["sigma"], count=None)
             raise ValueError(f"--ref {ref} has neither images (arr_0) nor statistics (mu, sigma)")
         images, source = z["arr_0"], ref  # an ADM reference batch: its images are run through our network
@@ -343,17 +347,19 @@ def reference(ref, net, sha, resolution):
         raise FileNotFoundError(f"--ref {ref} not found: give a dataset folder or an npz")
     if images.ndim != 4 or images.dtype != np.uint8:
         raise ValueError(f"--ref {ref}: images must be uint8 [N, H, W, C]")
-    if resolution is not None and images.shape[1:3] != resolution:
-        raise ValueError(f"--ref {ref} is {images.shape[1]}x{images.shape[2]} but the samples are "
-                         f"{resolution[0]}x{resolution[1]}: compare against a reference of the same resolution")
+    if like is not None:
+        check_size(like, images, f"--ref {ref}", channels=False)  # grey samples are read as RGB, as the reference
     st = os.stat(source)
     key = json.dumps(dict(inception=sha, size=st.st_size, mtime_ns=st.st_mtime_ns, count=meta.get("count"),
                           checksum=meta.get("source_checksum")), sort_keys=True)
-    if os.path.isfile(cache):
-        c = np.load(cache)
-        if "key" in c.files and str(c["key"]) == key:
-            return {k: c[k] for k in c.files if k != "key"}
-        print(f"{cache} was computed from another version of {ref}: computing it again", file=sys.stderr)
+    try:
+        c = read_file(cache, "") if os.path.isfile(cache) else {}
+    except ValueError:  # a cache cut short: computed again, as a stale one is
+        c = {}
+    if str(c.get("key")) == key:
+        return {k: v for k, v in c.items() if k != "key"}
+    if c or os.path.isfile(cache):
+        print(f"{cache} was computed from another version of {ref} (or is damaged): computing it again", file=sys.stderr)
     f = inception_features(net, images, desc="reference features")
     mu, sigma = mean_cov(f["pool"])
     mu_s, sigma_s = mean_cov(f["spatial"])
@@ -378,7 +384,7 @@ def cmd_metrics(a):
                              f"with published numbers); pass --allow-small to compute it anyway")
         if net is None:
             net, sha = load_inception(a.inception_weights, device)
-            ref = reference(a.ref, net, sha, images.shape[1:3])
+            ref = reference(a.ref, net, sha, images)
         results.append(score(a, path, images, labels, settings, net, sha, ref, device))
     return results[0] if len(results) == 1 else results
 
@@ -431,12 +437,13 @@ def collect(run_dirs):
         kinds = ("metrics", "diversity", "control", "classify")
         for x in sorted({re.sub(r"^(metrics|diversity|control|classify)", "", os.path.basename(p)) for k in kinds
                          for p in glob.glob(os.path.join(d, f"{k}*.json"))}):
-            m, div, ctl, acc = ({**json.load(open(p))} if os.path.isfile(p) else {}
+            m, div, ctl, acc = (read_file(p, "score its samples again with evaluate.py") if os.path.isfile(p) else {}
                                 for p in (os.path.join(d, k + x) for k in kinds))
             if not (m or div or ctl):
                 continue
             settings = m.get("settings") or div.get("settings") or ctl.get("settings") or {}
-            config = settings.get("config") or json.load(open(os.path.join(d, "config.json")))
+            config = settings.get("config") or read_file(os.path.join(d, "config.json"), "train.py writes it: a run "
+                                                                                          "folder without one is no run")
             # an adapter's row: the corruption its frozen base was pre-trained with (Chen et al. Table 2)
             t = dict(config["train"], **config.get("base", {}))
             rows.append(dict(run=run, cond=t.get("cond", "class"), eta=t["eta"], corruption=t["corruption"],
@@ -477,6 +484,8 @@ ETA_COLUMNS = [("run", lambda r: r["run"]), ("cond", lambda r: r["cond"]), ("ada
 def cmd_report(a):
     """OUT.md: the eta table, and (ext/plots.py) the reproducibility study's; OUT.png and the other figures."""
     dirs = [d for pattern in a.runs for d in (sorted(glob.glob(pattern)) or [pattern]) if os.path.isdir(d)]
+    if not dirs:
+        raise ValueError(f"no folder among {' '.join(a.runs)}: give run folders (a shell pattern such as 'runs/*' too)")
     rows = collect(dirs)
     a.out = a.out or os.path.join(os.path.commonpath([os.path.dirname(os.path.abspath(d)) for d in dirs]), "report")
     eta_rows = [dict(r, eta_pct=r["eta"] * 100) for r in rows if r["eta"] is not None]

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from diffusion import Diffusion
-from plumbing import load_checkpoint, optional, weights_hash
+from plumbing import hub_offline, load_checkpoint, optional, weights_hash
 
 PRESETS = {
     # UNets. CPU tests and the quick start.
@@ -502,6 +502,7 @@ def load_autoencoder(spec, device="cpu"):
     vae, class, sha256 of its config and weights, scaling factor from its config)."""
     diffusers = optional("diffusers", "the latent path", "requirements-latent.txt")
     path, sub = spec.rsplit(":", 1) if ":" in spec and not os.path.exists(spec) else (spec, None)
+    offline = None if os.path.exists(path) else hub_offline(spec, "--vae")  # fail at once where the hub is out of reach
     try:
         config = diffusers.AutoencoderKL.load_config(path, subfolder=sub)
         cls = {"AutoencoderKL": diffusers.AutoencoderKL, "VQModel": diffusers.VQModel}.get(config.get("_class_name"))
@@ -509,8 +510,8 @@ def load_autoencoder(spec, device="cpu"):
             raise ValueError(f"a {config.get('_class_name')}, not an AutoencoderKL or a VQModel")
         ae = cls.from_pretrained(path, subfolder=sub, low_cpu_mem_usage=False).to(device).eval().requires_grad_(False)
     except Exception as e:  # diffusers and the hub raise many kinds: no network, no such folder, bad files
-        raise ValueError(f"cannot load the autoencoder {spec} ({type(e).__name__}: {str(e).strip()[:150]}): give a "
-                         f"folder in diffusers' format or a hub id reachable from here") from None
+        raise ValueError(offline or f"cannot load the autoencoder {spec} ({type(e).__name__}: {str(e).strip()[:150]}): "
+                         f"give a folder in diffusers' format or a hub id reachable from here") from None
     public = {k: v for k, v in dict(ae.config).items() if not k.startswith("_")}
     sha = hashlib.sha256((json.dumps(public, sort_keys=True, default=str) + weights_hash(ae.state_dict())).encode())
     return ae, dict(vae=os.path.abspath(spec) if os.path.isdir(spec) else spec, cls=config["_class_name"],

@@ -15,6 +15,7 @@ import sys
 import textwrap
 import time
 import urllib.request
+import warnings
 import zipfile
 
 import numpy as np
@@ -393,6 +394,62 @@ def read_dataset(path, need_labels=True):
         raise ValueError(f"{path}: meta.json does not describe its arrays (num_classes, class_names, resolution, "
                          f"labels in [0, num_classes)); rebuild the dataset with prepare_data.py")
     return argparse.Namespace(meta=meta, images=images, labels=labels.astype(np.int64), latent=latent)
+
+
+def read_file(path, remake, mmap=False):
+    """Every .json, .npy and .npz file the project reads goes through here: -> its content (an .npz as a dict of its
+    arrays, read whole; an .npy memory-mapped with mmap). Missing, truncated or garbled is one line that names the
+    file and says how to make it again (remake)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: {remake}")
+    try:
+        if path.endswith(".json"):
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+        z = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        return {k: z[k] for k in z.files} if isinstance(z, np.lib.npyio.NpzFile) else z
+    except (OSError, ValueError, EOFError, UnicodeDecodeError, zipfile.BadZipFile) as e:
+        raise ValueError(f"cannot read {path} ({type(e).__name__}: {str(e).strip().splitlines()[0][:80]}): "
+                         f"{remake}") from None
+
+
+def check_labels(labels, num_classes, what, fix):
+    """Class labels read from a file, each in [0, num_classes), before any work: a label equal to num_classes would
+    silently be the null class of guidance, a larger one an index error half-way through."""
+    labels = np.asarray(labels)
+    bad = (labels < 0) | (labels >= num_classes)
+    if labels.dtype.kind not in "iu" or bad.any():
+        found = labels[bad][0] if labels.dtype.kind in "iu" else labels.dtype
+        raise ValueError(f"{what} has label {found} where there are {num_classes} classes (0 .. {num_classes - 1}): "
+                         f"{fix}")
+    return labels
+
+
+HUB_PROBE = {}  # the probe's answer, once per process
+
+
+def hub_offline(spec, flag):
+    """Before a hub id is fetched: where the hub cannot be reached (a 3 s probe; HF_HUB_OFFLINE=1 says so at once),
+    only the local cache is looked in, so a miss fails at once instead of after a minute of retries. -> the line that
+    says so (naming flag and the local alternative), or None where the hub answers."""
+    import socket
+    import urllib.parse
+    if "offline" not in HUB_PROBE:
+        host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+        HUB_PROBE["offline"] = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+        if not HUB_PROBE["offline"]:
+            try:
+                socket.create_connection((host, 443), timeout=3).close()
+            except OSError:
+                HUB_PROBE["offline"] = True
+        if HUB_PROBE["offline"]:
+            os.environ["HF_HUB_OFFLINE"] = "1"
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks")  # diffusers' call, not ours
+            if "huggingface_hub.constants" in sys.modules:  # imported already: its flag is read at each call
+                sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = True
+    return f"{flag} {spec}: the hub cannot be reached from here and {spec} is not in the local cache: give {flag} a " \
+        f"local folder (the model saved with save_pretrained) or a hub id reachable from here" \
+        if HUB_PROBE["offline"] else None
 
 
 def read_captions(path, count=None):

@@ -29,7 +29,7 @@ import torch
 from diffusion import T, Diffusion, generate, resolve_sampler
 from model import build, latent_decoder, load_model, tokenize
 from plumbing import (Interval, check_flags, ckpt_path, class_indices, cli, distributed, load_weights, read_captions,
-                      remove_shards, run_shards, save_grid, save_npz, setup_device, weights_hash)
+                      read_file, remove_shards, run_shards, save_grid, save_npz, setup_device, weights_hash)
 
 COUNT = Interval(int, "[1, inf)")
 
@@ -111,7 +111,7 @@ def conditions(args, cfg, num):
     elif m.get("ext_dim"):
         if not args.prompt_emb:
             raise ValueError("this model reads precomputed caption embeddings: give --prompt-emb FILE.npy")
-        emb = np.load(args.prompt_emb, mmap_mode="r")
+        emb = read_file(args.prompt_emb, "give caption embeddings as a .npy [N, D] or [N, L, D]", mmap=True)
         emb = emb.reshape(len(emb), -1, emb.shape[-1])
         if emb.shape[1:] != (m["max_len"], m["ext_dim"]):
             raise ValueError(f"--prompt-emb rows are {list(emb.shape[1:])}, the model wants [{m['max_len']}, "
@@ -145,49 +145,65 @@ def parse(parser, argv):
 
 def run(args, ckpt, net, conds, ddp, rank, world, local_rank):
     """The samples of net (built from ckpt's config; its weights not yet loaded) under conds (see conditions), one
-    samples file per guidance scale."""
+    samples file per guidance scale. A finished file whose settings key is this run's is kept (a sweep resumes where
+    it stopped); one of other weights or settings is refused unless --overwrite."""
     if "source" in ckpt["config"] and not args.out and not ckpt["step"]:
         raise ValueError(f"{args.ckpt} is a released model, not a run folder: give --out FILE.npz")
     out = args.out or os.path.join(os.path.dirname(ckpt_path(args.ckpt)), "samples.npz")
     scales = args.cfg_scale
     # a guidance sweep (Chen et al. Fig. 3): one samples file per scale, samples-cfg2.npz ...
     outs = [out] if len(scales) == 1 else [f"{os.path.splitext(out)[0]}-cfg{s:g}.npz" for s in scales]
-    for o in outs:
-        if os.path.exists(o) and not args.overwrite:  # its metrics.json ... would describe other samples
-            raise ValueError(f"{o} exists: pass --overwrite to replace it (and the evaluate.py results made from it), "
-                             f"or --out another file")
     device, use_compile, use_bf16 = setup_device(args.device, local_rank, args.compile, args.bf16)
-    batch = args.batch or (500 if device.type == "cuda" else 32)
-
-    # The model and the walk, from the checkpoint and the flags
     cfg, m = ckpt["config"], ckpt["config"]["model"]
-    diffusion = Diffusion(**cfg["diffusion"]).to(device)
-    load_weights(net, ckpt[args.weights], args.ckpt)
-    net = net.to(device).eval().requires_grad_(False)
     cond, stored, inputs, recorded = conds
-    latent = cfg.get("data", {}).get("latent")  # decoded in each batch by the autoencoder the latents came from
-    decode = latent_decoder(latent, args.vae, device) if latent else None
-    walk = resolve_sampler(args.sampler, args.steps, args.ddim_eta, args.spacing, diffusion.T)
+    walk = resolve_sampler(args.sampler, args.steps, args.ddim_eta, args.spacing, cfg["diffusion"].get("T", T))
     weights_sha = weights_hash(ckpt[args.weights])  # with an adapter's: its base's weights too
-    job = dict(fwd=torch.compile(net) if use_compile else net, diffusion=diffusion, cond=cond, inputs=inputs,
-               shape=(m["channels"], m["resolution"], m["resolution"]), decode=decode, walk=walk, batch=batch,
-               compiled=use_compile, device=device)
+    todo = []
     for scale, out in zip(scales, outs):
-        # resumed shards are keyed by everything that decides their content: the weights' hash, then the settings
+        # resumed shards and finished files are keyed by everything that decides their content: the weights' hash,
+        # then the settings
         settings = dict(ckpt=os.path.abspath(args.ckpt), step=ckpt["step"], weights=args.weights,
                         weights_sha256=weights_sha, num=args.num, sampler=args.sampler,
                         steps=walk["steps"], ddim_eta=args.ddim_eta, spacing=args.spacing, cfg_scale=scale,
                         seed=args.seed, labels=args.labels,
                         conditions=hashlib.sha256(next(iter(stored.values())).tobytes()).hexdigest()[:16],
-                        bf16=use_bf16, config=cfg)
-        sample_shards(out, dict(settings, **recorded), stored, args, job, ddp, rank, world)
+                        bf16=use_bf16, config=cfg, **recorded)
+        if os.path.exists(out) and not args.overwrite:  # its metrics.json ... would describe other samples
+            if settings_key(finished(out)) != settings_key(settings):
+                raise ValueError(f"{out} exists, made with other weights or settings: pass --overwrite to replace it "
+                                 f"(and the evaluate.py results made from it), or --out another file")
+            print(f"{out} is done (the same weights and settings): kept")
+            continue
+        todo.append((out, settings))
+
+    # The model, the decoder and the walk, from the checkpoint and the flags (once: every scale's)
+    if todo:
+        diffusion = Diffusion(**cfg["diffusion"]).to(device)
+        load_weights(net, ckpt[args.weights], args.ckpt)
+        net = net.to(device).eval().requires_grad_(False)
+        latent = cfg.get("data", {}).get("latent")  # decoded in each batch by the autoencoder the latents came from
+        job = dict(fwd=torch.compile(net) if use_compile else net, diffusion=diffusion, cond=cond, inputs=inputs,
+                   shape=(m["channels"], m["resolution"], m["resolution"]), walk=walk, compiled=use_compile,
+                   decode=latent_decoder(latent, args.vae, device) if latent else None, device=device,
+                   batch=args.batch or (500 if device.type == "cuda" else 32))
+    for out, settings in todo:
+        sample_shards(out, settings, stored, args, job, ddp, rank, world)
+
+
+def settings_key(settings):
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def finished(out):
+    """The settings a finished samples file was made with ({} for one made before settings were stored)."""
+    z = read_file(out, "delete it, or pass --overwrite")
+    return json.loads(str(z["settings"])) if "settings" in z else {}
 
 
 def sample_shards(out, settings, stored, args, job, ddp, rank, world):
     """The samples of one settings (one guidance scale) in resumable shards, each batch padded for a compiled model
     (one batch shape: no recompile), then merged into `out`."""
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    batch, scale = job["batch"], settings["cfg_scale"]
+    key, batch, scale = settings_key(settings), job["batch"], settings["cfg_scale"]
 
     def make(lo, hi, bar):
         parts = []
@@ -210,9 +226,12 @@ def sample_shards(out, settings, stored, args, job, ddp, rank, world):
 
 def merge_shards(out, shards, settings, stored, data_meta):
     """The shards into one ADM-layout npz (JSON results of a file it replaces removed), then the preview."""
-    images = np.concatenate([np.load(p) for p in shards])
+    images = np.concatenate([read_file(p, "delete it: sample.py makes it again") for p in shards])
     for f in glob.glob(os.path.join(os.path.dirname(os.path.abspath(out)), "*.json")):  # results of the old file
-        result = json.load(open(f))
+        try:
+            result = read_file(f, "")
+        except ValueError:  # not a result of ours
+            continue
         if isinstance(result, dict) and result.get("samples") == os.path.abspath(out):
             os.remove(f)
             print(f"removed {f}: it was computed from the samples being replaced")

@@ -427,8 +427,16 @@ def prepare_run_folder(out, config, corruption, step):
     save_npz(os.path.join(out, "corruption.npz"), **corruption)
     path = os.path.join(out, "log.jsonl")
     if os.path.exists(path):  # a half-written last line (a kill mid-write) is dropped with the lines past the step
-        keep = [l for l in open(path) if l.strip() and l.endswith("\n") and json.loads(l)["step"] <= step]
+        keep = [l for l in open(path, errors="replace") if logged_step(l) <= step]
         save_atomic(path, lambda f: f.write("".join(keep).encode()))
+
+
+def logged_step(line):
+    """The step of a log.jsonl line; infinite for a line that is not a whole record (half-written, garbled)."""
+    try:
+        return json.loads(line)["step"] if line.endswith("\n") else math.inf
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def check_same_run(out, config, stored, **corruption):

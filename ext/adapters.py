@@ -15,7 +15,6 @@ eval mode. train and sample are train.py and sample.py with the control image as
 import argparse
 import copy
 import functools
-import json
 import math
 import os
 
@@ -31,8 +30,8 @@ from ext import run_command
 from ext.metadata import MetadataDenoiser, neutral_control, sample_flags, with_metadata
 from model import Downsample, load_model, zero_init
 from evaluate import load_samples, save_result
-from plumbing import (Interval, check_flags, ckpt_path, cli, distributed, file_hash, load_checkpoint, load_weights,
-                      optional, read_dataset, save_atomic, save_json, to_float, weights_hash)
+from plumbing import (Interval, check_flags, check_labels, ckpt_path, cli, distributed, file_hash, load_checkpoint,
+                      load_weights, optional, read_dataset, read_file, save_atomic, save_json, to_float, weights_hash)
 
 
 # ----------------------------------------------------------------------------- the networks
@@ -225,11 +224,10 @@ def add_controls(folder, control, thresholds):
 
 def read_controls(folder, count, res, channels=None):
     """A dataset folder's controls.npy (prepare_data.py --control), memory-mapped: uint8 [N, res, res, C], checked."""
-    path = os.path.join(folder, "controls.npy")
+    path, remake = os.path.join(folder, "controls.npy"), f"python -m ext.adapters controls --control canny --src {folder}"
     if not os.path.isfile(path):
-        raise ValueError(f"{folder} has no controls.npy, the control images of an adapter: make them with python "
-                         f"prepare_data.py --control canny --src {folder}")
-    c = np.load(path, mmap_mode="r")
+        raise ValueError(f"{folder} has no controls.npy, the control images of an adapter: make them with {remake}")
+    c = read_file(path, f"make it again with {remake}", mmap=True)
     if c.dtype != np.uint8 or c.ndim != 4 or c.shape[1:3] != (res, res) or count not in (None, len(c)) or \
             channels not in (None, c.shape[3]):
         raise ValueError(f"{path} is {c.dtype} {list(c.shape)}: want uint8 [{count or 'N'}, {res}, {res}, "
@@ -366,6 +364,9 @@ def sample_main(argv):
             raise ValueError(f"--controls DATASET (a folder with controls.npy) goes with a model with an adapter "
                              f"(python -m ext.adapters train); {args.ckpt} has none: sample it with sample.py")
         d = read_dataset(args.controls)
+        if m.get("cond", "class") == "class" and not args.labels:  # each sample takes its control's class
+            check_labels(d.labels, m["num_classes"], f"--controls {args.controls}/labels.npy", "give the controls of "
+                         "a dataset of the model's classes, or --labels")
         controls = read_controls(args.controls, len(d.labels), m.get("hint_res") or m["resolution"], m["hint_ch"])
         rows = np.arange(args.num) % len(controls)
         cond, stored, inputs, recorded = with_metadata(args, cfg, sample.conditions(args, cfg, args.num))
@@ -413,15 +414,16 @@ def cmd_control(a):
     src = settings.get("controls")
     if not src:
         raise ValueError(f"{a.samples} was not sampled from control images: sample an adapter with --controls DATASET")
-    meta, path = json.load(open(os.path.join(src["path"], "meta.json"))), os.path.join(src["path"], "controls.npy")
+    meta = read_file(os.path.join(src["path"], "meta.json"), "rebuild the controls' dataset with prepare_data.py")
+    path = os.path.join(src["path"], "controls.npy")
     made = meta.get("control", {})
     if made.get("kind") != "canny":
         raise ValueError(f"the controls of {src['path']} are not Canny edges ({made.get('kind')}): edge F1 compares "
                          f"Canny edges")
     if not os.path.isfile(path) or file_hash(path) != src["sha256"]:
         raise ValueError(f"{path} is not the file {a.samples} was sampled with (missing or changed): sample again")
-    rows = np.load(a.samples)["control_rows"]
-    ref = np.load(path, mmap_mode="r")[rows][..., 0] > 0
+    rows = read_file(a.samples, "sample it again")["control_rows"]
+    ref = read_file(path, "sample again", mmap=True)[rows][..., 0] > 0
     p, r, f1 = edge_f1(canny(images, made["low"], made["high"])[..., 0] > 0, ref, a.tolerance)
     out = dict(edge_precision=p, edge_recall=r, edge_f1=f1, tolerance=a.tolerance, canny=[made["low"], made["high"]],
                num_samples=len(images), samples=os.path.abspath(a.samples), settings=settings)

@@ -87,6 +87,8 @@ def cmd_gmm(a):
     entropy and W2 gains against clean training, measured and predicted, averaged over classes and trials."""
     rng, times = np.random.default_rng(a.seed), np.geomspace(a.t_max, 1e-3, a.steps)
     gammas, rows = [g for g in a.gammas if g > 0], []
+    if not gammas:
+        raise ValueError("--gammas needs a level above 0: 0 is the clean run every gain is measured against")
     for d in a.dims:
         gains = {g: [] for g in gammas}
         for _ in range(a.trials):

@@ -12,7 +12,6 @@
   clipscore      CLIP score of text samples against their captions (clipscore.json)
 """
 import argparse
-import json
 import math
 import os
 import re
@@ -23,10 +22,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from evaluate import (WEIGHTS_SHA_PREFIX, image_folder, inception_features, inception_flags, load_inception,
-                      load_samples, reference, save_result, sq_dists)
+from evaluate import (WEIGHTS_SHA_PREFIX, check_size, image_folder, inception_features, inception_flags,
+                      load_inception, load_samples, reference, save_result, sq_dists)
 from model import load_autoencoder
-from plumbing import Interval, check_flags, optional, resolve_device, to_float
+from plumbing import Interval, check_flags, check_labels, hub_offline, optional, read_file, resolve_device, to_float
 
 
 class Features:
@@ -84,12 +83,11 @@ def training_rows(ref):
     trained on: its data path and the index of --subset in its corruption.npz)."""
     if not os.path.isfile(os.path.join(ref, "config.json")):
         return ref, None
-    folder = json.load(open(os.path.join(ref, "config.json")))["data"]["path"]
-    try:
-        return folder, np.load(os.path.join(ref, "corruption.npz"))["index"]
-    except (OSError, KeyError, ValueError) as e:
-        raise ValueError(f"--ref {ref}: cannot read the training rows from its corruption.npz ({type(e).__name__})") \
-            from None
+    folder = read_file(os.path.join(ref, "config.json"), "train.py writes it: a run folder without one is no run")
+    corruption = read_file(os.path.join(ref, "corruption.npz"), "resume the run (train.py --resume) to write it again")
+    if "index" not in corruption:
+        raise ValueError(f"--ref {ref}: its corruption.npz has no index of the training rows: resume the run to write it")
+    return folder["data"]["path"], corruption["index"]
 
 
 def relative_mahalanobis(feats, labels, ref, ref_labels):
@@ -192,11 +190,13 @@ def load_clip(spec, device):
     folder in its format or a hub id given explicitly, e.g. clip:openai/clip-vit-base-patch16 (the paper's ViT-B/16):
     nothing is fetched unasked. -> (model, its tokenizer or None)."""
     transformers = optional("transformers", "CLIP", "requirements-clip.txt")
+    offline = None if os.path.exists(spec) else hub_offline(spec, "clip:")
     try:
         net = transformers.CLIPModel.from_pretrained(spec).to(device).eval().requires_grad_(False)
     except Exception as e:  # no such folder, no network, another model
-        raise ValueError(f"cannot load CLIP {spec} ({type(e).__name__}: {str(e).strip().splitlines()[0][:120]}): give "
-                         f"a CLIPModel folder in transformers' format or a hub id reachable from here") from None
+        raise ValueError(offline or f"cannot load CLIP {spec} ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0][:120]}): give a CLIPModel folder in transformers' format or "
+                         f"a hub id reachable from here") from None
     try:
         return net, transformers.AutoTokenizer.from_pretrained(spec)
     except Exception:  # image features need no tokenizer
@@ -258,6 +258,8 @@ def cmd_diversity(a):
     ref_images, meta, ref_labels = image_folder(folder, need_labels=True)
     if conditions is None or conditions.dtype.kind == "U":
         raise ValueError(f"{a.samples} holds no class labels: RMD measures a sample against the class it was made for")
+    check_size(images, ref_images, folder)
+    check_labels(conditions, meta["num_classes"], a.samples, f"score samples of {folder}'s classes")
     device = resolve_device(a.device)
     features = Features(a, device)
     f, r = features(images).double(), features.of_dataset(folder, rows).double()
@@ -335,8 +337,9 @@ def cmd_classify(a):
     ref, meta, ref_labels = image_folder(a.ref, need_labels=True)
     if conditions is None:
         raise ValueError(f"{a.samples} stores no labels or captions: sample it with sample.py")
-    if ref.shape[1:] != images.shape[1:]:
-        raise ValueError(f"--ref {a.ref} holds {list(ref.shape[1:])} images, the samples are {list(images.shape[1:])}")
+    check_size(images, ref, f"--ref {a.ref}")
+    if conditions.dtype.kind != "U":
+        check_labels(conditions, meta["num_classes"], a.samples, "judge them against a dataset of their classes")
     want = intended_classes(conditions, meta["class_names"])
     known = want >= 0
     if not known.any():

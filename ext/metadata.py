@@ -23,7 +23,7 @@ import train
 from ext import run_command
 from diffusion import T
 from model import Denoiser, timestep_embedding, zero_init
-from plumbing import cli, distributed, load_checkpoint, to_device
+from plumbing import cli, distributed, load_checkpoint, read_file, to_device
 
 
 # crop box and flip scaled x1000 and sizes in pixels: every value spans the sinusoids' range, as timesteps do
@@ -94,7 +94,7 @@ def original_sizes(folder, index, image_res):
     path = os.path.join(folder, "sizes.npy")
     if not os.path.isfile(path):
         return np.full((len(index), 2), image_res), [image_res] * 2
-    sizes = np.load(path)
+    sizes = read_file(path, "rebuild the dataset with prepare_data.py")
     return sizes[index], np.median(sizes, 0).round().astype(int).tolist()
 
 

@@ -27,7 +27,8 @@ import train
 from ext import run_command
 from diffusion import T
 from model import PRESETS, Denoiser, cep_delta, load_autoencoder, load_model
-from plumbing import CKPT_FORMAT, cli, distributed, file_hash, optional, torch_load, weights_hash
+from plumbing import (CKPT_FORMAT, cli, distributed, file_hash, hub_offline, optional, read_file, torch_load,
+                      weights_hash)
 
 
 def load(spec, with_vae=True, why=None, ext=False):
@@ -38,13 +39,16 @@ def load(spec, with_vae=True, why=None, ext=False):
             and not spec.endswith(".pt") and not os.path.isdir(spec.split("/")[0]):  # runs/typo: a missing run
         source = lambda state: dict(kind="diffusers", id=os.path.abspath(spec) if folder else spec,
                                     sha256=weights_hash(state))
+        if not folder:  # fail at once where the hub is out of reach
+            hub_offline(spec, "--ckpt (--init-from)")
         index = pipeline_index(spec)
         if {"class_embedder", "bert"} & set(index):
-            return ldm_checkpoint(spec, index, with_vae, ext, source)
-        state, arch, diffusion, names, vae = dit_from_diffusers(spec)
+            return complete(spec, lambda: ldm_checkpoint(spec, index, with_vae, ext, source))
+        state, arch, diffusion, names, vae = complete(spec, lambda: dit_from_diffusers(spec))
         source = source(state)
     elif os.path.isfile(spec) and (theirs := dit_pt_state(spec)) is not None:
-        (state, arch), diffusion, names, vae = dit_from_pt(theirs, spec), dict(schedule="linear"), None, None
+        (state, arch), diffusion, names, vae = complete(spec, lambda: dit_from_pt(theirs, spec)), \
+            dict(schedule="linear"), None, None
         source = dict(kind="dit-pt", id=os.path.abspath(spec), sha256=file_hash(spec))
     else:
         raise why
@@ -55,6 +59,15 @@ def load(spec, with_vae=True, why=None, ext=False):
                   image_resolution=8 * res)  # DiT's: the SD autoencoder, 8x downsampling
     model = dict(num_classes=n, resolution=res, channels=ch, preset=preset, cond="class", **arch)
     return as_checkpoint(spec, state, model, diffusion, names, latent, vae if with_vae else None, source)
+
+
+def complete(spec, convert):
+    """convert(), where a weight the conversion reads and spec lacks is one line, not a KeyError."""
+    try:
+        return convert()
+    except KeyError as e:
+        raise ValueError(f"refusing {spec}: it lacks {e.args[0]}, which its model has: a file cut short or edited; "
+                         f"download it again") from None
 
 
 def diffusers_folder(path):
@@ -71,7 +84,7 @@ def pipeline_index(spec):
     """A pipeline's model_index.json ({} for a model's own folder, or a hub id that cannot be read)."""
     if os.path.isdir(spec):
         path = os.path.join(spec, "model_index.json")
-        return json.load(open(path)) if os.path.isfile(path) else {}
+        return read_file(path, "save the pipeline again (save_pretrained)") if os.path.isfile(path) else {}
     try:
         return optional("diffusers", "released models", "requirements-latent.txt").DiffusionPipeline.load_config(spec)
     except Exception:  # not a pipeline, or no network: the DiT path says which
@@ -177,9 +190,9 @@ def dit_from_diffusers(spec):
         net = diffusers.DiTTransformer2DModel.from_pretrained(spec, subfolder="transformer" if pipeline else None,
                                                               low_cpu_mem_usage=False)
     except Exception as e:  # no network, no such folder or id, another kind of model, bad files
-        raise ValueError(f"cannot load {spec} as a slightdiff run, a DiT checkpoint or a diffusers DiT (folder or hub "
-                         f"id reachable from here): {type(e).__name__}: {str(e).strip().splitlines()[0][:150]}") \
-            from None
+        raise ValueError((not local and hub_offline(spec, "--ckpt (--init-from)")) or f"cannot load {spec} as a "
+                         f"slightdiff run, a DiT checkpoint or a diffusers DiT (folder or hub id reachable from here): "
+                         f"{type(e).__name__}: {str(e).strip().splitlines()[0][:150]}") from None
     c, sd = net.config, net.state_dict()
     if (c.norm_type, c.activation_fn, c.attention_bias, c.norm_elementwise_affine) != \
             ("ada_norm_zero", "gelu-approximate", True, False) or c.out_channels not in (None, c.in_channels,
@@ -325,8 +338,9 @@ def ldm_checkpoint(spec, index, with_vae, ext, source):
         unet = diffusers.UNet2DConditionModel.from_pretrained(spec, subfolder="unet", low_cpu_mem_usage=False)
         vq = diffusers.VQModel.load_config(spec, subfolder="vqvae")
     except Exception as e:
-        raise ValueError(f"cannot load {spec}'s unet/ and vqvae/ ({type(e).__name__}: "
-                         f"{str(e).strip().splitlines()[0][:150]})") from None
+        raise ValueError((not os.path.isdir(spec) and hub_offline(spec, "--ckpt (--init-from)")) or f"cannot load "
+                         f"{spec}'s unet/ and vqvae/ ({type(e).__name__}: {str(e).strip().splitlines()[0][:150]})") \
+            from None
     c, arch = unet.config, ldm_arch(unet.config, spec)
     if vq.get("_class_name") != "VQModel" or c.in_channels not in {vq.get("latent_channels")} | {vq.get("vq_embed_dim")}:
         raise ValueError(f"refusing {spec}: its vqvae ({vq.get('_class_name')}, {vq.get('latent_channels')} channels, "

@@ -7,16 +7,15 @@ sizes and seeds, sampled with the same seed, compared image by image and against
 repro.json, memorization.json; evaluate.py report tabulates and plots the study (report-study.png).
 """
 import argparse
-import json
 import os
 
 import numpy as np
 import torch
 
-from evaluate import load_samples, num, save_result
+from evaluate import check_size, load_samples, num, save_result
 from ext.measures import Features, feature_flags, image_folder, training_rows
 from model import PRESETS
-from plumbing import check_flags, resolve_device
+from plumbing import check_flags, read_file, resolve_device
 
 
 def cmd_repro(a):
@@ -57,8 +56,7 @@ def cmd_memorization(a):
     """Highest similarity of each sample to any training image; memorized fraction above the threshold."""
     images, _, _ = load_samples(a.samples)
     folder, rows = training_rows(a.ref)
-    if image_folder(folder)[0].shape[1:] != images.shape[1:]:
-        raise ValueError(f"{folder} holds images of another shape than {a.samples}")
+    check_size(images, image_folder(folder)[0], folder)
     device = resolve_device(a.device)
     features = Features(a, device)
     s, r = features(images).float().to(device), features.of_dataset(folder, rows).float().to(device)
@@ -79,9 +77,11 @@ def study_rows(run_dirs):
     for d in run_dirs:
         has = lambda f: os.path.isfile(os.path.join(d, f))
         if has("memorization.json") and has("config.json"):
-            m, cfg = (json.load(open(os.path.join(d, f))) for f in ("memorization.json", "config.json"))
+            m, cfg = (read_file(os.path.join(d, f), "score the run again with evaluate.py memorization") for f in
+                      ("memorization.json", "config.json"))
             n = cfg["train"].get("subset") or cfg["data"]["count"]
-            rp = json.load(open(os.path.join(d, "repro.json")))["rp_score"] if has("repro.json") else None
+            rp = read_file(os.path.join(d, "repro.json"), "score the pair again with evaluate.py repro --out")[
+                "rp_score"] if has("repro.json") else None
             rows.append(dict(run=os.path.basename(os.path.normpath(d)), images=n, log2n=float(np.log2(n)),
                              seed=cfg["train"]["seed"], rp=rp, gl=m["generalization_score"], features=m["features"],
                              width=cfg["model"].get("ch", PRESETS[cfg["model"]["preset"]].get("unet", {}).get("ch"))))

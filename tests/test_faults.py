@@ -7,6 +7,7 @@ import os
 import pickle
 import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -446,3 +447,113 @@ def test_a_dead_rank_during_sampling_stops_the_other_in_one_line(tiny_run, tmp_p
     assert procs[0].returncode == 1 and "Traceback" not in err, err[-2000:]
     assert last.startswith("sample.py: error: rank 0 lost the other ranks") and "sample.py again" in last, last
     assert not (tmp_path / "s.npz").exists()
+
+
+# ----------------------------------------------------------------------------- the third pass: the surfaces of ext/
+
+@pytest.mark.slow
+def test_every_file_is_read_through_one_reader_that_names_it(shapes16, tiny_run, inception_weights, tmp_path):
+    """A truncated sizes.npy (control metadata), a cut-short classify.json under report, a damaged Inception cache
+    (computed again, as a stale one is): one line naming the file and how to remake it, or no error at all."""
+    from ext import metadata
+    data = tmp_path / "data"
+    shutil.copytree(f"{shapes16}/train", data)
+    np.save(data / "sizes.npy", np.full((200, 2), 64))
+    (data / "sizes.npy").write_bytes((data / "sizes.npy").read_bytes()[:-100])
+    r = run_cli("ext.metadata", "train", "--data", data, *TINY, "--steps", "1", "--out", tmp_path / "m")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "sizes.npy" in r.stderr and \
+        "rebuild the dataset" in r.stderr, r.stderr
+    assert not (tmp_path / "m").exists() and metadata
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "classify.json").write_text('{"accuracy": 0.5, "samp')
+    r = run_cli("evaluate.py", "report", run)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and f"{run}/classify.json" in r.stderr and \
+        "score its samples again" in r.stderr, r.stderr
+    images = np.load(f"{shapes16}/test/images.npy")
+    import evaluate
+    np.savez(tmp_path / "s.npz", arr_0=images)
+    args = ["--samples", str(tmp_path / "s.npz"), "--ref", f"{shapes16}/test", "--inception-weights",
+            inception_weights, "--allow-small", "--device", "cpu"]
+    first = evaluate.main(args)["fid"]
+    cache = next(p for p in os.listdir(f"{shapes16}/test") if p.startswith("inception-"))
+    blob = open(f"{shapes16}/test/{cache}", "rb").read()
+    open(f"{shapes16}/test/{cache}", "wb").write(blob[:len(blob) // 2])
+    assert evaluate.main(args)["fid"] == first  # the cut cache is computed again, to the same statistics
+
+
+def test_labels_are_checked_against_the_classes_they_index(shapes16, tmp_path):
+    """Sample labels outside the reference's classes (the null class's index among them): one line, before any
+    feature is computed."""
+    import evaluate
+    images = np.load(f"{shapes16}/test/images.npy")
+    for label, shown in ((10, "label 10"), (-1, "label -1")):  # 10 classes: 10 is the null class's index
+        labels = np.load(f"{shapes16}/test/labels.npy")
+        labels[5] = label
+        np.savez(tmp_path / "s.npz", arr_0=images, arr_1=labels)
+        for cmd in ("diversity", "classify"):
+            extra = ["--features", "pixels"] if cmd == "diversity" else []
+            with pytest.raises(ValueError, match=f"has {shown} where there are 10 classes"):
+                evaluate.main([cmd, "--samples", str(tmp_path / "s.npz"), "--ref", f"{shapes16}/train", *extra])
+
+
+def test_every_comparison_checks_the_image_size_the_same_way(shapes16, tmp_path):
+    """Grey samples of the reference's size (one channel where it has three): one line from each command that
+    compares images pixel by pixel or feature by feature."""
+    import evaluate
+    grey = np.load(f"{shapes16}/test/images.npy")[..., :1]
+    np.savez(tmp_path / "s.npz", arr_0=grey, arr_1=np.load(f"{shapes16}/test/labels.npy"))
+    for cmd in (["diversity", "--features", "pixels"], ["memorization", "--features", "pixels"], ["classify"]):
+        with pytest.raises(ValueError, match="holds 16x16x3 images but the samples are 16x16x1"):
+            evaluate.main([cmd[0], "--samples", str(tmp_path / "s.npz"), "--ref", f"{shapes16}/train", *cmd[1:]])
+
+
+def test_arguments_that_leave_nothing_to_compute_are_refused(tmp_path):
+    r = run_cli("evaluate.py", "gmm", "--gammas", "0,0", "--dims", "2", "--out", tmp_path / "g")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "--gammas needs a level above 0" in r.stderr
+    r = run_cli("evaluate.py", "report", str(tmp_path / "no-such-run*"))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "give run folders" in r.stderr, r.stderr
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.slow
+def test_an_unreachable_hub_is_one_line_at_once(shapes16, tmp_path):
+    """No network here: an autoencoder given as a hub id fails after one probe, with the local alternative."""
+    r = script("prepare_data.py", "--dataset", "latents", "--src", f"{shapes16}/train", "--vae", "some-org/some-vae",
+               "--out", tmp_path, timeout=120)
+    one_line_error(r, "prepare_data.py", "the hub cannot be reached from here", "--vae", "local folder")
+    assert r.stderr.count("\n") == 1, r.stderr
+    assert not [p for p in os.listdir(tmp_path) if not p.startswith(".")]
+
+
+def test_a_guidance_sweep_resumes_and_keeps_the_scales_it_finished(tiny_run, tmp_path, monkeypatch):
+    import sample
+    args = ["--ckpt", tiny_run, "--num", "6", "--steps", "2", "--cfg-scale", "1,3", "--shard-size", "3", "--batch",
+            "3", "--out", str(tmp_path / "a/s.npz")]
+    sample.main(args[:-1] + [str(tmp_path / "whole/s.npz")])  # uninterrupted
+    generate, calls = sample.generate, []
+
+    def killed_in_the_second_scale(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:  # scale 1: two batches; scale 3: its first batch is done, then Ctrl-C
+            raise KeyboardInterrupt
+        return generate(*a, **k)
+    monkeypatch.setattr(sample, "generate", killed_in_the_second_scale)
+    with pytest.raises(KeyboardInterrupt):
+        sample.main(args)
+    monkeypatch.setattr(sample, "generate", generate)
+    done = (tmp_path / "a/s-cfg1.npz").read_bytes()
+    sample.main(args)  # the same command: scale 1 kept as it is, scale 3 resumed from its shard
+    assert (tmp_path / "a/s-cfg1.npz").read_bytes() == done
+    for s in ("1", "3"):
+        assert (tmp_path / f"a/s-cfg{s}.npz").read_bytes() == (tmp_path / f"whole/s-cfg{s}.npz").read_bytes()
+    with pytest.raises(ValueError, match="s-cfg1.npz exists, made with other weights or settings"):
+        sample.main(args + ["--seed", "1"])
+
+
+def test_a_mistyped_command_is_named_with_the_commands_there_are(tiny_run):
+    r = run_cli("evaluate.py", "reprot", tiny_run)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "unknown command 'reprot'" in r.stderr and \
+        "report" in r.stderr and "diversity" in r.stderr, r.stderr
+    r = run_cli("ext.adapters", "tran", "--data", "x")
+    assert r.returncode == 1 and "'tran' is not one" in r.stderr and "controls,train,sample" in r.stderr, r.stderr

@@ -68,8 +68,11 @@ def test_an_existing_samples_file_is_not_replaced_silently(tiny_run, tmp_path, c
     sample.main(args)
     (tmp_path / "classify.json").write_text(json.dumps(dict(accuracy=1.0, samples=str(tmp_path / "s.npz"))))
     (tmp_path / "other.json").write_text(json.dumps(dict(samples=str(tmp_path / "t.npz"))))
-    with pytest.raises(ValueError, match="s.npz exists: pass --overwrite"):
-        sample.main(args)
+    before = (tmp_path / "s.npz").read_bytes()
+    sample.main(args)  # the same command again: the finished file is kept (its key is this run's)
+    assert (tmp_path / "s.npz").read_bytes() == before and "is done" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="s.npz exists, made with other weights or settings: pass --overwrite"):
+        sample.main(args + ["--seed", "1"])  # another seed: other samples, never mixed in
     sample.main(args + ["--overwrite"])
     assert not (tmp_path / "classify.json").exists() and (tmp_path / "other.json").exists()
     assert "removed" in capsys.readouterr().out
