@@ -560,10 +560,11 @@ def main(argv=None):
         return get_parser()[0].parse_args(argv)  # every command, with a line each
     name = argv[0] if argv and not argv[0].startswith("-") else "metrics"
     if name in EXTENSIONS:
-        module = extension(EXTENSIONS[name][0])
+        module = extension(EXTENSIONS[name][0])  # its parser(name) and EVALUATE[name], the command
         if module is None:
             raise ValueError(f"{name} is a command of ext/{EXTENSIONS[name][0]}.py, which this checkout does not have")
-        return module.evaluate(name, argv[1:])
+        p = module.parser(name)
+        return module.EVALUATE[name](check_flags(p, p.parse_args(argv[1:])))
     if name not in ("metrics", "report"):
         raise ValueError(f"unknown command {name!r}: the commands are metrics (the default), report, "
                          f"{', '.join(EXTENSIONS)} (python evaluate.py --help)")

@@ -432,12 +432,6 @@ def cmd_control(a):
     return out
 
 
-def evaluate(command, argv):
-    """evaluate.py control ARGS."""
-    p = parser(command)
-    return cmd_control(check_flags(p, p.parse_args(argv)))
-
-
 def parser(command="control"):
     p = argparse.ArgumentParser(prog="evaluate.py control", description=cmd_control.__doc__)
     p.add_argument("--samples", required=True, help="samples npz of an adapter model, sampled with --controls")
@@ -446,7 +440,8 @@ def parser(command="control"):
     return p
 
 
-COMMANDS = dict(controls=controls_main, train=train_main, sample=sample_main)
+COMMANDS = dict(controls=controls_main, train=train_main, sample=sample_main)  # python -m ext.adapters COMMAND
+EVALUATE = dict(control=cmd_control)  # evaluate.py's command
 
 
 def main(argv=None):

@@ -14,7 +14,7 @@ import numpy as np
 
 from evaluate import frechet_distance, markdown
 from ext.plots import plot
-from plumbing import Interval, check_flags, save_json
+from plumbing import Interval, save_json
 
 
 # The squared 2-Wasserstein distance between N(m1, c1) and N(m2, c2) (Givens and Shortt 1984) is the Frechet
@@ -117,10 +117,7 @@ def cmd_gmm(a):
     return rows
 
 
-def evaluate(command, argv):
-    """evaluate.py gmm ARGS."""
-    p = parser(command)
-    return cmd_gmm(check_flags(p, p.parse_args(argv)))
+EVALUATE = dict(gmm=cmd_gmm)  # evaluate.py's command
 
 
 def parser(command="gmm"):

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from evaluate import (WEIGHTS_SHA_PREFIX, check_size, image_folder, inception_features, inception_flags,
                       load_inception, load_samples, reference, save_result, sq_dists)
 from model import load_autoencoder
-from plumbing import Interval, check_flags, check_labels, hub_offline, optional, read_file, resolve_device, to_float
+from plumbing import Interval, check_labels, hub_offline, optional, read_file, resolve_device, to_float
 
 
 class Features:
@@ -370,17 +370,11 @@ def feature_flags(p):
     p.add_argument("--out", help="JSON file for the result (default: beside the samples)")
 
 
-COMMANDS = dict(diversity=cmd_diversity, classify=cmd_classify, clipscore=cmd_clipscore)
-
-
-def evaluate(command, argv):
-    """evaluate.py diversity | classify | clipscore ARGS."""
-    p = parser(command)
-    return COMMANDS[command](check_flags(p, p.parse_args(argv)))
+EVALUATE = dict(diversity=cmd_diversity, classify=cmd_classify, clipscore=cmd_clipscore)  # evaluate.py's commands
 
 
 def parser(command):
-    p = argparse.ArgumentParser(prog=f"evaluate.py {command}", description=COMMANDS[command].__doc__)
+    p = argparse.ArgumentParser(prog=f"evaluate.py {command}", description=EVALUATE[command].__doc__)
     p.add_argument("--samples", required=True, help="samples npz from sample.py")
     if command == "diversity":
         p.add_argument("--ref", required=True, help="the training set (labelled dataset folder, or the run folder)")

@@ -15,7 +15,7 @@ import torch
 from evaluate import check_size, load_samples, num, save_result
 from ext.measures import Features, feature_flags, image_folder, training_rows
 from model import PRESETS
-from plumbing import check_flags, read_file, resolve_device
+from plumbing import read_file, resolve_device
 
 
 def cmd_repro(a):
@@ -92,17 +92,11 @@ STUDY_COLUMNS = [("run", lambda r: r["run"]), ("training images", lambda r: str(
                  ("width", lambda r: str(r["width"])), ("seed", lambda r: str(r["seed"])),
                  ("reproducibility", num("rp", ".3f")), ("generalization", num("gl", ".3f")),
                  ("features", lambda r: r["features"])]
-COMMANDS = dict(repro=cmd_repro, memorization=cmd_memorization)
-
-
-def evaluate(command, argv):
-    """evaluate.py repro | memorization ARGS."""
-    p = parser(command)
-    return COMMANDS[command](check_flags(p, p.parse_args(argv)))
+EVALUATE = dict(repro=cmd_repro, memorization=cmd_memorization)  # evaluate.py's commands
 
 
 def parser(command):
-    p = argparse.ArgumentParser(prog=f"evaluate.py {command}", description=COMMANDS[command].__doc__)
+    p = argparse.ArgumentParser(prog=f"evaluate.py {command}", description=EVALUATE[command].__doc__)
     if command == "repro":
         p.add_argument("samples", nargs="+", help="two or more samples.npz of the same seed and conditions")
     else:
