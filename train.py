@@ -736,7 +736,8 @@ def main(argv=None):
 def setup(args, ddp, rank, world, local_rank, grids=True, make=Denoiser, model=None):
     """Everything a run needs before its first step, each paragraph once: the config (resolved once, then
     read-only), the runtime, the data, and the model's state (fresh, --resume or --init-from). make, model: the
-    network's class and its settings beyond the flags' (an extension's: ext/metadata.py)."""
+    network's class and its settings beyond the flags' (an extension's: ext/metadata.py), or a function of the
+    --init-from source (None without one) that returns them (ext/released.py)."""
     # Configuration
     ckpt = load_checkpoint(args.resume, ext=make is not Denoiser) if args.resume else None
     cfg = resolve_config(args, world, ckpt)
@@ -747,7 +748,7 @@ def setup(args, ddp, rank, world, local_rank, grids=True, make=Denoiser, model=N
     src = load_model(cfg.init_from, with_vae=False, ext=make is not Denoiser) if cfg.init_from and not ckpt else None
     model_cfg, diff_cfg = (ckpt["config"]["model"], ckpt["config"]["diffusion"]) if ckpt else model_config(cfg, data,
                                                                                                            src)
-    model_cfg = model_cfg if ckpt else dict(model_cfg, **(model or {}))
+    model_cfg = model_cfg if ckpt else dict(model_cfg, **(model(src) if callable(model) else model or {}))
     config = run_config(cfg, data, model_cfg, diff_cfg, (ckpt or src or {}).get("config", {}).get("source"))
     if ckpt is not None:
         check_same_run(cfg.out, config["data"], ckpt["config"]["data"], **data.corruption)

@@ -436,6 +436,14 @@ def sample_main(argv):
         sample.run(args, ckpt, BertDenoiser(**m), (cond, stored, inputs, recorded), ddp, rank, world, local_rank)
 
 
+def source_bert(src):
+    """The BERT settings of --init-from's text LDM, from the source train.setup has read (once)."""
+    model = (src or {}).get("config", {}).get("model", {})
+    if "bert" not in model:
+        raise ValueError("ext.released train: give --text-encoder BERT, or --init-from a text LDM with one")
+    return {k: v for k, v in model.items() if k in ("bert", "tokenizer", "null_ids", "max_len")}
+
+
 def train_main(argv):
     """python -m ext.released train: train.py with a BERT text encoder trained with the network (the paper's CC3M
     LDMs): --text-encoder a BERT in transformers' format (with its tokenizer), or --init-from a text LDM with one."""
@@ -449,10 +457,8 @@ def train_main(argv):
             transformers = optional("transformers", "--text-encoder", "requirements-clip.txt")
             bert = transformers.BertModel.from_pretrained(args.text_encoder, add_pooling_layer=False)
             settings = bert_settings(bert.config, args.text_encoder)
-        elif args.init_from and not args.resume:  # the source's BERT, read from its config
-            settings = {k: v for k, v in load_model(args.init_from, False, True)["config"]["model"].items() if k in
-                        ("bert", "tokenizer", "null_ids", "max_len")}
-        cfg, config, data, s, rt = train.setup(args, ddp, rank, world, local_rank, make=BertDenoiser, model=settings)
+        cfg, config, data, s, rt = train.setup(args, ddp, rank, world, local_rank, make=BertDenoiser,
+                                               model=settings or source_bert)
         if bert is not None:  # a pre-trained BERT under a fresh network
             for net in (s.net, s.ema):
                 net.text.load_state_dict(bert.state_dict())

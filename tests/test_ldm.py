@@ -187,6 +187,9 @@ def test_fine_tuning_the_released_ldms_changes_them_and_records_their_source(sha
         assert done["config"]["source"]["id"] == str(spec) and start.keys() == done["model"].keys()
         assert any(not torch.equal(start[k], done["model"][k]) for k in start)
     assert any(k.startswith("text.encoder.") for k in done["model"])  # the BERT trains with the network
+    with pytest.raises(ValueError, match="give --text-encoder BERT, or --init-from a text LDM"):
+        released.main(["train", *common, "--cond", "text", "--out", str(tmp_path / "no-bert")])
+    assert not (tmp_path / "no-bert").exists()
 
 
 def test_what_the_ldm4_block_cannot_take_is_refused_in_one_line(tmp_path):
