@@ -1,13 +1,13 @@
-"""Evaluate samples: FID, sFID, Inception Score, precision/recall, and the eta report of run folders.
+"""Evaluate samples: FID, sFID, Inception Score, precision/recall; and the commands of ext/, the eta report among them.
 
     python evaluate.py --samples runs/NAME/samples.npz --ref data/cifar10/train [--inception-weights PATH]
-    python evaluate.py report runs/* [--out report]
+    python evaluate.py report runs/* [--out report]   # the eta table (ext/plots.py)
     python evaluate.py COMMAND --help      # the paper's other measures, the study, the simulation: see below
 
 Input: samples.npz from sample.py, a reference dataset folder (or statistics npz). Output: metrics.json beside the
-samples; report.md (and, from ext/plots.py, report.png) for `report`. The other commands (diversity, classify,
-clipscore, repro, memorization, gmm, control) live in ext/ and are run through this script (EXTENSIONS, the second
-lazy seam): `python evaluate.py --help` lists them all.
+samples. The other commands (report: the eta table and figures of run folders, from their metrics.json; diversity,
+classify, clipscore, repro, memorization, gmm, control) live in ext/ and are run through this script (EXTENSIONS, the
+second lazy seam): `python evaluate.py --help` lists them all.
 
 The Inception network is the FID variant of Inception-v3 (TensorFlow's inception-2015-12-05 as ported by
 pytorch-fid), written out here so that its published weights load with strict=True. One pass gives the pool
@@ -16,11 +16,9 @@ the ADM evaluation suite.
 """
 import argparse
 import contextlib
-import glob
 import importlib
 import json
 import os
-import re
 import sys
 import time
 
@@ -31,7 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from plumbing import (Interval, check_flags, cli, download, file_hash, read_dataset, read_file, resolve_device,
-                      save_atomic, save_json, save_npz, to_float)
+                      save_json, save_npz, to_float)
 
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                "pt_inception-2015-12-05-6726825d.pth")
@@ -425,85 +423,11 @@ def save_result(result, out, samples, name):
     return path
 
 
-# ----------------------------------------------------------------------------- report
-
-def collect(run_dirs):
-    """The eta rows of the run folders: one per samples file scored (metrics*.json, and the results of ext/'s
-    commands beside it: diversity, control, classify), e.g. one per guidance scale."""
-    rows = []
-    for d in run_dirs:
-        run = os.path.basename(os.path.normpath(d))
-        # one row per samples file scored: metrics-X.json, diversity-X.json ... (X: a sweep's -cfg2, or none)
-        kinds = ("metrics", "diversity", "control", "classify")
-        for x in sorted({re.sub(r"^(metrics|diversity|control|classify)", "", os.path.basename(p)) for k in kinds
-                         for p in glob.glob(os.path.join(d, f"{k}*.json"))}):
-            m, div, ctl, acc = (read_file(p, "score its samples again with evaluate.py") if os.path.isfile(p) else {}
-                                for p in (os.path.join(d, k + x) for k in kinds))
-            if not (m or div or ctl):
-                continue
-            settings = m.get("settings") or div.get("settings") or ctl.get("settings") or {}
-            config = settings.get("config") or read_file(os.path.join(d, "config.json"), "train.py writes it: a run "
-                                                                                          "folder without one is no run")
-            # an adapter's row: the corruption its frozen base was pre-trained with (Chen et al. Table 2)
-            t = dict(config["train"], **config.get("base", {}))
-            rows.append(dict(run=run, cond=t.get("cond", "class"), eta=t["eta"], corruption=t["corruption"],
-                             mode=t["corruption_mode"], cep=t["cep"], ip=t.get("ip_gamma") or 0.0,
-                             gamma=t["cep_gamma"] if t["cep"] != "none" else None, cfg=settings.get("cfg_scale"),
-                             n=m.get("num_samples", div.get("num_samples", ctl.get("num_samples"))),
-                             adapter=config["train"].get("adapter"), edge_f1=ctl.get("edge_f1"),
-                             accuracy=acc.get("accuracy"),
-                             **{k: m.get(k) for k in ("fid", "sfid", "is_mean", "precision", "recall")},
-                             **{k: div.get(k) for k in ("rmd_top1", "nn5_l2", "memorization_ratio", "toppr_f1",
-                                                        "entropy", "rmd_density", "rmd_edges")}))
-        if not any(glob.glob(os.path.join(d, f"{k}*.json")) for k in ("metrics", "diversity", "control", "memorization")):
-            print(f"skipping {d}: no metrics.json or memorization.json", file=sys.stderr)
-    return sorted(rows, key=lambda r: (r["adapter"] or "", r["cond"], r["cep"], r["gamma"] or 0, r["ip"],
-                                       r["corruption"], r["mode"], r["eta"] if r["eta"] is not None else -1))
-
-
-def markdown(columns, rows):
-    """A markdown table: columns is [(title, row -> cell text)]."""
-    lines = ["| " + " | ".join(title for title, _ in columns) + " |", "|" + "---|" * len(columns)]
-    return "\n".join(lines + ["| " + " | ".join(cell(r) for _, cell in columns) + " |" for r in rows]) + "\n"
-
-
-num = lambda key, spec: lambda r: "-" if r[key] is None else f"{r[key]:{spec}}"
-ETA_COLUMNS = [("run", lambda r: r["run"]), ("cond", lambda r: r["cond"]), ("adapter", lambda r: r["adapter"] or "-"),
-               ("eta (%)", lambda r: "-" if r["eta"] is None else f"{r['eta'] * 100:g}"),
-               ("corruption", lambda r: f"{r['corruption']}/{r['mode']}"),
-               ("CEP", lambda r: r["cep"] if r["cep"] == "none" else f"{r['cep']} (gamma {r['gamma']:g})"),
-               ("IP gamma", lambda r: f"{r['ip']:g}" if r["ip"] else "-"),
-               ("cfg", num("cfg", "g")), ("samples", lambda r: str(r["n"])), ("FID", num("fid", ".2f")),
-               ("sFID", num("sfid", ".2f")), ("IS", num("is_mean", ".2f")), ("precision", num("precision", ".3f")),
-               ("recall", num("recall", ".3f")), ("top-1% RMD", num("rmd_top1", ".3f")),
-               ("NN L2", num("nn5_l2", ".3f")), ("mem. ratio", num("memorization_ratio", ".3f")),
-               ("TopPR F1", num("toppr_f1", ".3f")), ("entropy", num("entropy", ".3f")),
-               ("edge F1", num("edge_f1", ".3f")), ("accuracy", num("accuracy", ".3f"))]
-
-
-def cmd_report(a):
-    """OUT.md: the eta table, and (ext/plots.py) the reproducibility study's; OUT.png and the other figures."""
-    dirs = [d for pattern in a.runs for d in (sorted(glob.glob(pattern)) or [pattern]) if os.path.isdir(d)]
-    if not dirs:
-        raise ValueError(f"no folder among {' '.join(a.runs)}: give run folders (a shell pattern such as 'runs/*' too)")
-    rows = collect(dirs)
-    a.out = a.out or os.path.join(os.path.commonpath([os.path.dirname(os.path.abspath(d)) for d in dirs]), "report")
-    eta_rows = [dict(r, eta_pct=r["eta"] * 100) for r in rows if r["eta"] is not None]
-    plots = extension("plots")  # the study's table and the figures; a checkout without ext/: the eta table alone
-    study, study_table, wrote = plots.report(eta_rows if rows else None, dirs, a.out) if plots else ([], "", [])
-    if not rows and not study:
-        raise ValueError("no run folder with a metrics.json (or memorization.json): run sample.py and evaluate.py "
-                         "first")
-    table = "\n".join(t for t in (markdown(ETA_COLUMNS, rows) if rows else "", study_table) if t)
-    save_atomic(a.out + ".md", lambda f: f.write(table.encode()))
-    print(table + f"wrote {a.out}.md, {' and '.join(wrote)}")
-    return eta_rows + study
-
-
 # ----------------------------------------------------------------------------- main
 
 # The commands of ext/, imported only when run: the second lazy seam (README "Layout"). name: (module, what it does)
 EXTENSIONS = {
+    "report": ("plots", "the eta table and figures of run folders (and the reproducibility study's)"),
     "diversity": ("measures", "Chen et al.'s RMD, nearest-neighbour L2, memorization ratio, TopPR F1, VQ entropy"),
     "classify": ("measures", "conditioning accuracy: does each sample show the class it was asked for?"),
     "clipscore": ("measures", "CLIP score of text samples against their captions (Chen et al. Fig. 3c)"),
@@ -525,8 +449,8 @@ def extension(module):
 
 
 def get_parser():
-    """metrics (the default: no name needed) and report; the commands of EXTENSIONS are listed, their flags are
-    their modules'. -> (parser, {command: its parser})."""
+    """metrics (the default: no name needed); the commands of EXTENSIONS are listed, their flags are their
+    modules'. -> (parser, {command: its parser})."""
     p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
@@ -538,10 +462,6 @@ def get_parser():
     m.add_argument("--save-features", help="write the samples' pool features to this npz")
     inception_flags(m)
     m.add_argument("--out", help="JSON file for the result (default: metrics.json beside the samples)")
-    rep = sub.add_parser("report", help="the eta table and figures of run folders (and the reproducibility study's)")
-    rep.add_argument("runs", nargs="+", help="run folders holding metrics.json (or the other results)")
-    rep.add_argument("--out", help="writes OUT.md and OUT.png (default: report.md and report.png in the run "
-                                   "folders' parent, e.g. runs/)")
     for name, (module, about) in EXTENSIONS.items():
         sub.add_parser(name, help=f"{about} (ext/{module}.py)", add_help=False)
     return p, sub.choices
@@ -565,12 +485,12 @@ def main(argv=None):
             raise ValueError(f"{name} is a command of ext/{EXTENSIONS[name][0]}.py, which this checkout does not have")
         p = module.parser(name)
         return module.EVALUATE[name](check_flags(p, p.parse_args(argv[1:])))
-    if name not in ("metrics", "report"):
-        raise ValueError(f"unknown command {name!r}: the commands are metrics (the default), report, "
+    if name != "metrics":
+        raise ValueError(f"unknown command {name!r}: the commands are metrics (the default), "
                          f"{', '.join(EXTENSIONS)} (python evaluate.py --help)")
     p, commands = get_parser()
     a = p.parse_args(argv if argv and argv[0] == name else [name] + argv)
-    return dict(metrics=cmd_metrics, report=cmd_report)[a.cmd](check_flags(commands[a.cmd], a))
+    return cmd_metrics(check_flags(commands[a.cmd], a))
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ import argparse
 
 import numpy as np
 
-from evaluate import frechet_distance, markdown
-from ext.plots import plot
+from evaluate import frechet_distance
+from ext.plots import markdown, plot
 from plumbing import Interval, save_json
 
 

@@ -12,7 +12,7 @@ import os
 import numpy as np
 import torch
 
-from evaluate import check_size, load_samples, num, save_result
+from evaluate import check_size, load_samples, save_result
 from ext.measures import Features, feature_flags, image_folder, training_rows
 from model import PRESETS
 from plumbing import read_file, resolve_device
@@ -88,10 +88,6 @@ def study_rows(run_dirs):
     return sorted(rows, key=lambda r: (r["width"], r["images"], r["seed"]))
 
 
-STUDY_COLUMNS = [("run", lambda r: r["run"]), ("training images", lambda r: str(r["images"])),
-                 ("width", lambda r: str(r["width"])), ("seed", lambda r: str(r["seed"])),
-                 ("reproducibility", num("rp", ".3f")), ("generalization", num("gl", ".3f")),
-                 ("features", lambda r: r["features"])]
 EVALUATE = dict(repro=cmd_repro, memorization=cmd_memorization)  # evaluate.py's commands
 
 
